@@ -1,0 +1,285 @@
+"""The kernel model: a running (or dumped) kernel seen through a Target.
+
+``Kernel(target, symbols, layouts)`` finds, from physical memory only:
+* the kernel root (any vCPU's CR3 with the PTI user bit and PCID cleared),
+* 4- or 5-level paging (CR4.LA57) and NX (EFER.NXE),
+* the KASLR slide: the first present 2 MiB entry of the kernel-image PMD
+  (0xffffffff80000000 + 1 GiB) is ``_text`` (cleanup_highmap clears those
+  below), confirmed by comparing ``linux_banner`` in memory with vmlinux,
+* phys_base, page_offset_base / vmalloc_base / vmemmap_base,
+* per-CPU offsets (per-CPU symbols are zero-based on x86_64, not slid).
+
+Every virtual read goes through an explicit root: ``read_virt(root, va, n)``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.model.layout import LayoutSource, cstring, decode_struct
+from sbmdbg.model.symbols import Symbols
+from sbmdbg.target.base import Target, TargetError
+from sbmdbg.x86 import paging as pg
+from sbmdbg.x86.regs import CR4_LA57, EFER_NXE, decode_cr3
+
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+KERNEL_IMAGE_SPAN = 1 << 30
+
+
+class KernelError(SbmdbgError):
+    pass
+
+
+class FaultError(KernelError):
+    def __init__(self, va: int, tr: pg.Translation):
+        super().__init__(f"cannot read {va:#x}: {tr.fault}")
+        self.va = va
+        self.translation = tr
+
+
+@dataclass
+class RootSpec:
+    """A resolved page-table root."""
+    label: str          # kernel, user, sandbox:<pid>, cr3
+    pgd_pa: int
+    cr3: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# Hooks the SBM model registers: callable(kernel) -> list[RootSpec] of sandbox roots.
+SANDBOX_ROOT_PROVIDERS: list[Callable[["Kernel"], list[RootSpec]]] = []
+
+
+class Kernel:
+    def __init__(self, target: Target, symbols: Symbols, layouts: LayoutSource,
+                 cpu: int | None = None, verify: bool = True):
+        self.target = target
+        self.symbols = symbols
+        self.layouts = layouts
+        self._reader = pg.TableReader(target.read_phys)
+        self._tlb: dict[tuple[int, int], pg.Translation] = {}
+        self._discover(cpu, verify)
+
+    # ------------------------------------------------------------------ setup
+    def _discover(self, cpu: int | None, verify: bool) -> None:
+        t = self.target
+        ncpus = t.ncpus
+        if ncpus < 1:
+            raise KernelError("the target has no CPUs (no registers source)")
+        regs = t.registers(cpu if cpu is not None else 0)
+        self.cr4 = regs.get("cr4", 0)
+        self.la57 = bool(self.cr4 & CR4_LA57)
+        self.nxe = bool(regs.get("efer", EFER_NXE) & EFER_NXE)
+        self.levels = 5 if self.la57 else 4
+        self.root = decode_cr3(regs["cr3"], self.cr4).kernel_pgd_pa
+        if not regs.get("cr0", 1 << 31) >> 31 & 1:
+            raise KernelError("paging is off on that vCPU (stopped before the kernel set up CR3?)")
+        self.slide, self.phys_base = self._find_slide(verify)
+        sym = self.symbols
+        self.page_offset_base = self._read_base("page_offset_base", 0xFFFF888000000000)
+        self.vmalloc_base = self._read_base("vmalloc_base", 0xFFFFC90000000000)
+        self.vmemmap_base = self._read_base("vmemmap_base", 0xFFFFEA0000000000)
+        self.per_cpu_end = sym.get("__per_cpu_end") or 0
+
+    def _first_pmds(self) -> list[int]:
+        """VAs of the present 2 MiB entries in the kernel-image PMD (first few)."""
+        tr = pg.translate(self._reader, self.root, START_KERNEL_MAP, la57=self.la57, nxe=self.nxe)
+        if not tr.entries or tr.entries[-1].level != 2:
+            # the PD entry itself may be absent; we need the PD table address
+            pud = next((e for e in tr.entries if e.level == 3), None)
+            if pud is None or not pud.present or pud.leaf:
+                raise KernelError("no kernel image mapping at 0xffffffff80000000 under the kernel root "
+                                  f"{self.root:#x} (is this a Linux x86-64 guest, booted?)")
+            pd_pa = pud.target
+        else:
+            pd_pa = tr.entries[-1].entry_pa & ~0xFFF
+        table = self._reader.table(pd_pa)
+        if table is None:
+            raise KernelError(f"kernel-image PMD table at {pd_pa:#x} is not readable")
+        base_idx = (START_KERNEL_MAP >> 21) & 511
+        out = []
+        for i in range(base_idx, 512):
+            if table[i] & pg.P:
+                out.append(START_KERNEL_MAP + ((i - base_idx) << 21))
+                if len(out) >= 8:
+                    break
+        return out
+
+    def _find_slide(self, verify: bool) -> tuple[int, int]:
+        text = self.symbols.addr("_text")
+        banner = self.symbols.get("linux_banner")
+        want = self.symbols.read_file_bytes(banner, 64) if banner else None
+        candidates = self._first_pmds()
+        if not candidates:
+            raise KernelError("the kernel-image PMD has no present entry")
+        tried = []
+        for va in candidates:
+            slide = va - text
+            tr = pg.translate(self._reader, self.root, va, la57=self.la57, nxe=self.nxe)
+            if tr.pa is None:
+                continue
+            phys_base = tr.pa - (va - START_KERNEL_MAP)
+            if not verify or want is None:
+                return slide, phys_base & ((1 << 64) - 1)
+            try:
+                got = self._read_virt_root(self.root, banner + slide, len(want))
+            except (FaultError, TargetError):
+                got = b""
+            if got == want:
+                return slide, phys_base & ((1 << 64) - 1)
+            tried.append((va, got))
+        va0, got0 = tried[0] if tried else (candidates[0], b"")
+        raise KernelError(
+            "vmlinux does not match the running kernel: linux_banner differs "
+            f"(vmlinux: {cstring(want or b'')[:60]!r}, memory at slide {va0 - text:#x}: "
+            f"{cstring(got0)[:60]!r})")
+
+    def _read_base(self, name: str, default: int) -> int:
+        a = self.symbols.get(name)
+        if a is None:
+            return default
+        return self.read_u64(self.root, a + self.slide)
+
+    # ---------------------------------------------------------------- symbols
+    def is_percpu_symbol(self, addr: int) -> bool:
+        return self.per_cpu_end != 0 and 0 <= addr < self.per_cpu_end
+
+    def sym(self, name: str) -> int:
+        """Runtime address of a symbol (slid; per-CPU symbols stay zero-based)."""
+        a = self.symbols.addr(name)
+        return a if self.is_percpu_symbol(a) else a + self.slide
+
+    def lookup(self, va: int) -> tuple[str, int] | None:
+        return self.symbols.lookup(va - self.slide)
+
+    def per_cpu_offset(self, cpu: int) -> int:
+        a = self.symbols.get("__per_cpu_offset")
+        if a is None:  # !SMP
+            return 0
+        return self.read_u64(self.root, a + self.slide + 8 * cpu)
+
+    def per_cpu_addr(self, name: str, cpu: int) -> int:
+        return (self.symbols.addr(name) + self.per_cpu_offset(cpu)) & ((1 << 64) - 1)
+
+    # ------------------------------------------------------------------ memory
+    def translate(self, root: int, va: int) -> pg.Translation:
+        key = (root, va >> 12)
+        tr = self._tlb.get(key)
+        if tr is None:
+            tr = pg.translate(self._reader, root, va, la57=self.la57, nxe=self.nxe)
+            if tr.pa is not None:
+                self._tlb[key] = tr
+        return tr
+
+    def _read_virt_root(self, root: int, va: int, n: int) -> bytes:
+        out = bytearray()
+        while n > 0:
+            tr = self.translate(root, va)
+            if tr.pa is None:
+                raise FaultError(va, tr)
+            pa = (tr.pa & ~0xFFF) | (va & 0xFFF)
+            chunk = min(n, 4096 - (va & 0xFFF))
+            out += self.target.read_phys(pa, chunk)
+            va += chunk
+            n -= chunk
+        return bytes(out)
+
+    def read_virt(self, root: int, va: int, n: int) -> bytes:
+        """Read ``n`` bytes at ``va`` translated through ``root`` (a PGD physical
+        address; use ``self.root`` for the kernel)."""
+        if n > 1 << 24:
+            raise KernelError(f"refusing a {n}-byte read")
+        return self._read_virt_root(root, va & ((1 << 64) - 1), n)
+
+    def read_u64(self, root: int, va: int) -> int:
+        return struct.unpack("<Q", self.read_virt(root, va, 8))[0]
+
+    def read_struct(self, struct_name: str, va: int, root: int | None = None,
+                    fields: list[str] | None = None) -> dict:
+        lay = self.layouts.layout(struct_name)
+        data = self.read_virt(self.root if root is None else root, va, lay.size)
+        return decode_struct(lay, data, fields)
+
+    def read_field(self, struct_name: str, va: int, path: str, root: int | None = None):
+        f = self.layouts.resolve(struct_name, path)
+        data = self.read_virt(self.root if root is None else root, va + f.offset, f.size)
+        from sbmdbg.model.layout import decode_field
+        return decode_field(type(f)(**{**f.__dict__, "offset": 0}), data)
+
+    def virt_to_phys_direct(self, va: int) -> int:
+        return va - self.page_offset_base
+
+    def phys_to_virt_direct(self, pa: int) -> int:
+        return pa + self.page_offset_base
+
+    def invalidate(self) -> None:
+        """Drop memory caches (the guest ran); slide and bases do not change."""
+        self._tlb.clear()
+        self._reader = pg.TableReader(self.target.read_phys)
+        self.target.invalidate()
+
+    # ------------------------------------------------------------------ roots
+    def resolve_root(self, spec: str | None, cpu: int | None = None) -> RootSpec:
+        """'kernel' | 'user' (the PTI user PGD of cpu's CR3, or CR3 itself
+        without PTI) | 'sandbox' / 'sandbox=N' | a CR3 / PGD physical address."""
+        spec = (spec or "kernel").strip().lower()
+        if spec == "kernel":
+            return RootSpec("kernel", self.root)
+        if spec == "user":
+            c = 0 if cpu is None else cpu
+            cr3 = self.target.registers(c)["cr3"]
+            d = decode_cr3(cr3, self.cr4)
+            return RootSpec("user", d.user_pgd_pa if self.pti_enabled() else d.pgd_pa, cr3)
+        if spec.startswith("sandbox"):
+            want = spec.partition("=")[2]
+            roots: list[RootSpec] = []
+            for prov in SANDBOX_ROOT_PROVIDERS:
+                roots += prov(self)
+            if not roots:
+                raise KernelError("no sandbox is active (no task has thread_info.sbm_state set)"
+                                  if SANDBOX_ROOT_PROVIDERS else
+                                  "sandbox roots need the SBM model (sbmdbg.sbm), not loaded")
+            if not want:
+                return roots[0]
+            for r in roots:
+                if r.label.endswith(f":{want}") or str(r.extra.get("pid")) == want:
+                    return r
+            try:
+                return roots[int(want, 0)]
+            except (ValueError, IndexError):
+                raise KernelError(f"no sandbox {want!r} (have: {', '.join(r.label for r in roots)})") from None
+        try:
+            v = int(spec, 0)
+        except ValueError:
+            raise KernelError(f"bad root {spec!r}: kernel, user, sandbox[=N] or a CR3 value") from None
+        return RootSpec("cr3", decode_cr3(v, self.cr4).pgd_pa, v)
+
+    def pti_enabled(self) -> bool:
+        """PTI is on when the kernel root's user half is mirrored at +4 KiB:
+        Linux sets X86_FEATURE_PTI; we check the capability bit when layouts
+        allow, else look at the running CR3s."""
+        for c in range(self.target.ncpus):
+            if decode_cr3(self.target.registers(c)["cr3"], self.cr4).pti_user:
+                return True
+        return self.cpu_has(7 * 32 + 11)  # X86_FEATURE_PTI (cpufeatures.h)
+
+    def cpu_has(self, feature: int) -> bool:
+        """boot_cpu_data.x86_capability bit (layout from DWARF)."""
+        a = self.symbols.get("boot_cpu_data")
+        if a is None:
+            return False
+        try:
+            off = self.layouts.offsetof("cpuinfo_x86", "x86_capability")
+            word = struct.unpack("<I", self.read_virt(self.root, a + self.slide + off + 4 * (feature // 32), 4))[0]
+        except (SbmdbgError, TargetError):
+            return False
+        return bool(word >> (feature % 32) & 1)
+
+    def summary(self) -> dict:
+        return {"root": self.root, "levels": self.levels, "la57": self.la57, "nxe": self.nxe,
+                "slide": self.slide, "phys_base": self.phys_base,
+                "text": self.sym("_text"), "page_offset_base": self.page_offset_base,
+                "vmalloc_base": self.vmalloc_base, "vmemmap_base": self.vmemmap_base,
+                "build_id": self.symbols.build_id}

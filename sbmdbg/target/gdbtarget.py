@@ -1,0 +1,138 @@
+"""The in-gdb source: registers per vCPU thread, physical memory through the
+QEMU gdbstub's physical mode (``maintenance packet Qqemu.PhyMemMode:1``) or
+through a memory-backend-file when one is known.
+
+This is the one target module that imports ``gdb``; only faces import it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import gdb  # noqa: F401  (only importable inside gdb)
+
+from sbmdbg.target.base import PAGE, Target, TargetError, UnbackedMemory
+from sbmdbg.target.shm import RamLayout
+
+# gdb register name -> our name
+_REGS = {
+    "rax": "rax", "rbx": "rbx", "rcx": "rcx", "rdx": "rdx", "rsi": "rsi", "rdi": "rdi",
+    "rbp": "rbp", "rsp": "rsp", "r8": "r8", "r9": "r9", "r10": "r10", "r11": "r11",
+    "r12": "r12", "r13": "r13", "r14": "r14", "r15": "r15", "rip": "rip",
+    "eflags": "rflags", "cs": "cs", "ss": "ss", "ds": "ds", "es": "es", "fs": "fs", "gs": "gs",
+    "fs_base": "fs_base", "gs_base": "gs_base", "k_gs_base": "k_gs_base",
+    "cr0": "cr0", "cr2": "cr2", "cr3": "cr3", "cr4": "cr4", "cr8": "cr8", "efer": "efer",
+}
+U64 = (1 << 64) - 1
+
+
+def _cpu_of(thread) -> int:
+    lwp = thread.ptid[1]
+    return (lwp - 1) if lwp > 0 else thread.num - 1
+
+
+@contextlib.contextmanager
+def selected_thread(thread):
+    """Switch gdb's selected thread (and frame) temporarily; always restore."""
+    old = gdb.selected_thread()
+    try:
+        old_frame = gdb.selected_frame()
+    except gdb.error:
+        old_frame = None
+    try:
+        if thread is not old:
+            thread.switch()
+        yield
+    finally:
+        if old is not None and old.is_valid() and gdb.selected_thread() is not old:
+            old.switch()
+        if old_frame is not None:
+            with contextlib.suppress(gdb.error, RuntimeError):
+                if old_frame.is_valid():
+                    old_frame.select()
+
+
+class GdbTarget(Target):
+    name = "gdb"
+
+    def __init__(self, mem: Target | None = None, layout: RamLayout | None = None):
+        """``mem``: read physical memory from this target instead (e.g. ShmTarget).
+        ``layout``: when known, addresses outside guest RAM raise UnbackedMemory
+        (the gdbstub itself returns junk for them)."""
+        super().__init__()
+        self.mem = mem
+        self.layout = layout or (getattr(mem, "layout", None))
+
+    def _threads(self) -> dict[int, object]:
+        inf = gdb.selected_inferior()
+        if inf is None or inf.pid == 0:
+            raise TargetError("gdb is not connected to a target (target remote ...)")
+        return {_cpu_of(t): t for t in inf.threads()}
+
+    @property
+    def ncpus(self) -> int:
+        return len(self._threads())
+
+    def thread_for_cpu(self, cpu: int):
+        th = self._threads().get(cpu)
+        if th is None:
+            raise TargetError(f"no vCPU {cpu} in gdb's thread list")
+        return th
+
+    def selected_cpu(self) -> int:
+        th = gdb.selected_thread()
+        if th is None:
+            raise TargetError("no thread selected")
+        return _cpu_of(th)
+
+    def _registers(self, cpu: int) -> dict:
+        th = self.thread_for_cpu(cpu)
+        out: dict[str, int] = {}
+        with selected_thread(th):
+            frame = gdb.newest_frame()
+            for gname, name in _REGS.items():
+                try:
+                    v = frame.read_register(gname)
+                    out[name] = int(v.cast(gdb.lookup_type("unsigned long"))) & U64 \
+                        if v.type.code == gdb.TYPE_CODE_PTR else int(v) & U64
+                except (gdb.error, ValueError):
+                    continue
+        if "cr3" not in out:
+            raise TargetError("the gdbstub does not expose control registers (QEMU >= 6 needed)")
+        return out
+
+    # -- physical memory ------------------------------------------------
+    def _check(self, pa: int, n: int) -> None:
+        if self.layout is not None:
+            self.layout.offset(pa, n)
+
+    def _read_pages(self, pfn: int, count: int) -> list[bytes]:
+        pa, n = pfn << 12, count * PAGE
+        if self.mem is not None:
+            data = self.mem.read_phys(pa, n)
+        else:
+            self._check(pa, n)
+            data = phys_read_gdbstub(pa, n)
+        return [data[i * PAGE:(i + 1) * PAGE] for i in range(count)]
+
+    def _read_page(self, pfn: int) -> bytes:
+        return self._read_pages(pfn, 1)[0]
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        if self.mem is not None:
+            self.mem.invalidate()
+
+
+def phys_read_gdbstub(pa: int, n: int) -> bytes:
+    """Read guest-physical memory via the QEMU gdbstub's physical mode; the
+    mode is always switched back to virtual, even on error."""
+    inf = gdb.selected_inferior()
+    out = gdb.execute("maintenance packet Qqemu.PhyMemMode:1", to_string=True)
+    if "OK" not in out:
+        raise TargetError("the gdbstub refused physical memory mode (not QEMU?)")
+    try:
+        return bytes(inf.read_memory(pa, n))
+    except gdb.MemoryError as e:
+        raise UnbackedMemory(pa, n, str(e)) from None
+    finally:
+        gdb.execute("maintenance packet Qqemu.PhyMemMode:0", to_string=True)
