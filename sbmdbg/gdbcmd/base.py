@@ -1,0 +1,113 @@
+"""Base class for ``sbm`` subcommands: argparse, --json, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+
+import gdb
+
+from sbmdbg.errors import SbmdbgError
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _HelpShown(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _ArgError(message)
+
+    def exit(self, status=0, message=None):
+        raise _HelpShown()
+
+    def print_help(self, file=None):
+        gdb.write(self.format_help())
+
+
+def to_jsonable(obj):
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def rich_console():
+    from rich.console import Console
+    color = os.environ.get("SBMDBG_COLOR")
+    try:
+        width = int(gdb.parameter("width") or 0) or 160
+    except (gdb.error, RuntimeError, ValueError):
+        width = 160
+    buf = io.StringIO()
+    con = Console(file=buf, width=min(max(width, 80), 240), force_terminal=color == "1",
+                  color_system="standard" if color == "1" else None, highlight=False)
+    return con, buf
+
+
+class SbmCommand(gdb.Command):
+    """Subclasses set ``name`` and a docstring, implement ``add_args`` and ``run``."""
+
+    name = ""
+
+    def __init__(self):
+        super().__init__(f"sbm {self.name}", gdb.COMMAND_USER)
+        self.parser = _Parser(prog=f"sbm {self.name}", description=(self.__doc__ or "").strip(),
+                              add_help=True, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.parser.add_argument("--json", action="store_true", help="machine-readable output")
+        self.add_args(self.parser)
+
+    def add_args(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args) -> None:
+        raise NotImplementedError
+
+    def invoke(self, arg, from_tty):
+        try:
+            args = self.parser.parse_args(gdb.string_to_argv(arg))
+        except _HelpShown:
+            return
+        except _ArgError as e:
+            raise gdb.GdbError(f"sbm {self.name}: {e} (see: sbm {self.name} --help)") from None
+        try:
+            self.run(args)
+        except gdb.GdbError:
+            raise
+        except SbmdbgError as e:
+            raise gdb.GdbError(f"sbm {self.name}: {str(e).splitlines()[0]}") from None
+        except KeyboardInterrupt:
+            raise gdb.GdbError(f"sbm {self.name}: interrupted") from None
+        except Exception as e:  # noqa: BLE001 - one clear line, never a traceback
+            if os.environ.get("SBMDBG_DEBUG"):
+                import traceback
+                traceback.print_exc(file=sys.stderr)
+            raise gdb.GdbError(f"sbm {self.name}: internal error: {type(e).__name__}: {e}") from None
+
+    def complete(self, text, word):
+        opts = [o for a in self.parser._actions for o in a.option_strings]
+        if word and word.startswith("-"):
+            return [o for o in opts if o.startswith(word)]
+        return self.complete_positional(text, word)
+
+    def complete_positional(self, text, word):
+        return gdb.COMPLETE_NONE
+
+    # output helpers
+    def emit_json(self, obj) -> None:
+        gdb.write(json.dumps(to_jsonable(obj)) + "\n")
+
+    def emit_rich(self, *renderables) -> None:
+        con, buf = rich_console()
+        for r in renderables:
+            con.print(r)
+        gdb.write(buf.getvalue())
