@@ -1,0 +1,287 @@
+"""``sbmdbg`` command line.
+
+    sbmdbg kernel build [--json] [--patches DIR] [--extra-patch FILE...]
+    sbmdbg vm start [--detach] [--json] [VM options]
+    sbmdbg vm run [--id ID] [--timeout S] 'CMD'
+    sbmdbg vm list [--json]
+    sbmdbg vm stop [ID | --all]
+    sbmdbg gdb [--gdb HOST:PORT] [--vmlinux V] [--tree T] [--id ID] [-- GDB ARGS...]
+    sbmdbg demo
+
+Bad input: one ``sbmdbg: error: ...`` line on stderr, exit 1 (argparse: 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from sbmdbg.errors import SbmdbgError
+
+
+# ---------------------------------------------------------------- kernel
+
+def cmd_kernel_build(args) -> int:
+    from sbmdbg.kernel import build
+
+    patches = Path(args.patches) if args.patches else build.PATCHES_DIR
+    if args.patches and not patches.is_dir():
+        raise SbmdbgError(f"patch directory {patches} not found")
+    kb = build.ensure_kernel(args.extra_patch or (), patches_dir=patches)
+    if args.json:
+        print(json.dumps(kb.to_json(), indent=2))
+    else:
+        print(f"vmlinux  {kb.vmlinux}\nbzImage  {kb.bzImage}\ntree     {kb.tree}\n"
+              f"build-id {kb.build_id}\nkey      {kb.key}")
+    return 0
+
+
+# ---------------------------------------------------------------- vm
+
+def _vm_options(args):
+    from sbmdbg.vm import VMOptions
+
+    if (args.kernel is None) != (args.vmlinux is None) and args.kernel is None:
+        raise SbmdbgError("--vmlinux needs --kernel (the matching bzImage)")
+    for p in (args.kernel, args.vmlinux):
+        if p is not None and not Path(p).is_file():
+            raise SbmdbgError(f"{p} not found")
+    return VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
+                     append=args.append, kernel=args.kernel, vmlinux=args.vmlinux,
+                     qemu_log=args.qemu_log, boot_timeout=args.timeout)
+
+
+def cmd_vm_start(args) -> int:
+    from sbmdbg.vm import VM
+
+    opts = _vm_options(args)
+    vm = VM(opts, detach=True)
+    info = vm.info
+    if args.json:
+        print(json.dumps(info, indent=2), flush=True)
+    else:
+        print(f"VM {info['id']} ready in {info['boot_seconds']} s: gdb {info['gdb']}, "
+              f"pid {info['pid']}\n  sbmdbg vm run 'CMD'   sbmdbg gdb   sbmdbg vm stop {info['id']}",
+              flush=True)
+    if args.detach:
+        return 0
+    # Foreground: stay until Ctrl-C / SIGTERM or QEMU exits, then stop it.
+    stop = {"now": False}
+
+    def handler(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        while not stop["now"] and vm.alive():
+            time.sleep(0.5)
+    finally:
+        vm.stop()
+    return 0
+
+
+def cmd_vm_run(args) -> int:
+    from sbmdbg.vm import VM
+
+    vm = VM.attach(args.id)
+    try:
+        res = vm.run(args.command, timeout=args.timeout)
+    finally:
+        vm.close()
+    sys.stdout.write(res.output)
+    sys.stdout.flush()
+    return res.status
+
+
+def cmd_vm_list(args) -> int:
+    from sbmdbg.vm import list_vms
+
+    vms = list_vms()
+    if args.json:
+        print(json.dumps(vms, indent=2))
+    elif not vms:
+        print("no VMs running")
+    else:
+        for i in vms:
+            print(f"{i['id']}  pid {i['pid']}  gdb {i['gdb']}  smp {i['smp']}  pti {i['pti']}  "
+                  f"kaslr {i['kaslr']}")
+    return 0
+
+
+def cmd_vm_stop(args) -> int:
+    from sbmdbg.vm import VM, list_vms
+
+    if args.all:
+        ids = [i["id"] for i in list_vms()]
+    elif args.id:
+        ids = [args.id]
+    else:
+        ids = [None]
+    for vm_id in ids:
+        vm = VM.attach(vm_id)
+        vm.stop()
+        print(f"stopped {vm.id}")
+    return 0
+
+
+# ---------------------------------------------------------------- gdb
+
+def _check_vmlinux(path: str) -> Path:
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise SbmdbgError(f"--vmlinux {path}: {exc.strerror}") from None
+    if magic != b"\x7fELF":
+        raise SbmdbgError(f"--vmlinux {path} is not an ELF file")
+    return p
+
+
+def gdb_argv(vmlinux: Path, gdb_addr: str | None, tree: Path | None, extra=()) -> list[str]:
+    """The gdb command line of ``sbmdbg gdb``."""
+    from sbmdbg.vm.gdbmi import GDB_SCRIPT
+
+    argv = ["gdb", "-q"]
+    if tree is not None:
+        argv += ["-iex", f"add-auto-load-safe-path {tree}"]
+        gdbpy = tree / "vmlinux-gdb.py"
+        auto = (vmlinux.resolve().parent == tree.resolve())
+        if gdbpy.exists() and not auto:
+            argv += ["-ex", f"source {gdbpy}"]
+    argv += ["-x", str(GDB_SCRIPT)]
+    if gdb_addr:
+        argv += ["-ex", f"target remote {gdb_addr}"]
+    argv += list(extra)
+    argv += [str(vmlinux)]
+    return argv
+
+
+def cmd_gdb(args) -> int:
+    from sbmdbg.vm.gdbmi import check_listening
+
+    vmlinux, tree, addr = args.vmlinux, args.tree, args.gdb
+    if addr is None or vmlinux is None:
+        from sbmdbg.vm import VM
+
+        if addr is None:
+            info = VM.attach(args.id).info
+            addr = info["gdb"]
+            vmlinux = vmlinux or info.get("vmlinux")
+            tree = tree or info.get("tree")
+        else:
+            raise SbmdbgError("--gdb needs --vmlinux (the kernel the stub runs)")
+    if vmlinux is None:
+        raise SbmdbgError("no vmlinux known for this VM; pass --vmlinux")
+    vml = _check_vmlinux(vmlinux)
+    tree_p = Path(tree) if tree else None
+    if tree_p is not None and not tree_p.is_dir():
+        raise SbmdbgError(f"--tree {tree} is not a directory")
+    check_listening(addr)
+    extra = args.gdb_args[1:] if args.gdb_args[:1] == ["--"] else args.gdb_args
+    argv = gdb_argv(vml, addr, tree_p, extra)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        raise SbmdbgError(f"cannot run gdb: {exc.strerror}") from None
+    return 0  # not reached
+
+
+def cmd_demo(args) -> int:
+    from sbmdbg.demo import demo
+
+    return demo(smp=args.smp, pti=args.pti)
+
+
+# ---------------------------------------------------------------- parser
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's convention)
+        self.print_usage(sys.stderr)
+        print(f"sbmdbg: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_vm_options(p) -> None:
+    p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
+    p.add_argument("--mem", default="512M", help="guest RAM (default 512M)")
+    p.add_argument("--pti", choices=["on", "off"], default="off", help="kernel pti= (default off)")
+    p.add_argument("--kaslr", action="store_true", help="boot with kaslr (default nokaslr)")
+    p.add_argument("--la57", action="store_true", help="allow 5-level paging (default no5lvl)")
+    p.add_argument("--append", default="", help="extra kernel command line")
+    p.add_argument("--kernel", help="bzImage (default: the reference kernel build)")
+    p.add_argument("--vmlinux", help="vmlinux matching --kernel")
+    p.add_argument("--qemu-log", help="QEMU -d int -D FILE")
+    p.add_argument("--timeout", type=float, default=60.0, help="boot timeout in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="sbmdbg", description="Debugger for Linux SandBox Mode (SBM) kernels")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    k = sub.add_parser("kernel", help="the reference kernel").add_subparsers(
+        dest="kcmd", required=True, parser_class=_Parser)
+    kb = k.add_parser("build", help="build (or reuse) the reference SBM kernel")
+    kb.add_argument("--json", action="store_true", help="print result.json")
+    kb.add_argument("--patches", help="patch directory (default fixtures/kernel/patches)")
+    kb.add_argument("--extra-patch", action="append", metavar="FILE", help="apply after the patches")
+    kb.set_defaults(func=cmd_kernel_build)
+
+    v = sub.add_parser("vm", help="the QEMU test VM").add_subparsers(
+        dest="vcmd", required=True, parser_class=_Parser)
+    vs = v.add_parser("start", help="boot a VM (foreground, or --detach)")
+    vs.add_argument("--detach", action="store_true", help="leave it running and return")
+    vs.add_argument("--json", action="store_true", help="print the VM's info as JSON")
+    _add_vm_options(vs)
+    vs.set_defaults(func=cmd_vm_start)
+    vr = v.add_parser("run", help="run a shell command in a detached VM")
+    vr.add_argument("command")
+    vr.add_argument("--id", help="VM id (default: the only one running)")
+    vr.add_argument("--timeout", type=float, default=30.0)
+    vr.set_defaults(func=cmd_vm_run)
+    vl = v.add_parser("list", help="list detached VMs")
+    vl.add_argument("--json", action="store_true")
+    vl.set_defaults(func=cmd_vm_list)
+    vp = v.add_parser("stop", help="stop a detached VM")
+    vp.add_argument("id", nargs="?")
+    vp.add_argument("--all", action="store_true")
+    vp.set_defaults(func=cmd_vm_stop)
+
+    g = sub.add_parser("gdb", help="gdb attached to the VM with the sbm commands loaded")
+    g.add_argument("--gdb", metavar="HOST:PORT", help="gdb stub (default: the detached VM's)")
+    g.add_argument("--vmlinux", help="kernel ELF with symbols")
+    g.add_argument("--tree", help="kernel tree (for scripts/gdb)")
+    g.add_argument("--id", help="detached VM id")
+    g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="-- extra gdb arguments")
+    g.set_defaults(func=cmd_gdb)
+
+    d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
+    d.add_argument("--smp", type=int, default=2)
+    d.add_argument("--pti", choices=["on", "off"], default="on")
+    d.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SbmdbgError as exc:
+        print(f"sbmdbg: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        if exc.detail:
+            print(exc.detail, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sbmdbg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The reference kernel pipeline: Debian's 6.12 source + SBM patches -> vmlinux.
+
+    unpack /usr/src/linux-source-6.12.tar.xz -> builds/<key>/linux
+    patch -p1 --forward --batch < fixtures/kernel/patches/*.patch (sorted), extras
+    make tinyconfig; merge_config.sh -m .config fixtures/kernel/config; olddefconfig
+    make bzImage scripts_gdb   (ccache, reproducible timestamp/user/host)
+
+Every ``make`` runs under the machine-wide build lock.  The key hashes the
+source identity, the patches' bytes in order, the config fragment and the
+extra patches, so a result is reused only for exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.paths import REPO_ROOT, build_lock_path, cache_root, file_lock
+
+SOURCE_TARBALL = Path(os.environ.get("SBMDBG_KERNEL_SOURCE", "/usr/src/linux-source-6.12.tar.xz"))
+PATCHES_DIR = REPO_ROOT / "fixtures" / "kernel" / "patches"
+CONFIG_FRAGMENT = REPO_ROOT / "fixtures" / "kernel" / "config"
+#: Bumped when the pipeline itself changes in a way that changes the output.
+PIPELINE_VERSION = "1"
+#: About how many CC/LD/AR/... lines a tinyconfig + fragment build prints.
+EXPECTED_STEPS = 1650
+BUILD_TIMESTAMP = "Thu Jan  1 00:00:00 UTC 2026"
+MAKE_VARS = [
+    "ARCH=x86_64",
+]
+_STEP_RE = re.compile(r"^\s{2}([A-Z][A-Z0-9_]{1,9})\s+\S")
+_CONFIG_LINE_RE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBuild:
+    """A finished build: what tests, the VM harness and gdb need."""
+
+    key: str
+    tree: Path
+    vmlinux: Path
+    bzImage: Path
+    build_id: str
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {
+            "vmlinux": str(self.vmlinux),
+            "bzImage": str(self.bzImage),
+            "tree": str(self.tree),
+            "build_id": self.build_id,
+            "key": self.key,
+            "seconds": round(self.seconds, 1),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KernelBuild":
+        return cls(
+            key=data["key"],
+            tree=Path(data["tree"]),
+            vmlinux=Path(data["vmlinux"]),
+            bzImage=Path(data["bzImage"]),
+            build_id=data["build_id"],
+            seconds=float(data["seconds"]),
+        )
+
+    def exists(self) -> bool:
+        return self.vmlinux.is_file() and self.bzImage.is_file() and self.tree.is_dir()
+
+
+# ---------------------------------------------------------------- the key
+
+def source_identity(tarball: Path = SOURCE_TARBALL) -> str:
+    """Name, size and mtime of the source tarball (cheap, no decompression)."""
+    try:
+        st = tarball.stat()
+    except OSError as exc:
+        raise SbmdbgError(f"kernel source {tarball} not found (apt-get install linux-source-6.12)") from exc
+    return f"{tarball.name}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def compute_key(source_id: str, patches: Sequence[bytes], config: bytes,
+                extra_patches: Sequence[bytes] = ()) -> str:
+    """sha256 over the inputs, each length-prefixed so no two lists collide."""
+    h = hashlib.sha256()
+
+    def put(tag: str, data: bytes) -> None:
+        h.update(tag.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+
+    put("pipeline", PIPELINE_VERSION.encode())
+    put("source", source_id.encode())
+    for blob in patches:
+        put("patch", blob)
+    put("config", config)
+    for blob in extra_patches:
+        put("extra", blob)
+    return h.hexdigest()[:24]
+
+
+def list_patches(patches_dir: Path | None) -> list[Path]:
+    """``*.patch`` in sorted order; an absent or empty directory is no patches."""
+    if patches_dir is None or not patches_dir.is_dir():
+        return []
+    return sorted(p for p in patches_dir.glob("*.patch") if p.is_file())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SbmdbgError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def fragment_settings(config: bytes) -> dict[str, str]:
+    """The ``CONFIG_X=value`` lines of a fragment (comments are not checked)."""
+    out: dict[str, str] = {}
+    for line in config.decode(errors="replace").splitlines():
+        m = _CONFIG_LINE_RE.match(line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def missing_settings(fragment: bytes, dotconfig: str) -> list[str]:
+    """Fragment lines ``CONFIG_X=v`` that are not in the final .config."""
+    have = set(line.strip() for line in dotconfig.splitlines())
+    return [f"{k}={v}" for k, v in fragment_settings(fragment).items() if f"{k}={v}" not in have]
+
+
+# ---------------------------------------------------------------- ELF
+
+def read_build_id(vmlinux: Path) -> str:
+    """The GNU build-id (hex) of an ELF file, via pyelftools."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(vmlinux, "rb") as fh:
+        elf = ELFFile(fh)
+        for section in elf.iter_sections():
+            if section.header["sh_type"] != "SHT_NOTE":
+                continue
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID":
+                    return note["n_desc"]
+    raise SbmdbgError(f"{vmlinux} has no GNU build-id note")
+
+
+# ---------------------------------------------------------------- the pipeline
+
+class _Progress:
+    """Counts CC/LD/... lines: a rich bar on a TTY, periodic lines otherwise."""
+
+    def __init__(self, label: str, total: int, quiet: bool = False):
+        self.label = label
+        self.total = total
+        self.count = 0
+        self.quiet = quiet
+        self.last_line = ""
+        self._last_print = 0.0
+        self._rich = None
+        if not quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._rich = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  TextColumn("{task.fields[last]}"),
+                                  console=Console(stderr=True), transient=True)
+            self._task = self._rich.add_task(label, total=total, last="")
+
+    def __enter__(self):
+        if self._rich is not None:
+            self._rich.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._rich is not None:
+            self._rich.stop()
+        elif not self.quiet:
+            print(f"sbmdbg: {self.label}: {self.count} steps", file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        m = _STEP_RE.match(text)
+        if not m:
+            return
+        self.count += 1
+        self.last_line = text.strip()
+        if self._rich is not None:
+            self._rich.update(self._task, completed=min(self.count, self.total),
+                              last=self.last_line[:60])
+        elif not self.quiet:
+            now = time.monotonic()
+            if now - self._last_print >= 10:
+                self._last_print = now
+                print(f"sbmdbg: {self.label}: {self.count}/~{self.total} {self.last_line}",
+                      file=sys.stderr, flush=True)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"sbmdbg: {msg}", file=sys.stderr, flush=True)
+
+
+def _run(cmd: list[str], cwd: Path, log, env: dict | None = None,
+         progress: _Progress | None = None, what: str = "") -> None:
+    """Run *cmd*, teeing its output to *log*; SbmdbgError with the tail on failure."""
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    tail: deque[str] = deque(maxlen=40)
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, errors="replace")
+    except OSError as exc:
+        raise SbmdbgError(f"cannot run {cmd[0]}: {exc.strerror}") from exc
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line.rstrip("\n"))
+            if progress is not None:
+                progress.line(line)
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    log.flush()
+    if rc != 0:
+        raise SbmdbgError(f"{what or cmd[0]} failed (exit {rc}); log: {log.name}",
+                          detail="\n".join(tail))
+
+
+def _make_env(tree: Path) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "CCACHE_DIR": str(cache_root() / "ccache"),
+        "CCACHE_BASEDIR": str(tree),
+        "CCACHE_NOHASHDIR": "1",
+        "CCACHE_MAXSIZE": "5G",
+        "LC_ALL": "C",
+    })
+    return env
+
+
+def make_command(targets: Iterable[str], jobs: int | None = None) -> list[str]:
+    """The exact ``make`` invocation (shared with the lead's dev builds)."""
+    return ["make", "ARCH=x86_64", f"-j{jobs or os.cpu_count() or 1}", "CC=ccache gcc",
+            f"KBUILD_BUILD_TIMESTAMP={BUILD_TIMESTAMP}", "KBUILD_BUILD_USER=sbmdbg",
+            "KBUILD_BUILD_HOST=sbmdbg", *targets]
+
+
+def _extract(tarball: Path, dest: Path, quiet: bool) -> None:
+    """Really extract (no hardlinks to anything) into *dest*."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _say(f"unpacking {tarball.name} into {dest} ...", quiet)
+    t0 = time.monotonic()
+    xz = "xz -T0" if shutil.which("xz") else "xz"
+    res = subprocess.run(["tar", "-I", xz, "-xf", str(tarball), "-C", str(tmp),
+                          "--strip-components=1", "--no-same-owner"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if res.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SbmdbgError(f"unpacking {tarball} failed: {res.stderr.strip()[-500:]}")
+    if not (tmp / "Makefile").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SbmdbgError(f"{tarball} does not look like a kernel source tarball")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    _say(f"unpacked in {time.monotonic() - t0:.0f} s", quiet)
+
+
+def build_dir(key: str) -> Path:
+    return cache_root() / "builds" / key
+
+
+def cached_build(key: str) -> KernelBuild | None:
+    """The finished build for *key*, if its result.json and files exist."""
+    result = build_dir(key) / "result.json"
+    try:
+        kb = KernelBuild.from_json(json.loads(result.read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+    return kb if kb.exists() else None
+
+
+def ensure_kernel(extra_patches: Sequence[str | os.PathLike] = (), *,
+                  patches_dir: Path | None = PATCHES_DIR,
+                  config_fragment: Path = CONFIG_FRAGMENT,
+                  tarball: Path = SOURCE_TARBALL,
+                  quiet: bool = False) -> KernelBuild:
+    """Build (or reuse) the reference kernel and return where it is.
+
+    A cache hit reads one JSON file and stats three paths: no make, no lock.
+    """
+    patches = list_patches(patches_dir)
+    extras = [Path(p) for p in extra_patches]
+    for p in extras:
+        if not p.is_file():
+            raise SbmdbgError(f"extra patch {p} not found")
+    patch_blobs = [_read(p, "patch") for p in patches]
+    extra_blobs = [_read(p, "extra patch") for p in extras]
+    config = _read(config_fragment, "config fragment")
+    key = compute_key(source_identity(tarball), patch_blobs, config, extra_blobs)
+
+    hit = cached_build(key)
+    if hit is not None:
+        return hit
+
+    bdir = build_dir(key)
+    bdir.mkdir(parents=True, exist_ok=True)
+    with file_lock(bdir.with_name(key + ".lock"), what=f"build {key}", quiet=quiet):
+        hit = cached_build(key)  # someone else finished it while we waited
+        if hit is not None:
+            return hit
+        return _build(key, bdir, tarball, patches + extras, config_fragment, config, quiet)
+
+
+def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_path: Path,
+           fragment: bytes, quiet: bool) -> KernelBuild:
+    t0 = time.monotonic()
+    tree = bdir / "linux"
+    stamp_patched = bdir / "patched.stamp"
+    stamp_config = bdir / "configured.stamp"
+    log_path = bdir / "build.log"
+    _say(f"building kernel {key} (log: {log_path})", quiet)
+    with open(log_path, "a") as log:
+        log.write(f"\n===== sbmdbg kernel build {key} {time.ctime()} =====\n")
+        if not stamp_patched.exists() or not (tree / "Makefile").is_file():
+            stamp_config.unlink(missing_ok=True)
+            _extract(tarball, tree, quiet)
+            for p in patches:
+                _say(f"applying {p.name}", quiet)
+                _run(["patch", "-p1", "--forward", "--batch", "-i", str(p.resolve())],
+                     cwd=tree, log=log, what=f"patch {p.name}")
+            stamp_patched.write_text("\n".join(str(p) for p in patches) + "\n")
+
+        env = _make_env(tree)
+        with file_lock(build_lock_path(), what="kernel build lock", quiet=quiet):
+            if not stamp_config.exists() or not (tree / ".config").is_file():
+                _say("configuring (tinyconfig + fixtures/kernel/config)", quiet)
+                _run(["make", *MAKE_VARS, "tinyconfig"], cwd=tree, log=log, env=env,
+                     what="make tinyconfig")
+                frag_copy = bdir / "config.fragment"
+                frag_copy.write_bytes(fragment)
+                _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag_copy)],
+                     cwd=tree, log=log, env=env, what="merge_config.sh")
+                _run(["make", *MAKE_VARS, "olddefconfig"], cwd=tree, log=log, env=env,
+                     what="make olddefconfig")
+                missing = missing_settings(fragment, (tree / ".config").read_text())
+                if missing:
+                    raise SbmdbgError(
+                        f"config fragment {fragment_path} not honoured: "
+                        f"{len(missing)} setting(s) missing from .config: {' '.join(missing)}")
+                stamp_config.write_text("ok\n")
+            _say(f"make bzImage scripts_gdb (-j{os.cpu_count()})", quiet)
+            with _Progress("kernel build", EXPECTED_STEPS, quiet=quiet) as progress:
+                _run(make_command(["bzImage", "scripts_gdb"]), cwd=tree, log=log, env=env,
+                     progress=progress, what="kernel build")
+
+    vmlinux = tree / "vmlinux"
+    bzimage = tree / "arch" / "x86" / "boot" / "bzImage"
+    if not vmlinux.is_file() or not bzimage.is_file():
+        raise SbmdbgError(f"kernel build finished but {vmlinux} or {bzimage} is missing")
+    kb = KernelBuild(key=key, tree=tree, vmlinux=vmlinux, bzImage=bzimage,
+                     build_id=read_build_id(vmlinux), seconds=time.monotonic() - t0)
+    tmp = bdir / "result.json.tmp"
+    tmp.write_text(json.dumps(kb.to_json(), indent=2) + "\n")
+    tmp.rename(bdir / "result.json")
+    _say(f"kernel {key} built in {kb.seconds:.0f} s", quiet)
+    return kb

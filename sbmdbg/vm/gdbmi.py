@@ -1,0 +1,201 @@
+"""A gdb/MI driver (pygdbmi) for tests and out-of-process faces.
+
+Every command carries a token and is written with ``read_response=False``;
+responses are polled until the result record with that token arrives, so
+nothing relies on pygdbmi's "0.2 s of silence" heuristic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.paths import REPO_ROOT
+
+GDB_SCRIPT = REPO_ROOT / "gdb_scripts" / "sbmdbg.py"
+
+
+def mi_quote(text: str) -> str:
+    """A C string for MI (``-interpreter-exec console "..."``)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def check_listening(addr: str, timeout: float = 2.0) -> tuple[str, int]:
+    """Parse HOST:PORT and check something accepts connections there."""
+    host, sep, port_s = addr.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise SbmdbgError(f"bad gdb stub address {addr!r} (want HOST:PORT)")
+    host = host or "127.0.0.1"
+    port = int(port_s)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SbmdbgError(f"nothing listening at {host}:{port} ({exc.strerror or exc})") from None
+    return host, port
+
+
+class GdbSession:
+    """gdb (MI3) attached to a guest: ``console()``, ``mi()``, ``interrupt()``, ``cont()``."""
+
+    def __init__(self, vmlinux: str | Path, tree: str | Path | None = None,
+                 gdb_addr: str | None = None, *, load_sbmdbg: bool = True,
+                 timeout: float = 120.0):
+        from pygdbmi.gdbcontroller import GdbController
+
+        vmlinux = Path(vmlinux)
+        if not vmlinux.is_file():
+            raise SbmdbgError(f"vmlinux {vmlinux} not found")
+        if shutil.which("gdb") is None:
+            raise SbmdbgError("gdb not found (apt-get install gdb)")
+        self._tokens = itertools.count(100)
+        self.running = False
+        self.events: list[dict] = []      # async records seen (notify/exec)
+        self.last_stop: dict | None = None
+        self._gdb = GdbController(command=["gdb", "--interpreter=mi3", "-nx", "-q"],
+                                  time_to_check_for_additional_output_sec=0.01)
+        try:
+            self.mi("-gdb-set mi-async on")
+            self.console("set pagination off")
+            self.console("set confirm off")
+            self.console("set width 0")
+            self.mi(f"-file-exec-and-symbols {mi_quote(str(vmlinux))}", timeout=timeout)
+            if tree is not None:
+                tree = Path(tree)
+                self.console(f"add-auto-load-safe-path {tree}")
+                gdbpy = tree / "vmlinux-gdb.py"
+                if gdbpy.exists():
+                    self.console(f"source {gdbpy}", timeout=timeout)
+            if load_sbmdbg:
+                self.console(f"source {GDB_SCRIPT}", timeout=timeout)
+            if gdb_addr is not None:
+                check_listening(gdb_addr)
+                self.mi(f"-target-select remote {gdb_addr}", timeout=timeout)
+                self.running = False
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ plumbing
+    def _poll(self, timeout: float = 0.1) -> list[dict]:
+        try:
+            out = self._gdb.get_gdb_response(timeout_sec=timeout, raise_error_on_timeout=False)
+        except Exception as exc:  # gdb died: pygdbmi raises a plain exception
+            raise SbmdbgError(f"gdb went away: {exc}") from exc
+        for r in out:
+            if r.get("type") == "notify":
+                self.events.append(r)
+                if r.get("message") == "stopped":
+                    self.running = False
+                    self.last_stop = r.get("payload")
+                elif r.get("message") == "running":
+                    self.running = True
+        return out
+
+    def _exec(self, line: str, timeout: float) -> tuple[dict, list[dict]]:
+        """Send one MI line with a token; wait for its result record."""
+        token = next(self._tokens)
+        try:
+            self._gdb.write(f"{token}{line}", read_response=False)
+        except Exception as exc:
+            raise SbmdbgError(f"gdb went away: {exc}") from exc
+        seen: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self._poll(0.1):
+                seen.append(r)
+                if r.get("type") == "result" and r.get("token") == token:
+                    if r.get("message") == "error":
+                        msg = (r.get("payload") or {}).get("msg", "unknown error")
+                        raise SbmdbgError(f"gdb: {msg}")
+                    return r, seen
+            if time.monotonic() > deadline:
+                raise SbmdbgError(f"gdb did not answer {line!r} in {timeout:g} s")
+
+    def mi(self, cmd: str, timeout: float = 30.0) -> dict:
+        """Run an MI command; its result record (``message``, ``payload``)."""
+        result, _ = self._exec(cmd, timeout)
+        return result
+
+    def console(self, cmd: str, timeout: float = 30.0) -> str:
+        """Run a CLI command; the console text it printed."""
+        _, seen = self._exec(f"-interpreter-exec console {mi_quote(cmd)}", timeout)
+        return "".join(r.get("payload") or "" for r in seen
+                       if r.get("type") == "console" and r.get("payload"))
+
+    def wait_stopped(self, timeout: float = 30.0) -> dict:
+        """Wait for a ``*stopped`` record; its payload."""
+        deadline = time.monotonic() + timeout
+        while self.running:
+            self._poll(0.1)
+            if time.monotonic() > deadline:
+                raise SbmdbgError(f"target did not stop in {timeout:g} s")
+        return self.last_stop or {}
+
+    # ------------------------------------------------------------ execution
+    def interrupt(self, timeout: float = 30.0) -> dict:
+        """Stop all vCPUs; the ``*stopped`` payload."""
+        self._poll(0)
+        if not self.running:
+            return self.last_stop or {}
+        self.mi("-exec-interrupt --all", timeout=timeout)
+        return self.wait_stopped(timeout)
+
+    def cont(self, timeout: float = 30.0) -> None:
+        """Resume all vCPUs and wait until gdb says they run."""
+        self._poll(0)
+        if self.running:
+            return
+        self.mi("-exec-continue --all", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not self.running:
+            self._poll(0.1)
+            if time.monotonic() > deadline:
+                raise SbmdbgError(f"target did not resume in {timeout:g} s")
+
+    def break_and_wait(self, symbol: str, timeout: float = 60.0) -> dict:
+        """Temporary breakpoint at *symbol*, continue, wait for the hit; the stop payload."""
+        was_running = self.running
+        if was_running:
+            self.interrupt()
+        self.mi(f"-break-insert -t {symbol}")
+        self.cont()
+        stop = self.wait_stopped(timeout)
+        if stop.get("reason") != "breakpoint-hit":
+            raise SbmdbgError(f"stopped for {stop.get('reason')!r}, not at {symbol}")
+        return stop
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Kill gdb (the stub then accepts the next client)."""
+        gdb = getattr(self, "_gdb", None)
+        if gdb is None:
+            return
+        self._gdb = None
+        proc = getattr(gdb, "gdb_process", None)
+        try:
+            gdb.exit()
+        except Exception:
+            pass
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            try:
+                proc.wait(timeout=5)
+            except Exception:
+                pass
+
+    def __enter__(self) -> "GdbSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

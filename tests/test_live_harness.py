@@ -1,0 +1,199 @@
+"""Live tests of the harness: kernel cache, boot, console, PTI/KASLR, gdb, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.vm.vm import pid_alive
+
+pytestmark = [pytest.mark.live, pytest.mark.timeout(600)]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+def test_kernel_build_cache_hit(kernel_build):
+    from sbmdbg.kernel.build import ensure_kernel
+
+    t0 = time.monotonic()
+    again = ensure_kernel()
+    assert time.monotonic() - t0 < 5
+    assert again == kernel_build
+    assert kernel_build.vmlinux.is_file() and kernel_build.bzImage.is_file()
+    assert len(kernel_build.build_id) == 40
+    assert (kernel_build.tree / "vmlinux-gdb.py").exists()
+    result = json.loads((kernel_build.tree.parent / "result.json").read_text())
+    assert result["build_id"] == kernel_build.build_id and result["key"] == kernel_build.key
+
+
+def test_kernel_build_cli_json_cache_hit(kernel_build):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "kernel", "build", "--json"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 10
+    assert json.loads(r.stdout)["vmlinux"] == str(kernel_build.vmlinux)
+
+
+def test_vm_boots_and_runs(make_vm):
+    vm = make_vm()
+    res = vm.run("echo hi; false")
+    assert res.output == "hi\n" and res.status == 1
+    assert vm.run("uname -r").output.strip().startswith("6.12")
+    assert "debugfs on /sys/kernel/debug type debugfs" in vm.run("mount").output
+    assert vm.run("nproc").output.strip() == "2"
+    assert vm.run("exit 3").status == 3  # a subshell: the guest shell survives
+    assert vm.run("true").status == 0
+    # A long command goes through the chunked path.
+    long = vm.run("echo " + "y" * 3000 + " | wc -c")
+    assert long.output.strip() == "3001"
+    assert "SBMDBG-READY" in vm.console_text()
+    assert Path(vm.info["ram"]).stat().st_size == vm.info["ram_size"]
+    assert vm.qmp("query-status")["status"] == "running"
+    assert "RIP=" in vm.hmp("info registers", cpu_index=1)
+
+
+def test_vm_cleanup_on_exception(kernel_build):
+    from sbmdbg.vm import VM, VMOptions
+
+    with pytest.raises(RuntimeError):
+        with VM(VMOptions(smp=1)) as vm:  # the default (reference) kernel
+            pid, ram, qmp = vm.pid, Path(vm.info["ram"]), Path(vm.info["qmp"])
+            raise RuntimeError("boom")
+    assert not pid_alive(pid)
+    assert not ram.exists() and not qmp.exists()
+
+
+@pytest.mark.parametrize("pti", ["on", "off"])
+def test_pti_on_off(make_vm, pti):
+    vm = make_vm(pti=pti, smp=1)
+    dmesg = vm.run("dmesg").output
+    if pti == "on":
+        assert "Kernel/User page tables isolation: enabled" in dmesg
+    else:
+        assert "Kernel/User page tables isolation: enabled" not in dmesg
+    assert f"pti={pti}" in vm.run("cat /proc/cmdline").output
+
+
+def test_kaslr_on_off(make_vm):
+    def text_base(vm):
+        line = vm.run("grep -w _stext /proc/kallsyms").output.split()
+        return int(line[0], 16)
+
+    off = make_vm(kaslr=False, smp=1)
+    assert text_base(off) == 0xffffffff81000000
+    off.close()
+    on = make_vm(kaslr=True, smp=1)
+    assert "kaslr" in on.run("cat /proc/cmdline").output
+    # KASLR picks a random slide; the odds of landing on the default are tiny.
+    assert text_base(on) != 0xffffffff81000000
+
+
+def test_boot_failure_raises_with_tail(make_vm):
+    before = _qemu_pids()
+    with pytest.raises(SbmdbgError) as ei:
+        make_vm(append="rdinit=/nonexistent init=/nonexistent", smp=1, boot_timeout=60)
+    msg = str(ei.value)
+    assert "boot failed" in msg and "console tail" in msg
+    assert "nonexistent" in msg or "panic" in msg.lower()
+    time.sleep(0.2)
+    assert _qemu_pids() - before == set()
+
+
+def test_bogus_kernel_raises(tmp_path, make_vm):
+    bogus = tmp_path / "bzImage"
+    bogus.write_bytes(b"not a kernel" * 100)
+    before = _qemu_pids()
+    with pytest.raises(SbmdbgError):
+        make_vm(kernel=str(bogus), boot_timeout=20)
+    assert _qemu_pids() - before == set()
+
+
+def test_gdb_session_attach_interrupt_continue(make_vm, gdb_session):
+    vm = make_vm()
+    g = gdb_session(vm)
+    assert not g.running  # attaching stops the guest
+    threads = g.console("info threads")
+    assert "Thread 1.1" in threads and "Thread 1.2" in threads
+    assert g.console("p $lx_current().pid").strip().endswith("= 0")
+    g.cont()
+    assert g.running
+    assert vm.run("echo alive").output == "alive\n"
+    stop = g.interrupt()
+    assert not g.running and stop.get("frame")
+    with pytest.raises(SbmdbgError, match="gdb:"):
+        g.console("definitely-not-a-command")
+    g.cont()
+    # Breakpoint on a syscall the guest is about to make.
+    import threading
+
+    g.interrupt()
+    g.mi("-break-insert -t __x64_sys_newuname")
+    g.cont()
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=vm.run("uname -n")))
+    t.start()
+    stop = g.wait_stopped(60)
+    assert stop["reason"] == "breakpoint-hit" and stop["frame"]["func"] == "__x64_sys_newuname"
+    g.cont()
+    t.join(60)
+    assert out["r"].output.strip() == "sbmdbg"
+
+
+def test_gdb_session_break_and_wait(make_vm, gdb_session):
+    vm = make_vm(smp=1)
+    g = gdb_session(vm)
+    import threading
+
+    t = threading.Thread(target=lambda: (time.sleep(2), vm.run("cat /proc/version")))
+    t.start()
+    stop = g.break_and_wait("proc_reg_open", timeout=60)
+    assert stop["frame"]["func"] == "proc_reg_open"
+    g.cont()
+    t.join(60)
+
+
+def _cli(*args, timeout=180, **kw):
+    return subprocess.run([sys.executable, "-m", "sbmdbg.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout, **kw)
+
+
+def test_cli_detached_start_run_stop(kernel_build, tmp_path):
+    r = _cli("vm", "start", "--detach", "--json", "--smp", "1")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    try:
+        for key in ("gdb", "qmp", "serial", "pid", "vmlinux", "tree", "ram", "ram_size",
+                    "console_log", "id"):
+            assert key in info
+        assert pid_alive(info["pid"], info["id"])
+        r = _cli("vm", "run", "--id", info["id"], "echo detached; exit 0")
+        assert r.returncode == 0 and r.stdout == "detached\n", r.stderr
+        r = _cli("vm", "run", "--id", info["id"], "false")
+        assert r.returncode == 1
+        r = _cli("vm", "run", "--id", info["id"], "uname -r")  # reconnects again
+        assert r.stdout.startswith("6.12")
+        # sbmdbg gdb against the detached VM, batch mode.
+        r = _cli("gdb", "--id", info["id"], "--", "-batch", "-ex", "info threads")
+        assert r.returncode == 0, r.stderr
+        assert "Thread 1.1" in r.stdout
+        r = _cli("vm", "list", "--json")
+        assert info["id"] in [i["id"] for i in json.loads(r.stdout)]
+    finally:
+        r = _cli("vm", "stop", info["id"])
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.2)
+    assert not pid_alive(info["pid"])
+    assert not Path(info["ram"]).exists()
+    r = _cli("vm", "run", "--id", info["id"], "true")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1

@@ -1,0 +1,220 @@
+"""Offline tests of the foundation: key hashing, cpio, markers, QEMU argv, CLI."""
+
+from __future__ import annotations
+
+import io
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.kernel import build
+from sbmdbg.kernel.initramfs import INIT_SCRIPT, Entry, initramfs_entries, read_newc, write_newc
+from sbmdbg.vm.qemu import VMOptions, VMPaths, kernel_cmdline, parse_mem, qemu_command
+from sbmdbg.vm.serial import parse_run_output, run_lines
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------ key hashing
+
+def test_key_is_stable_and_sensitive():
+    k = build.compute_key("src:1:2", [b"a", b"b"], b"CONFIG_X=y\n")
+    assert k == build.compute_key("src:1:2", [b"a", b"b"], b"CONFIG_X=y\n")
+    assert len(k) == 24 and int(k, 16) >= 0
+    others = {
+        build.compute_key("src:1:3", [b"a", b"b"], b"CONFIG_X=y\n"),
+        build.compute_key("src:1:2", [b"b", b"a"], b"CONFIG_X=y\n"),   # order matters
+        build.compute_key("src:1:2", [b"ab"], b"CONFIG_X=y\n"),         # no concatenation clash
+        build.compute_key("src:1:2", [b"a", b"b"], b"CONFIG_X=n\n"),
+        build.compute_key("src:1:2", [b"a"], b"CONFIG_X=y\n", [b"b"]),  # extra != patch
+        build.compute_key("src:1:2", [b"a", b"b"], b"CONFIG_X=y\n", [b"e"]),
+    }
+    assert k not in others and len(others) == 6
+
+
+@given(st.lists(st.binary(max_size=20), max_size=4), st.lists(st.binary(max_size=20), max_size=4))
+@settings(max_examples=200, deadline=None)
+def test_key_injective_on_patch_lists(a, b):
+    if a != b:
+        assert build.compute_key("s", a, b"c") != build.compute_key("s", b, b"c")
+
+
+def test_list_patches_sorted_and_absent(tmp_path):
+    assert build.list_patches(tmp_path / "nope") == []
+    assert build.list_patches(None) == []
+    for n in ("0002-b.patch", "0001-a.patch", "README", "0010-c.patch"):
+        (tmp_path / n).write_text("x")
+    assert [p.name for p in build.list_patches(tmp_path)] == ["0001-a.patch", "0002-b.patch",
+                                                              "0010-c.patch"]
+
+
+def test_missing_settings():
+    frag = b"# c\nCONFIG_A=y\nCONFIG_B=8\n# CONFIG_C is not set\nCONFIG_D=\"x\"\n"
+    dot = "CONFIG_A=y\nCONFIG_B=4\nCONFIG_D=\"x\"\n"
+    assert build.missing_settings(frag, dot) == ["CONFIG_B=8"]
+
+
+def test_source_identity_missing(tmp_path):
+    with pytest.raises(SbmdbgError, match="not found"):
+        build.source_identity(tmp_path / "linux.tar.xz")
+
+
+def test_make_command_flags():
+    cmd = build.make_command(["bzImage", "scripts_gdb"], jobs=2)
+    assert cmd[:3] == ["make", "ARCH=x86_64", "-j2"]
+    assert "CC=ccache gcc" in cmd
+    assert "KBUILD_BUILD_TIMESTAMP=Thu Jan  1 00:00:00 UTC 2026" in cmd
+    assert cmd[-2:] == ["bzImage", "scripts_gdb"]
+
+
+# ------------------------------------------------------------ cpio
+
+def test_newc_roundtrip_and_cpio_tool(tmp_path):
+    entries = [Entry("d", stat.S_IFDIR | 0o755), Entry("d/f", stat.S_IFREG | 0o644, b"hello"),
+               Entry("l", stat.S_IFLNK | 0o777, b"d/f"), Entry("c", stat.S_IFCHR | 0o600, rdev=(5, 1))]
+    buf = io.BytesIO()
+    write_newc(entries, buf)
+    data = buf.getvalue()
+    assert len(data) % 512 == 0
+    assert read_newc(data) == entries
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=data, capture_output=True, check=True)
+    assert listing.stdout.decode().split() == ["d", "d/f", "l", "c"]
+
+
+@given(st.lists(st.tuples(st.text("abcxyz/", min_size=1, max_size=12), st.binary(max_size=40)),
+                max_size=6))
+@settings(max_examples=100, deadline=None)
+def test_newc_roundtrip_property(items):
+    entries = [Entry(f"f{i}_{n.strip('/') or 'x'}", stat.S_IFREG | 0o644, b) for i, (n, b) in enumerate(items)]
+    buf = io.BytesIO()
+    write_newc(entries, buf)
+    assert read_newc(buf.getvalue()) == entries
+
+
+def test_initramfs_layout():
+    names = {e.name: e for e in initramfs_entries(b"\x7fELFbusybox")}
+    assert names["init"].mode & 0o111 and names["init"].data.startswith(b"#!/bin/busybox sh")
+    assert names["dev/console"].rdev == (5, 1)
+    assert names["bin/busybox"].data == b"\x7fELFbusybox"
+    for needle in ("mount -t proc", "mount -t sysfs", "/sys/kernel/debug", "devtmpfs",
+                   "--install -s", "SBMDBG-READY", "cttyhack sh"):
+        assert needle in INIT_SCRIPT
+
+
+# ------------------------------------------------------------ console markers
+
+def test_run_lines_and_parse():
+    lines = run_lines("echo hi; false # comment", "abc123")
+    assert len(lines) == 1
+    echoed = lines[0] + "\r\n"
+    # The echoed command line must not look like a finished run.
+    assert parse_run_output(echoed, "abc123") is None
+    text = echoed + "__SBMDBG_BEGIN_abc123__\r\nhi\r\n__SBMDBG_END_abc123_1__\r\n~ # "
+    res = parse_run_output(text, "abc123")
+    assert res.output == "hi\n" and res.status == 1 and not res.ok
+    assert parse_run_output(text, "other") is None
+
+
+def test_parse_no_trailing_newline_and_partial():
+    assert parse_run_output("__SBMDBG_BEGIN_m__\r\nhi__SBMDBG_END_m_0__", "m").output == "hi"
+    assert parse_run_output("__SBMDBG_BEGIN_m__\r\nhi\r\n__SBMDBG_END_m_", "m") is None
+    assert parse_run_output("__SBMDBG_BEGIN_m__\r\n__SBMDBG_END_m_127__", "m").status == 127
+
+
+def test_run_lines_long_command_is_chunked():
+    cmd = "echo " + "x" * 5000
+    lines = run_lines(cmd, "m1")
+    assert len(lines) > 3 and all(len(line) < 1000 for line in lines)
+    with pytest.raises(ValueError):
+        run_lines("x", "bad marker")
+
+
+# ------------------------------------------------------------ QEMU command line
+
+def _paths():
+    return VMPaths.for_id("abc", Path("/tmp/w"))
+
+
+def test_qemu_command_defaults():
+    cmd = qemu_command(VMOptions(), _paths(), 1234, "/k/bzImage", "/k/initrd")
+    s = " ".join(cmd)
+    assert cmd[0] == "qemu-system-x86_64"
+    assert "-accel tcg -cpu max" in s and "-smp 2 -m 512M" in s
+    assert "-gdb tcp:127.0.0.1:1234" in s and " -s " not in f" {s} "
+    assert "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/sbmdbg-abc.ram,share=on" in s
+    assert "-machine pc,memory-backend=ram0" in s
+    assert "-no-reboot" in cmd and "-nographic" in cmd and "vmcoreinfo" in cmd
+    assert "logfile=/tmp/w/console.log" in s and "-serial chardev:con0" in s
+    append = cmd[cmd.index("-append") + 1]
+    assert append == "console=ttyS0 pti=off nokaslr no5lvl panic=-1"
+    assert "-d" not in cmd
+
+
+def test_qemu_command_options():
+    o = VMOptions(smp=4, mem="1G", pti="on", kaslr=True, la57=True, append="quiet",
+                  qemu_log="/tmp/q.log", extra_args=["-S"])
+    cmd = qemu_command(o, _paths(), 1, "k", "i")
+    assert kernel_cmdline(o) == "console=ttyS0 pti=on kaslr panic=-1 quiet"
+    assert cmd[-3:] == ["-D", "/tmp/q.log", "-S"] and "-smp" in cmd and "1024M" in cmd
+
+
+def test_vm_options_validation():
+    assert VMOptions(pti=True).pti == "on" and VMOptions(pti=False).pti == "off"
+    for bad in (dict(pti="maybe"), dict(smp=0), dict(mem="lots")):
+        with pytest.raises(SbmdbgError):
+            VMOptions(**bad)
+    assert parse_mem("512M") == 512 << 20 and parse_mem("2G") == 2 << 30 and parse_mem(4096) == 4096
+
+
+# ------------------------------------------------------------ CLI bad input (offline)
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "sbmdbg.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, **kw)
+
+
+def test_cli_bad_vmlinux_one_line(tmp_path):
+    r = _cli("gdb", "--gdb", "127.0.0.1:1", "--vmlinux", str(tmp_path / "nope"))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sbmdbg: error:")
+    (tmp_path / "notelf").write_text("hello")
+    r = _cli("gdb", "--gdb", "127.0.0.1:1", "--vmlinux", str(tmp_path / "notelf"))
+    assert r.returncode == 1 and "not an ELF" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_nothing_listening(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # bound then closed: nothing listens there
+    r = _cli("gdb", "--gdb", f"127.0.0.1:{port}", "--vmlinux", sys.executable)
+    assert r.returncode == 1 and "nothing listening" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = _cli("gdb", "--gdb", "nonsense", "--vmlinux", sys.executable)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+
+
+def test_cli_argparse_errors_exit_2():
+    r = _cli("vm", "start", "--pti", "sometimes")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = _cli("frobnicate")
+    assert r.returncode == 2
+
+
+def test_cli_vm_run_without_vm(tmp_path):
+    r = _cli("vm", "run", "true", env={"SBMDBG_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and "no detached VM" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bad_extra_patch(tmp_path):
+    r = _cli("kernel", "build", "--extra-patch", str(tmp_path / "nope.patch"))
+    assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1
