@@ -43,11 +43,15 @@ def parse_info_registers(text: str) -> dict:
 class QmpTarget(Target):
     name = "qmp"
 
-    def __init__(self, hmp: Hmp, layout: RamLayout | None = None, use_pmemsave: bool = True):
+    def __init__(self, hmp: Hmp, qmp: Callable[..., object] | None = None,
+                 layout: RamLayout | None = None):
+        """``hmp(cmdline, cpu_index=None) -> str``; ``qmp(cmd, **args)`` (optional)
+        enables the fast ``pmemsave`` path (HMP's pmemsave cannot take an absolute
+        path: its expression parser reads "SIZE /tmp" as a division)."""
         super().__init__()
         self.hmp = hmp
+        self.qmp = qmp
         self.layout = layout
-        self.use_pmemsave = use_pmemsave
         self._ncpus: int | None = None
         self._qmp = None
         self._tmpdir = tempfile.mkdtemp(prefix="sbmdbg-pmem-")
@@ -66,7 +70,7 @@ class QmpTarget(Target):
             if cpu_index is not None:
                 args["cpu-index"] = cpu_index
             return q.cmd("human-monitor-command", **args)
-        t = cls(hmp, **kw)
+        t = cls(hmp, lambda cmd, **args: q.cmd(cmd, **args), **kw)
         t._qmp = q
         return t
 
@@ -83,14 +87,14 @@ class QmpTarget(Target):
         pa, n = pfn << 12, count * PAGE
         if self.layout is not None:
             self.layout.offset(pa, n)
-        if self.use_pmemsave:
+        if self.qmp is not None:
             path = os.path.join(self._tmpdir, "pmem")
-            out = self.hmp(f"pmemsave {pa:#x} {n:#x} {path}")
             try:
+                self.qmp("pmemsave", val=pa, size=n, filename=path)
                 with open(path, "rb") as fh:
                     data = fh.read()
-            except OSError:
-                raise TargetError(f"pmemsave failed: {out.strip()}") from None
+            except Exception as e:  # noqa: BLE001
+                raise TargetError(f"pmemsave at {pa:#x} failed: {e}") from None
             finally:
                 try:
                     os.unlink(path)

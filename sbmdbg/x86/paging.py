@@ -329,6 +329,7 @@ class Mapping:
             "page_size": self.page_size, "npages": self.npages,
             "perms": {"r": True, "w": self.perms.w, "u": self.perms.u, "x": self.perms.x},
             "global": self.g, "cache_index": self.cache_index, "pkey": self.pkey,
+            "leaf": self.leaf_raw,
         }
 
 
