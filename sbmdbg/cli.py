@@ -194,6 +194,24 @@ def cmd_gdb(args) -> int:
     return 0  # not reached
 
 
+def cmd_bench_pt(args) -> int:
+    import json as _json
+
+    from sbmdbg.benchpt import bench_pt, render
+    from sbmdbg.vm import VMOptions
+
+    opts = VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
+                     append=args.append, kernel=args.kernel, vmlinux=args.vmlinux,
+                     qemu_log=args.qemu_log, boot_timeout=args.timeout, tree=args.tree)
+    if opts.kernel is None:
+        from sbmdbg.kernel.build import ensure_kernel
+        kb = ensure_kernel()
+        opts.kernel, opts.vmlinux, opts.tree = str(kb.bzImage), str(kb.vmlinux), str(kb.tree)
+    r = bench_pt(opts, repeat=args.repeat)
+    print(_json.dumps(r, indent=2) if args.json else render(r))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from sbmdbg.demo import demo
 
@@ -261,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--id", help="detached VM id")
     g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="-- extra gdb arguments")
     g.set_defaults(func=cmd_gdb)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bcmd", required=True, parser_class=_Parser)
+    bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
+    bp.add_argument("--json", action="store_true")
+    bp.add_argument("--repeat", type=int, default=3)
+    bp.add_argument("--tree", help="kernel tree with scripts/gdb (for translate-vm)")
+    _add_vm_options(bp)
+    bp.set_defaults(func=cmd_bench_pt)
 
     d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
     d.add_argument("--smp", type=int, default=2)
