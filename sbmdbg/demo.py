@@ -39,7 +39,7 @@ def demo(smp: int = 2, pti: str = "on") -> int:
     con = Console()
     t0 = time.monotonic()
     kb = ensure_kernel()
-    con.print(f"[bold]kernel[/] {kb.key} build-id {kb.build_id} ({time.monotonic() - t0:.1f} s)")
+    con.print(f"[bold]kernel[/] {kb.key} ({time.monotonic() - t0:.1f} s)")
     t1 = time.monotonic()
     with VM(VMOptions(smp=smp, pti=pti)) as vm:
         con.print(f"[bold]VM[/] {vm.id} booted in {time.monotonic() - t1:.1f} s "

@@ -218,3 +218,19 @@ def test_cli_vm_run_without_vm(tmp_path):
 def test_cli_bad_extra_patch(tmp_path):
     r = _cli("kernel", "build", "--extra-patch", str(tmp_path / "nope.patch"))
     assert r.returncode == 1 and "not found" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_prune_builds_keeps_recent(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("SBMDBG_CACHE", str(tmp_path))
+    root = tmp_path / "builds"
+    for i in range(6):
+        d = root / f"k{i}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text("{}")
+        os.utime(d / "result.json", (1000 + i, 1000 + i))
+    (root / "inprogress").mkdir()  # no result.json: never pruned
+    removed = build.prune_builds(keep=3, protect="k0")
+    assert sorted(removed) == ["k1", "k2", "k3"]  # 3 kept in all: the protected one + 2 newest
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["inprogress", "k0", "k4", "k5"]

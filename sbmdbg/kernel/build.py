@@ -35,6 +35,8 @@ CONFIG_FRAGMENT = REPO_ROOT / "fixtures" / "kernel" / "config"
 PIPELINE_VERSION = "1"
 #: About how many CC/LD/AR/... lines a tinyconfig + fragment build prints.
 EXPECTED_STEPS = 1650
+#: How many finished builds the cache keeps (override: SBMDBG_KEEP_BUILDS).
+KEEP_BUILDS = int(os.environ.get("SBMDBG_KEEP_BUILDS", "4"))
 BUILD_TIMESTAMP = "Thu Jan  1 00:00:00 UTC 2026"
 MAKE_VARS = [
     "ARCH=x86_64",
@@ -317,6 +319,7 @@ def ensure_kernel(extra_patches: Sequence[str | os.PathLike] = (), *,
 
     hit = cached_build(key)
     if hit is not None:
+        _touch(build_dir(key) / "result.json")
         return hit
 
     bdir = build_dir(key)
@@ -325,7 +328,48 @@ def ensure_kernel(extra_patches: Sequence[str | os.PathLike] = (), *,
         hit = cached_build(key)  # someone else finished it while we waited
         if hit is not None:
             return hit
-        return _build(key, bdir, tarball, patches + extras, config_fragment, config, quiet)
+        kb = _build(key, bdir, tarball, patches + extras, config_fragment, config, quiet)
+    prune_builds(keep=KEEP_BUILDS, protect=key, quiet=quiet)
+    return kb
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def prune_builds(keep: int = 4, protect: str | None = None, quiet: bool = True) -> list[str]:
+    """Delete all but the *keep* most recently used builds (a tree is ~2.5 GB).
+
+    "Used" is the mtime of result.json (touched on every cache hit).  A build
+    whose per-key lock is held (in progress) or that has no result.json yet
+    is never removed.
+    """
+    import fcntl
+
+    root = cache_root() / "builds"
+    done = []
+    for d in root.iterdir() if root.is_dir() else ():
+        if d.is_dir() and (d / "result.json").is_file() and d.name != protect:
+            done.append(((d / "result.json").stat().st_mtime, d))
+    done.sort(reverse=True)
+    removed = []
+    for _, d in done[max(keep - (1 if protect else 0), 0):]:
+        lock = d.with_name(d.name + ".lock")
+        with open(lock, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            (d / "result.json").unlink(missing_ok=True)
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+        lock.unlink(missing_ok=True)
+    if removed:
+        _say(f"pruned old kernel builds: {' '.join(removed)}", quiet)
+    return removed
 
 
 def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_path: Path,
