@@ -71,8 +71,10 @@ root, so this works with a vCPU stopped in user mode under PTI."""
                 v = d["fields"].get(name)
                 if isinstance(v, bool):
                     vals.append(str(int(v)))
-                elif isinstance(v, int) and (abs(v) < 4096 or name == "preempt_count"):
-                    vals.append(str(v) if abs(v) < 4096 else _hex(v))
+                elif name == "preempt_count" and isinstance(v, int):
+                    vals.append(f"{v & 0xFFFFFFFF:#x}")
+                elif isinstance(v, int) and abs(v) < 4096:
+                    vals.append(str(v))
                 else:
                     vals.append(_hex(v))
             t.add_row(name, *vals)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from sbmdbg.errors import SbmdbgError
 from sbmdbg.x86.regs import CR3, decode_cr3
 
 # Entry bits (SDM Vol. 3, 4.5).
@@ -31,7 +32,7 @@ LEVEL_SHIFT = {5: 48, 4: 39, 3: 30, 2: 21, 1: 12}
 ReadPhys = Callable[[int, int], bytes]
 
 
-class PagingError(Exception):
+class PagingError(SbmdbgError):
     """Raised only for caller errors (bad arguments), never for guest data."""
 
 
