@@ -148,9 +148,13 @@ def gdb_argv(vmlinux: Path, gdb_addr: str | None, tree: Path | None, extra=()) -
     """The gdb command line of ``sbmdbg gdb``."""
     from sbmdbg.vm.gdbmi import GDB_SCRIPT
 
+    from sbmdbg.kernel.build import foreign_comp_dirs
+
     argv = ["gdb", "-q"]
     if tree is not None:
         argv += ["-iex", f"add-auto-load-safe-path {tree}"]
+        for d in foreign_comp_dirs(tree, vmlinux):  # ccache'd objects name other trees
+            argv += ["-ex", f"set substitute-path {d} {tree}"]
         gdbpy = tree / "vmlinux-gdb.py"
         auto = (vmlinux.resolve().parent == tree.resolve())
         if gdbpy.exists() and not auto:

@@ -423,5 +423,48 @@ def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_pa
     tmp = bdir / "result.json.tmp"
     tmp.write_text(json.dumps(kb.to_json(), indent=2) + "\n")
     tmp.rename(bdir / "result.json")
+    foreign_comp_dirs(tree, vmlinux)  # precompute for gdb's substitute-path
     _say(f"kernel {key} built in {kb.seconds:.0f} s", quiet)
     return kb
+
+
+def foreign_comp_dirs(tree: str | os.PathLike, vmlinux: str | os.PathLike | None = None) -> list[str]:
+    """DW_AT_comp_dir values of *vmlinux* that are not *tree*.
+
+    ccache (CCACHE_BASEDIR + CCACHE_NOHASHDIR) reuses objects compiled in other
+    trees, and their DWARF keeps the compiling tree as comp_dir.  gdb needs
+    ``set substitute-path <dir> <tree>`` for each to show this tree's sources.
+    Scanning takes a few seconds, so the answer is cached next to the tree,
+    keyed by the build-id.
+    """
+    from elftools.elf.elffile import ELFFile
+
+    tree = Path(tree)
+    vmlinux = Path(vmlinux) if vmlinux else tree / "vmlinux"
+    cache = tree.parent / "comp_dirs.json"
+    try:
+        build_id = read_build_id(vmlinux)
+    except (OSError, SbmdbgError):
+        return []
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("build_id") == build_id:
+            return list(data["foreign"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    dirs: set[str] = set()
+    try:
+        with open(vmlinux, "rb") as fh:
+            dwarf = ELFFile(fh).get_dwarf_info(relocate_dwarf_sections=False)
+            for cu in dwarf.iter_CUs():
+                attr = cu.get_top_DIE().attributes.get("DW_AT_comp_dir")
+                if attr is not None:
+                    dirs.add(attr.value.decode(errors="replace"))
+    except Exception:  # no/odd DWARF: nothing to substitute
+        return []
+    foreign = sorted(d for d in dirs if Path(d) != tree)
+    try:
+        cache.write_text(json.dumps({"build_id": build_id, "foreign": foreign}) + "\n")
+    except OSError:
+        pass
+    return foreign

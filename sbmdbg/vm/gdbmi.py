@@ -67,6 +67,10 @@ class GdbSession:
             if tree is not None:
                 tree = Path(tree)
                 self.console(f"add-auto-load-safe-path {tree}")
+                from sbmdbg.kernel.build import foreign_comp_dirs
+
+                for d in foreign_comp_dirs(tree, vmlinux):
+                    self.console(f"set substitute-path {d} {tree}")
                 gdbpy = tree / "vmlinux-gdb.py"
                 if gdbpy.exists():
                     self.console(f"source {gdbpy}", timeout=timeout)
