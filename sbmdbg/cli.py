@@ -7,6 +7,9 @@
     sbmdbg vm stop [ID | --all]
     sbmdbg gdb [--gdb HOST:PORT] [--vmlinux V] [--tree T] [--id ID] [-- GDB ARGS...]
     sbmdbg demo
+    sbmdbg dump (--qmp SOCK | --vm ID) -o FILE
+    sbmdbg inspect --vmcore F --vmlinux V [--json] CMD [ARGS]   (status, list, show, stack, audit, ...)
+    sbmdbg bench status [--json]
 
 Bad input: one ``sbmdbg: error: ...`` line on stderr, exit 1 (argparse: 2).
 """
@@ -216,6 +219,38 @@ def cmd_bench_pt(args) -> int:
     return 0
 
 
+def cmd_dump(args) -> int:
+    from sbmdbg.sbm.offline import dump
+
+    if bool(args.qmp) == bool(args.vm):
+        raise SbmdbgError("give exactly one of --qmp SOCK or --vm ID")
+    r = dump(args.output, qmp_sock=args.qmp, vm_id=args.vm)
+    print(json.dumps(r) if args.json else f"wrote {r['vmcore']} ({r['bytes']} bytes)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from sbmdbg.sbm.offline import inspect
+
+    if not args.cmd:
+        raise SbmdbgError("inspect needs a command: status, list, show, stack, audit, diff, pcpu, vtop, pt")
+    _check_vmlinux(args.vmlinux)
+    return inspect(args.vmcore, args.vmlinux, args.cmd, args.json)
+
+
+def cmd_bench_status(args) -> int:
+    from sbmdbg.sbm.bench import bench_status, render
+    from sbmdbg.vm import VMOptions
+
+    opts = VMOptions(smp=args.smp, pti=args.pti)
+    from sbmdbg.kernel.build import ensure_kernel
+    kb = ensure_kernel()
+    opts.kernel, opts.vmlinux, opts.tree = str(kb.bzImage), str(kb.vmlinux), str(kb.tree)
+    r = bench_status(opts, repeat=args.repeat)
+    print(json.dumps(r, indent=2) if args.json else render(r))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from sbmdbg.demo import demo
 
@@ -292,6 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--tree", help="kernel tree with scripts/gdb (for translate-vm)")
     _add_vm_options(bp)
     bp.set_defaults(func=cmd_bench_pt)
+
+    bs = b.add_parser("status", help="per-stop refresh of `sbm` (all vCPUs) in gdb, shm target")
+    bs.add_argument("--json", action="store_true")
+    bs.add_argument("--repeat", type=int, default=50)
+    bs.add_argument("--smp", type=int, default=2)
+    bs.add_argument("--pti", choices=["on", "off"], default="on")
+    bs.set_defaults(func=cmd_bench_status)
+
+    du = sub.add_parser("dump", help="QMP dump-guest-memory (ELF vmcore, paging=false)")
+    du.add_argument("--qmp", metavar="SOCK", help="QEMU QMP socket")
+    du.add_argument("--vm", metavar="ID", help="a detached VM")
+    du.add_argument("-o", "--output", required=True, metavar="FILE")
+    du.add_argument("--json", action="store_true")
+    du.set_defaults(func=cmd_dump)
+
+    ins = sub.add_parser("inspect", help="run status/list/show/stack/audit/diff/pcpu/vtop/pt on a vmcore")
+    ins.add_argument("--vmcore", required=True)
+    ins.add_argument("--vmlinux", required=True)
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD [ARGS] (as the gdb `sbm` commands)")
+    ins.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
     d.add_argument("--smp", type=int, default=2)

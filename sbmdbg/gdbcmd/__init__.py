@@ -7,10 +7,15 @@ import gdb
 
 
 class SbmPrefix(gdb.Command):
-    """sbmdbg: SandBox Mode kernel debugging commands (sbm pcpu, vtop, pt, ptov, target, kernel)."""
+    """sbmdbg: SandBox Mode kernel debugging commands (bare `sbm`: per-vCPU status; sbm list,
+show, stack, audit, diff, pcpu, vtop, pt, ptov, target, kernel)."""
 
     def __init__(self):
         super().__init__("sbm", gdb.COMMAND_USER, prefix=True)
+
+    def invoke(self, arg, from_tty):  # bare `sbm` [--json]: the per-vCPU status table
+        from sbmdbg.gdbcmd.sbmcmds import bare_sbm
+        bare_sbm(arg, from_tty)
 
 
 SbmPrefix()
@@ -19,3 +24,5 @@ from sbmdbg.gdbcmd import state  # noqa: E402,F401  (cache invalidation hooks)
 from sbmdbg.gdbcmd import pcpu  # noqa: E402,F401
 from sbmdbg.gdbcmd import paging  # noqa: E402,F401
 from sbmdbg.gdbcmd import targetcmd  # noqa: E402,F401
+from sbmdbg.gdbcmd import sbmcmds  # noqa: E402,F401  (sbm, list, show, stack, audit, diff)
+from sbmdbg.gdbcmd import trace  # noqa: E402,F401

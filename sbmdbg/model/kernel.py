@@ -50,6 +50,9 @@ class RootSpec:
 
 # Hooks the SBM model registers: callable(kernel) -> list[RootSpec] of sandbox roots.
 SANDBOX_ROOT_PROVIDERS: list[Callable[["Kernel"], list[RootSpec]]] = []
+# Hooks run after discovery: callable(kernel) -> a better kernel root PA or None
+# (the SBM model maps a sandbox CR3 found on the vCPU to its saved kernel CR3).
+ROOT_FIXUPS: list[Callable[["Kernel"], int | None]] = []
 
 
 class Kernel:
@@ -64,11 +67,27 @@ class Kernel:
 
     # ------------------------------------------------------------------ setup
     def _discover(self, cpu: int | None, verify: bool) -> None:
-        t = self.target
-        ncpus = t.ncpus
+        ncpus = self.target.ncpus
         if ncpus < 1:
             raise KernelError("the target has no CPUs (no registers source)")
-        regs = t.registers(cpu if cpu is not None else 0)
+        # A vCPU stopped in a sandbox has a CR3 that maps little of the kernel:
+        # without an explicit cpu, try each vCPU until one yields the kernel.
+        for c in ([cpu] if cpu is not None else range(ncpus)):
+            try:
+                self._discover_on(c, verify)
+                break
+            except KernelError:
+                if cpu is not None or c == ncpus - 1:
+                    raise
+        for fix in ROOT_FIXUPS:  # e.g. the SBM model: a sandbox root -> its kernel root
+            better = fix(self)
+            if better is not None and better != self.root:
+                self.root = better
+                self._tlb.clear()
+
+    def _discover_on(self, cpu: int, verify: bool) -> None:
+        t = self.target
+        regs = t.registers(cpu)
         self.cr4 = regs.get("cr4", 0)
         self.la57 = bool(self.cr4 & CR4_LA57)
         self.nxe = bool(regs.get("efer", EFER_NXE) & EFER_NXE)

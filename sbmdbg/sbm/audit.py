@@ -1,0 +1,162 @@
+"""Isolation audit of a sandbox page table against the design's table, and a
+diff of two page-table roots.  Pure functions over labeled ranges (see
+sbmdbg.sbm.regions), so the rules are testable on hand-built inputs."""
+from __future__ import annotations
+
+from sbmdbg.sbm.regions import EXPECTED, KERNEL_DATA, PAGE, perm_str
+from sbmdbg.x86 import paging as pg
+
+SEVERITIES = ["info", "low", "medium", "high", "critical"]
+USER_HALF_END = 1 << 47
+
+
+def severity_rank(s: str) -> int:
+    return SEVERITIES.index(s)
+
+
+def _rules_for(r: dict) -> list[tuple[str, str, str]]:
+    """(rule, severity, message) of one labeled range."""
+    p, kind = r["perms"], r["kind"]
+    out = []
+    if p["w"] and p["x"]:
+        out.append(("wx", "critical", "writable and executable (W+X)"))
+    if r["va"] < USER_HALF_END:
+        out.append(("user_half", "high", "mapped in the user half (the design keeps it empty)"))
+    if kind == "unknown":
+        out.append(("unexplained", "medium", "mapping not explained by any region of the design"))
+    exp = EXPECTED.get(kind)
+    if exp is not None:
+        eu, ew, ex = exp
+        if kind == "entry_text" and p["u"] and p["x"]:
+            out.append(("entry_text_user", "critical",
+                        "entry text executable at CPL 3 (user bit set on .entry.text)"))
+        elif kind in ("state_page", "exception_stack") and p["u"]:
+            out.append((f"{kind}_user", "critical", f"{kind.replace('_', ' ')} is user-accessible"))
+        elif eu is False and p["u"]:
+            out.append(("supervisor_region_user", "high", f"{kind} is user-accessible (design: supervisor)"))
+        elif eu is True and not p["u"]:
+            out.append(("user_region_supervisor", "low", f"{kind} is supervisor-only (design: user)"))
+        if ew is False and p["w"]:
+            if kind == "input_buffer":
+                out.append(("input_writable", "high", "input buffer is writable (design: read-only)"))
+            elif kind in KERNEL_DATA:
+                out.append(("kernel_data_writable", "high" if p["u"] else "medium",
+                            f"kernel {kind.replace('_', ' ')} is writable from the sandbox"))
+            else:
+                out.append(("writable", "medium", f"{kind} is writable (design: read-only)"))
+        elif ew is True and not p["w"]:
+            out.append(("readonly", "low", f"{kind} is read-only (design: writable)"))
+        if ex is False and p["x"]:
+            out.append(("executable", "high" if p["u"] else "medium",
+                        f"{kind.replace('_', ' ')} is executable (design: NX)"))
+        elif ex is True and not p["x"]:
+            out.append(("not_executable", "low", f"{kind} is NX (design: executable)"))
+    if r["global"]:
+        if kind == "state_page":
+            out.append(("state_page_global", "high",
+                        "global bit on the state page: a stale TLB entry would make the kernel read "
+                        "the sandbox's state at x86_sbm_state"))
+        else:
+            out.append(("global", "medium", "global sandbox PTE (outlives the sandbox CR3 in the TLB; "
+                        "the reference kernel makes every sandbox PTE non-global)"))
+    return out
+
+
+def audit_ranges(ranges: list[dict], state_view: dict | None = None, sbm: dict | None = None) -> list[dict]:
+    """Findings, one per (rule, region kind), with the ranges they cover."""
+    agg: dict[tuple, dict] = {}
+    for r in ranges:
+        for rule, sev, msg in _rules_for(r):
+            key = (rule, r["kind"])
+            f = agg.get(key)
+            if f is None:
+                f = agg[key] = {"rule": rule, "severity": sev, "region": r["kind"], "message": msg,
+                                "ranges": [], "pages": 0}
+            f["ranges"].append({"va": r["va"], "end": r["end"], "perms": perm_str(r["perms"]),
+                                "global": r["global"], "name": r["name"]})
+            f["pages"] += r["pages"]
+            if severity_rank(sev) > severity_rank(f["severity"]):
+                f["severity"] = sev
+    out = list(agg.values())
+    if state_view is not None:
+        if not state_view.get("sandbox_maps_state_page"):
+            out.append({"rule": "state_page_missing", "severity": "high", "region": "state_page",
+                        "message": "x86_sbm_state is not mapped onto the instance's state page "
+                                   "(the entry code could not tell it came from the sandbox)",
+                        "ranges": [], "pages": 0})
+        if not state_view.get("kernel_reads_zero"):
+            out.append({"rule": "kernel_state_nonzero", "severity": "medium", "region": "state_page",
+                        "message": "x86_sbm_state reads non-zero under the kernel root",
+                        "ranges": [], "pages": 0})
+    if sbm and sbm.get("error"):
+        out.append({"rule": "sbm_error", "severity": "info", "region": None,
+                    "message": f"sbm->error = {sbm['error']} (sticky: the instance was aborted)",
+                    "ranges": [], "pages": 0})
+    total = sum(r["pages"] for r in ranges)
+    kinds = sorted({r["kind"] for r in ranges})
+    out.append({"rule": "summary", "severity": "info", "region": None,
+                "message": f"{total} pages mapped in {len(ranges)} labeled ranges ({', '.join(kinds)})",
+                "ranges": [], "pages": total})
+    out.sort(key=lambda f: (-severity_rank(f["severity"]), f["rule"]))
+    return out
+
+
+def worst(findings: list[dict]) -> str:
+    return max((f["severity"] for f in findings), key=severity_rank, default="info")
+
+
+# ---------------------------------------------------------------- diff
+def _perms(mp) -> dict:
+    return {"u": mp.perms.u, "w": mp.perms.w, "x": mp.perms.x, "g": mp.g}
+
+
+def diff_mappings(a: list, b: list) -> dict:
+    """Sweep two sorted mapping lists (sbmdbg.x86.paging.Mapping): ranges only
+    A maps, only B maps, and both map with different permissions or frames."""
+    bounds = sorted({x for mp in a for x in (mp.va, mp.end)} | {x for mp in b for x in (mp.va, mp.end)})
+    ia = ib = 0
+    out = {"only_a": [], "only_b": [], "perms_differ": [], "pa_differ": [], "same": 0}
+
+    def add(lst, va, end, extra):
+        last = lst[-1] if lst else None
+        if last and last["end"] == va and {k: v for k, v in last.items() if k not in ("va", "end")} == extra:
+            last["end"] = end
+        else:
+            lst.append({"va": va, "end": end, **extra})
+
+    for lo, hi in zip(bounds, bounds[1:]):
+        while ia < len(a) and a[ia].end <= lo:
+            ia += 1
+        while ib < len(b) and b[ib].end <= lo:
+            ib += 1
+        ma = a[ia] if ia < len(a) and a[ia].va <= lo else None
+        mb = b[ib] if ib < len(b) and b[ib].va <= lo else None
+        if ma is None and mb is None:
+            continue
+        if mb is None:
+            add(out["only_a"], lo, hi, {"perms": _pstr(ma)})
+        elif ma is None:
+            add(out["only_b"], lo, hi, {"perms": _pstr(mb)})
+        elif _perms(ma) != _perms(mb):
+            add(out["perms_differ"], lo, hi, {"a": _pstr(ma), "b": _pstr(mb)})
+        elif ma.pa + (lo - ma.va) != mb.pa + (lo - mb.va):
+            add(out["pa_differ"], lo, hi, {"perms": _pstr(ma)})
+        else:
+            out["same"] += hi - lo
+    return out
+
+
+def _pstr(mp) -> str:
+    return str(mp.perms) + (" G" if mp.g else "")
+
+
+def diff_roots(kernel, root_a: int, root_b: int, rng: tuple[int, int] | None = None) -> dict:
+    ma, wa = pg.walk(kernel._reader, root_a, la57=kernel.la57, nxe=kernel.nxe, range=rng)
+    mb, wb = pg.walk(kernel._reader, root_b, la57=kernel.la57, nxe=kernel.nxe, range=rng)
+    d = diff_mappings(ma, mb)
+    d["findings_a"] = [f.to_json() for f in wa.findings]
+    d["findings_b"] = [f.to_json() for f in wb.findings]
+    return d
+
+
+__all__ = ["audit_ranges", "diff_mappings", "diff_roots", "worst", "severity_rank", "SEVERITIES", "PAGE"]

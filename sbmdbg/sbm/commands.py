@@ -1,0 +1,153 @@
+"""The non-live commands as plain functions ``(kernel, args) -> dict``, shared
+by the gdb face (sbmdbg.gdbcmd.sbmcmds) and the CLI (``sbmdbg inspect``), so
+both print the same JSON.  ``args`` is any object with the attributes the
+command reads (argparse Namespace); missing ones take their defaults."""
+from __future__ import annotations
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.sbm import audit as au
+from sbmdbg.sbm import model as m
+from sbmdbg.sbm import regions as rg
+from sbmdbg.sbm import stacks as stk
+from sbmdbg.x86 import paging as pg
+
+
+def jsonable(obj):
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def _a(args, name, default=None):
+    return getattr(args, name, default) if args is not None else default
+
+
+def _cpus(kernel, spec) -> list[int]:
+    n = kernel.target.ncpus
+    if spec in (None, "all"):
+        return list(range(n))
+    try:
+        c = int(str(spec).removeprefix("cpu"), 0)
+    except ValueError:
+        raise SbmdbgError(f"bad CPU {spec!r}: a number or 'all'") from None
+    if not 0 <= c < n:
+        raise SbmdbgError(f"no CPU {c} (the guest has {n})")
+    return [c]
+
+
+def _selected(kernel, args) -> list:
+    """The SANDBOX argument's sandbox, or every active one."""
+    m.require_sbm(kernel)
+    spec = _a(args, "sandbox")
+    sbs = [m.find_sandbox(kernel, spec)] if spec else m.sandboxes(kernel)
+    if not sbs:
+        raise SbmdbgError("no sandbox is active (no task has thread_info.sbm_state set; "
+                          "stop while a task runs one)")
+    return sbs
+
+
+def status(kernel, args=None) -> dict:
+    """`sbm`: one row per vCPU."""
+    out = {"sbm": m.has_sbm(kernel), "note": m.no_sbm_reason(kernel), "cpus": m.vcpus_status(kernel)}
+    if out["sbm"]:
+        out["sandboxes"] = len(m.sandboxes(kernel, all_tasks_walk=False))
+    return jsonable(out)
+
+
+def list_(kernel, args=None) -> dict:
+    m.require_sbm(kernel)
+    return jsonable({"sandboxes": [s.to_json() for s in m.sandboxes(kernel)]})
+
+
+def show(kernel, args=None) -> dict:
+    """`sbm show [SANDBOX|cpuN]`: the state, struct sbm, buffers, the state
+    page through both roots, the labeled page table."""
+    out = []
+    sbs = _selected(kernel, args)
+    for sb in sbs:
+        d = sb.to_json()
+        d["state_page"] = m.state_page_views(kernel, sb)
+        d["stacks"] = stk.sbm_stacks(kernel, sb)
+        if not _a(args, "no_map", False):
+            lm = rg.labeled_map(kernel, sb)
+            d["map"] = lm["ranges"]
+            d["map_walk"] = lm["walk"]
+        out.append(d)
+    return jsonable({"sandboxes": out})
+
+
+def stack(kernel, args=None) -> dict:
+    return jsonable({"cpus": [stk.cpu_stack(kernel, c) for c in _cpus(kernel, _a(args, "cpu"))]})
+
+
+def audit(kernel, args=None) -> dict:
+    """`sbm audit [SANDBOX]`: findings against the design's table."""
+    sbs = _selected(kernel, args)
+    res = []
+    for sb in sbs:
+        lm = rg.labeled_map(kernel, sb)
+        findings = au.audit_ranges(lm["ranges"], m.state_page_views(kernel, sb), sb.sbm)
+        for f in lm["walk"]["findings"]:
+            findings.append({"rule": f"walk_{f['kind']}", "severity": "high", "region": None,
+                             "message": f["message"], "ranges": [], "pages": 0})
+        res.append({"sandbox": sb.label, "state": sb.state, "root": sb.pgd_pa,
+                    "worst": au.worst(findings), "findings": findings})
+    worst = max((r["worst"] for r in res), key=au.severity_rank)
+    return jsonable({"worst": worst, "above_info": au.severity_rank(worst) > 0, "audits": res})
+
+
+def resolve(kernel, spec: str, cpu: int = 0):
+    return kernel.resolve_root(spec, cpu=cpu)
+
+
+def diff(kernel, args) -> dict:
+    ra, rb = resolve(kernel, args.root_a, _a(args, "cpu", 0) or 0), resolve(kernel, args.root_b, _a(args, "cpu", 0) or 0)
+    rng = None
+    if _a(args, "range"):
+        lo, _, hi = args.range.partition("-")
+        rng = (int(lo, 0), int(hi, 0))
+    d = au.diff_roots(kernel, ra.pgd_pa, rb.pgd_pa, rng)
+    d.update(root_a={"label": ra.label, "pgd": ra.pgd_pa}, root_b={"label": rb.label, "pgd": rb.pgd_pa})
+    return jsonable(d)
+
+
+# --- generic commands, same JSON as the gdb face's sbm pcpu / vtop / pt
+def pcpu(kernel, args=None) -> dict:
+    from sbmdbg.model.percpu import pcpu_hot, vcpu_state
+    rows = []
+    for c in _cpus(kernel, _a(args, "cpu")):
+        d = pcpu_hot(kernel, c)
+        d["vcpu"] = vcpu_state(kernel, c)
+        rows.append(d)
+    return jsonable({"cpus": rows, "root": kernel.root, "slide": kernel.slide})
+
+
+def vtop(kernel, args) -> dict:
+    root = resolve(kernel, _a(args, "root", "kernel"), _a(args, "cpu", 0) or 0)
+    va = int(args.va, 0) & m.U64
+    tr = pg.translate(kernel._reader, root.pgd_pa, va, la57=kernel.la57, nxe=kernel.nxe)
+    d = tr.to_json()
+    d["root_label"] = root.label
+    return jsonable(d)
+
+
+def pt(kernel, args) -> dict:
+    root = resolve(kernel, _a(args, "root", "kernel") or "kernel", _a(args, "cpu", 0) or 0)
+    rng = None
+    if _a(args, "range"):
+        lo, _, hi = args.range.partition("-")
+        rng = (int(lo, 0), int(hi, 0))
+    maps, w = pg.walk(kernel._reader, root.pgd_pa, la57=kernel.la57, nxe=kernel.nxe, range=rng,
+                      flags=pg.parse_flags(_a(args, "flags")), merge_runs=not _a(args, "raw", False),
+                      max_entries=_a(args, "max_entries", 4_000_000))
+    return jsonable({"root": root.pgd_pa, "root_label": root.label,
+                     "mappings": [mp.to_json() for mp in maps],
+                     "findings": [f.to_json() for f in w.findings], "stats": vars(w.stats)})
+
+
+COMMANDS = {"status": status, "list": list_, "show": show, "stack": stack, "audit": audit,
+            "diff": diff, "pcpu": pcpu, "vtop": vtop, "pt": pt}

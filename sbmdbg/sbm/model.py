@@ -1,0 +1,543 @@
+"""The SBM model: sandboxes from ``thread_info.sbm_state``, per-vCPU mode.
+
+Everything is read physically through an explicit root (no gdb import):
+kernel structures through the kernel root, the sandbox's own view through
+its ``sbm_cr3``.  Struct layouts come from DWARF (``kernel.layouts``).
+
+Per-stop caching: results are cached on the Kernel object and dropped when
+``kernel.invalidate()`` ran (it replaces ``kernel._reader``), so a refresh
+after a stop costs one pass over the few pages involved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.model.kernel import ROOT_FIXUPS, SANDBOX_ROOT_PROVIDERS, RootSpec
+from sbmdbg.model.layout import LayoutError, cstring, decode_field, decode_struct
+from sbmdbg.target.base import TargetError
+from sbmdbg.x86.regs import decode_cr3
+from sbmdbg.x86.stacks import kernel_cache
+
+U64 = (1 << 64) - 1
+USER_CS = 0x33                 # GDT_ENTRY_DEFAULT_USER_CS * 8 + 3 (x86_64 ABI)
+SBM_CS = USER_CS & ~3          # __SBM_CS: the user CS with RPL 0 (asm/sbm.h)
+KERNEL_CS = 0x10
+MAX_TASKS = 4096               # bound on the init_task.tasks walk
+MAX_THREADS = 1024             # bound per thread group
+MAX_BUFS = 256                 # bound per sbm_buf list
+BUF_LISTS = ("input", "output", "io")
+
+# What a kernel needs to count as an SBM kernel (see no_sbm_reason()).
+SBM_SYMBOLS = ("x86_sbm_state", "x86_sbm_exec")
+SBM_TYPES = ("x86_sbm_state", "sbm")
+
+
+class NoSandboxMode(SbmdbgError):
+    """The kernel has no SandBox Mode (symbols/types missing)."""
+
+
+ReadErrors = (SbmdbgError, TargetError)
+
+
+# ---------------------------------------------------------------- caching
+def _static(kernel) -> dict:
+    """Per-kernel cache of things that never change (symbols, layouts)."""
+    return kernel_cache(kernel, "_sbm_static")
+
+
+def stop_cache(kernel) -> dict:
+    """Per-stop cache: dropped whenever kernel.invalidate() ran (it replaces
+    kernel._reader, which serves as the generation token)."""
+    d = kernel_cache(kernel, "_sbm_stop")
+    if d.get("_gen") is not kernel._reader:
+        d.clear()
+        d["_gen"] = kernel._reader
+    return d
+
+
+def _cached(kernel, key, fn, static=False):
+    c = _static(kernel) if static else stop_cache(kernel)
+    if key not in c:
+        c[key] = fn()
+    return c[key]
+
+
+# ---------------------------------------------------------------- detection
+def no_sbm_reason(kernel) -> str | None:
+    """None on an SBM kernel, else "no SandBox Mode in this kernel: <missing>"."""
+    def check():
+        missing = [s for s in SBM_SYMBOLS if s not in kernel.symbols]
+        for t in SBM_TYPES:
+            if not kernel.layouts.has_layout(t):
+                missing.append(f"struct {t}")
+        try:
+            kernel.layouts.resolve("thread_info", "sbm_state")
+        except LayoutError:
+            missing.append("thread_info.sbm_state")
+        if not missing:
+            return None
+        return "no SandBox Mode in this kernel: missing " + ", ".join(missing)
+    return _cached(kernel, "no_sbm", check, static=True)
+
+
+def has_sbm(kernel) -> bool:
+    return no_sbm_reason(kernel) is None
+
+
+def require_sbm(kernel) -> None:
+    why = no_sbm_reason(kernel)
+    if why:
+        raise NoSandboxMode(why)
+
+
+def sizes(kernel) -> dict:
+    """THREAD_SIZE, EXCEPTION_STKSZ, IRQ_STACK_SIZE, sizeof(pt_regs) from DWARF."""
+    def get():
+        lay = kernel.layouts
+        out = {"thread_size": 16384, "exception_stksz": 8192, "irq_stack_size": 16384,
+               "pt_regs": 168, "task_struct": 0}
+        for key, struct_name in (("thread_size", "thread_union"), ("irq_stack_size", "irq_stack"),
+                                 ("pt_regs", "pt_regs"), ("task_struct", "task_struct")):
+            try:
+                out[key] = lay.sizeof(struct_name)
+            except LayoutError:
+                pass
+        try:  # char DF_stack[EXCEPTION_STKSZ]
+            out["exception_stksz"] = lay.resolve("exception_stacks", "DF_stack").size
+        except LayoutError:
+            try:
+                out["exception_stksz"] = lay.resolve("cea_exception_stacks", "DF_stack").size
+            except LayoutError:
+                pass
+        return out
+    return _cached(kernel, "sizes", get, static=True)
+
+
+# ---------------------------------------------------------------- tasks
+def _field(kernel, struct_name, va, path, root=None):
+    return kernel.read_field(struct_name, va, path, root)
+
+
+def task_info(kernel, task: int) -> dict:
+    """pid, comm, stack, sbm_state of one task_struct (cached per stop)."""
+    def get():
+        lay = kernel.layouts.layout("task_struct")
+        out = {"task": task}
+        try:
+            data = kernel.read_virt(kernel.root, task, lay.size)
+        except ReadErrors as e:
+            out["error"] = str(e)
+            return out
+        f = lay.fields
+        out["pid"] = decode_field(f["pid"], data)
+        out["tgid"] = decode_field(f["tgid"], data) if "tgid" in f else out["pid"]
+        out["comm"] = cstring(decode_field(f["comm"], data))
+        out["stack"] = decode_field(f["stack"], data) if "stack" in f else None
+        out["sbm_state"] = 0
+        if has_sbm(kernel):
+            fi = kernel.layouts.resolve("task_struct", "thread_info.sbm_state")
+            out["sbm_state"] = decode_field(fi, data)
+        return out
+    return _cached(kernel, ("task", task), get)
+
+
+def _list_walk(kernel, head: int, member_off: int, bound: int):
+    """Entries of a list_head ring starting at ``head`` (the head's own address);
+    yields the containing struct addresses (entry - member_off), bounded."""
+    seen = {head}
+    try:
+        nxt = kernel.read_u64(kernel.root, head)
+    except ReadErrors:
+        return
+    n = 0
+    while nxt and nxt not in seen and n < bound:
+        seen.add(nxt)
+        yield (nxt - member_off) & U64
+        n += 1
+        try:
+            nxt = kernel.read_u64(kernel.root, nxt)
+        except ReadErrors:
+            return
+
+
+def all_tasks(kernel) -> list[int]:
+    """Every task_struct: init_task, the init_task.tasks ring, and each
+    group's threads (signal->thread_head via task_struct.thread_node).  Bounded."""
+    def get():
+        lay = kernel.layouts
+        init = kernel.sym("init_task")
+        off_tasks = lay.offsetof("task_struct", "tasks")
+        leaders = [init] + list(_list_walk(kernel, init + off_tasks, off_tasks, MAX_TASKS))
+        out, seen = [], set()
+        try:
+            off_node = lay.offsetof("task_struct", "thread_node")
+            off_sig = lay.offsetof("task_struct", "signal")
+            off_head = lay.offsetof("signal_struct", "thread_head")
+        except LayoutError:
+            off_node = None
+        for t in leaders:
+            if t not in seen:
+                seen.add(t)
+                out.append(t)
+            if off_node is None:
+                continue
+            try:
+                sig = kernel.read_u64(kernel.root, t + off_sig)
+            except ReadErrors:
+                continue
+            if not sig:
+                continue
+            for th in _list_walk(kernel, sig + off_head, off_node, MAX_THREADS):
+                if th not in seen:
+                    seen.add(th)
+                    out.append(th)
+        return out
+    return _cached(kernel, "all_tasks", get)
+
+
+def cpu_current(kernel, cpu: int) -> int:
+    """pcpu_hot.current_task of ``cpu`` (through the kernel root)."""
+    def get():
+        va = kernel.per_cpu_addr("pcpu_hot", cpu)
+        return kernel.read_field("pcpu_hot", va, "current_task")
+    return _cached(kernel, ("current", cpu), get)
+
+
+def pcpu_fields(kernel, cpu: int) -> dict:
+    def get():
+        lay = kernel.layouts.layout("pcpu_hot")
+        va = kernel.per_cpu_addr("pcpu_hot", cpu)
+        d = decode_struct(lay, kernel.read_virt(kernel.root, va, lay.size))
+        d["_address"] = va
+        return d
+    return _cached(kernel, ("pcpu", cpu), get)
+
+
+# ---------------------------------------------------------------- sandboxes
+@dataclass
+class Sandbox:
+    """One active sandbox instance (a task with thread_info.sbm_state set)."""
+    index: int
+    state: int                  # struct x86_sbm_state * (kernel VA)
+    task: int
+    pid: int
+    comm: str
+    fields: dict                # struct x86_sbm_state
+    state_pa: int | None = None
+    sbm: dict = field(default_factory=dict)   # struct sbm (+ buffer lists)
+    cpus: list = field(default_factory=list)  # vCPUs whose current task it is
+    errors: list = field(default_factory=list)
+
+    @property
+    def sbm_cr3(self) -> int:
+        return self.fields.get("sbm_cr3", 0)
+
+    @property
+    def pgd_pa(self) -> int:
+        return self.sbm_cr3 & ~0xFFF & ((1 << 52) - 1)
+
+    @property
+    def label(self) -> str:
+        return f"sandbox:{self.pid}"
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "label": self.label, "state": self.state,
+                "state_pa": self.state_pa, "task": self.task, "pid": self.pid, "comm": self.comm,
+                "cpus": self.cpus, "fields": self.fields, "sbm": self.sbm, "errors": self.errors}
+
+
+def read_bufs(kernel, head: int) -> list[dict]:
+    out, seen, p = [], set(), head
+    lay = kernel.layouts.layout("sbm_buf")
+    while p and p not in seen and len(out) < MAX_BUFS:
+        seen.add(p)
+        try:
+            b = decode_struct(lay, kernel.read_virt(kernel.root, p, lay.size))
+        except ReadErrors as e:
+            out.append({"address": p, "error": str(e)})
+            break
+        out.append({"address": p, "kern_ptr": b.get("kern_ptr"), "sbm_ptr": b.get("sbm_ptr"),
+                    "size": b.get("size")})
+        p = b.get("next") or 0
+    return out
+
+
+def decode_sbm(kernel, sbm_va: int) -> dict:
+    """struct sbm with its three buffer lists (bounded walks)."""
+    lay = kernel.layouts.layout("sbm")
+    d = decode_struct(lay, kernel.read_virt(kernel.root, sbm_va, lay.size))
+    out = {"address": sbm_va, "error": d.get("error"), "private": d.get("private")}
+    bufs = []
+    for direction in BUF_LISTS:
+        head = d.get(direction) or 0
+        for b in read_bufs(kernel, head):
+            b["direction"] = direction
+            bufs.append(b)
+    out["buffers"] = bufs
+    return out
+
+
+def _build_sandbox(kernel, idx: int, state: int, t: dict) -> Sandbox:
+    lay = kernel.layouts.layout("x86_sbm_state")
+    sb = Sandbox(idx, state, t["task"], t.get("pid", -1), t.get("comm", "?"), {})
+    try:
+        sb.fields = decode_struct(lay, kernel.read_virt(kernel.root, state, lay.size))
+        sb.state_pa = kernel.translate(kernel.root, state).pa
+    except ReadErrors as e:
+        sb.errors.append(f"state {state:#x}: {e}")
+        return sb
+    sbm_va = sb.fields.get("sbm") or 0
+    if sbm_va:
+        try:
+            sb.sbm = decode_sbm(kernel, sbm_va)
+            if sb.sbm.get("private") != state:
+                sb.errors.append(f"sbm->private {sb.sbm.get('private', 0):#x} != state {state:#x}")
+        except ReadErrors as e:
+            sb.errors.append(f"struct sbm at {sbm_va:#x}: {e}")
+    return sb
+
+
+def sandboxes(kernel, all_tasks_walk: bool = True) -> list[Sandbox]:
+    """Active sandboxes: every task whose thread_info.sbm_state is set.
+    CPU-current tasks first (in CPU order), then the rest of the task list.
+    ``all_tasks_walk=False`` looks at the vCPUs' current tasks only (fast)."""
+    require_sbm(kernel)
+    key = ("sandboxes", all_tasks_walk)
+
+    def get():
+        found: dict[int, Sandbox] = {}
+        order: list[int] = []
+        cur = {}
+        for c in range(kernel.target.ncpus):
+            try:
+                cur[c] = cpu_current(kernel, c)
+            except ReadErrors:
+                continue
+        tasks = list(dict.fromkeys(cur.values()))
+        if all_tasks_walk:
+            tasks += [t for t in all_tasks(kernel) if t not in tasks]
+        for task in tasks:
+            t = task_info(kernel, task)
+            st = t.get("sbm_state") or 0
+            if not st or st in found:
+                continue
+            found[st] = _build_sandbox(kernel, len(order), st, t)
+            order.append(st)
+        for c, task in cur.items():
+            st = task_info(kernel, task).get("sbm_state") or 0
+            if st in found:
+                found[st].cpus.append(c)
+        return [found[s] for s in order]
+    if not all_tasks_walk and ("sandboxes", True) in stop_cache(kernel):
+        return stop_cache(kernel)[("sandboxes", True)]
+    return _cached(kernel, key, get)
+
+
+def find_sandbox(kernel, spec: str | None, cpu: int | None = None) -> Sandbox:
+    """SANDBOX spec: 'cpuN' (the sandbox of vCPU N's current task), 'pid=N',
+    '0x...' (a state address), N (a pid, else an index), or None (the
+    selected vCPU's, else the first)."""
+    sbs = sandboxes(kernel)
+    if not sbs:
+        raise SbmdbgError("no sandbox is active (no task has thread_info.sbm_state set)")
+    have = ", ".join(f"{s.label} (state {s.state:#x})" for s in sbs)
+    if spec is None:
+        if cpu is not None:
+            for s in sbs:
+                if cpu in s.cpus:
+                    return s
+        return sbs[0]
+    spec = spec.strip().lower()
+    if spec.startswith("cpu"):
+        try:
+            c = int(spec[3:].lstrip("=") or "x", 0)
+        except ValueError:
+            raise SbmdbgError(f"bad CPU in {spec!r}") from None
+        for s in sbs:
+            if c in s.cpus:
+                return s
+        raise SbmdbgError(f"vCPU {c} runs no sandbox (active: {have})")
+    if spec.startswith("pid="):
+        spec = spec[4:]
+    if spec.startswith("sandbox:"):
+        spec = spec[8:]
+    try:
+        v = int(spec, 0)
+    except ValueError:
+        raise SbmdbgError(f"bad sandbox {spec!r}: cpuN, pid=N, N, or a state address") from None
+    for s in sbs:
+        if v in (s.pid, s.state):
+            return s
+    if 0 <= v < len(sbs) and not spec.startswith("0x"):
+        return sbs[v]
+    raise SbmdbgError(f"no sandbox {spec!r} (active: {have})")
+
+
+# ---------------------------------------------------------------- state page
+def state_page_views(kernel, sb: Sandbox) -> dict:
+    """The ``x86_sbm_state`` symbol read through the sandbox root (must be the
+    instance's state page) and through the kernel root (reads zeros)."""
+    va = kernel.sym("x86_sbm_state")
+    lay = kernel.layouts.layout("x86_sbm_state")
+    out = {"va": va}
+    for name, root in (("sandbox_root", sb.pgd_pa), ("kernel_root", kernel.root)):
+        v = {"root": root}
+        try:
+            tr = kernel.translate(root, va)
+            v["pa"] = tr.pa
+            if tr.pa is None:
+                v["error"] = tr.fault
+            else:
+                data = kernel.read_virt(root, va, lay.size)
+                v["fields"] = decode_struct(lay, data)
+                v["all_zero"] = not any(data)
+                v["global"] = bool(tr.leaf.raw & 0x100)
+                v["user"] = tr.perms.u
+        except ReadErrors as e:
+            v["error"] = str(e)
+        out[name] = v
+    sbv, kv = out["sandbox_root"], out["kernel_root"]
+    out["sandbox_maps_state_page"] = sbv.get("pa") is not None and sbv.get("pa") == sb.state_pa
+    out["kernel_reads_zero"] = bool(kv.get("all_zero"))
+    out["note"] = ("sandbox_root: x86_sbm_state as the sandbox (and the entry code on its CR3) "
+                   "sees it = this instance's state page; kernel_root: the same VA under the "
+                   "kernel CR3 = the kernel's own (zero) x86_sbm_state in .bss")
+    return out
+
+
+# ---------------------------------------------------------------- vCPU mode
+def _in(va, lo, n) -> bool:
+    return lo <= va < lo + n
+
+
+def _kernel_pgds(kernel, task: int) -> set[int]:
+    """PGD physical addresses that count as "kernel root" for a vCPU running
+    ``task``: the model's root, init_mm's and the task's active_mm's."""
+    out = {kernel.root}
+    for name in ("init_top_pgt", "swapper_pg_dir"):
+        if name in kernel.symbols:
+            try:
+                pa = kernel.translate(kernel.root, kernel.sym(name)).pa
+                if pa is not None:
+                    out.add(pa)
+            except ReadErrors:
+                pass
+            break
+    try:
+        mm = kernel.read_field("task_struct", task, "active_mm")
+        if mm:
+            pgd = kernel.read_field("mm_struct", mm, "pgd")
+            pa = kernel.translate(kernel.root, pgd).pa
+            if pa is not None:
+                out.add(pa)
+    except (ReadErrors, LayoutError):
+        pass
+    return out
+
+
+def cr3_role(kernel, cr3: int, task: int | None, sbs: list[Sandbox]) -> tuple[str, Sandbox | None]:
+    d = decode_cr3(cr3, kernel.cr4)
+    for s in sbs:
+        if s.sbm_cr3 and (cr3 & ~0xFFF) & ((1 << 52) - 1) == s.pgd_pa:
+            return s.label, s
+    if d.pti_user:
+        return "user (PTI)", None
+    if d.pgd_pa in (_kernel_pgds(kernel, task) if task else {kernel.root}):
+        return "kernel", None
+    return "kernel (other mm)", None
+
+
+def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
+    """Mode of one vCPU: kernel / user / sandbox / sandbox (in kernel handler) /
+    transition, with CPL, CR3 role, RIP symbol, task, stack class, sandbox."""
+    from sbmdbg.sbm.stacks import classify_address
+    r = kernel.target.registers(cpu)
+    cs, cr3, rip, rsp = r.get("cs", 0), r.get("cr3", 0), r.get("rip", 0), r.get("rsp", 0)
+    cpl = cs & 3
+    sbm_on = has_sbm(kernel)
+    out = {"cpu": cpu, "cpl": cpl, "cs": cs, "cr3": cr3, "rip": rip, "rsp": rsp,
+           "rip_symbol": symbolize(kernel, rip)}
+    task = None
+    try:
+        task = cpu_current(kernel, cpu)
+        t = task_info(kernel, task)
+        out["task"] = {"task": task, "pid": t.get("pid"), "comm": t.get("comm")}
+    except ReadErrors as e:
+        out["task"] = {"error": str(e)}
+    if sbs is None:
+        sbs = sandboxes(kernel, all_tasks_walk=False) if sbm_on else []
+    role, sb = cr3_role(kernel, cr3, task, sbs)
+    if sb is None and sbm_on and cpl == 3 and not decode_cr3(cr3, kernel.cr4).pti_user:
+        # a sandbox CR3 of a task that is not current anywhere? look at every task
+        role, sb = cr3_role(kernel, cr3, task, sandboxes(kernel))
+    own = None
+    if sbm_on and task:
+        st = task_info(kernel, task).get("sbm_state") or 0
+        own = next((s for s in sandboxes(kernel, all_tasks_walk=False) if s.state == st), None) if st else None
+    out["sbm_state"] = own.state if own else 0
+    out["cr3_role"] = role
+    stack = classify_address(kernel, rsp, cpu=cpu)
+    out["stack"] = stack
+    if cpl == 3:
+        mode = "sandbox" if sb is not None else "user"
+    elif cpl == 0 and own is not None:
+        rip_sym = (out["rip_symbol"] or {}).get("symbol")
+        if sb is not None or rip_sym in ("x86_sbm_exec", "x86_sbm_return"):
+            mode = "transition"
+        elif stack.get("kind") == "sbm_exception_stack":
+            mode = "sandbox (in kernel handler)"
+        else:
+            mode = "transition"
+    elif cpl == 0:
+        mode = "kernel"
+    else:
+        mode = f"cpl{cpl}"
+    out["mode"] = mode
+    sbx = sb or own
+    out["sandbox"] = sbx.label if sbx else None
+    out["sandbox_state"] = sbx.state if sbx else None
+    return out
+
+
+def symbolize(kernel, va: int) -> dict | None:
+    s = kernel.lookup(va)
+    if s is None or s[1] >= 1 << 20:
+        return None
+    return {"symbol": s[0], "offset": s[1], "text": f"{s[0]}+{s[1]:#x}"}
+
+
+def vcpus_status(kernel) -> list[dict]:
+    sbs = sandboxes(kernel, all_tasks_walk=False) if has_sbm(kernel) else []
+    return [vcpu_status(kernel, c, sbs) for c in range(kernel.target.ncpus)]
+
+
+# ---------------------------------------------------------------- hooks
+def sandbox_roots(kernel) -> list[RootSpec]:
+    """SANDBOX_ROOT_PROVIDERS hook: ``--root sandbox[=N]`` in vtop/pt/ptov."""
+    if not has_sbm(kernel):
+        raise NoSandboxMode(no_sbm_reason(kernel))
+    return [RootSpec(s.label, s.pgd_pa, s.sbm_cr3,
+                     {"pid": s.pid, "state": s.state, "index": s.index}) for s in sandboxes(kernel)]
+
+
+def kernel_root_fixup(kernel) -> int | None:
+    """ROOT_FIXUPS hook: if the discovered root is a sandbox's (the vCPU was
+    stopped in a sandbox), x86_sbm_state.kernel_cr3 under it is non-zero --
+    the same test the entry code does -- and names the kernel root."""
+    if "x86_sbm_state" not in kernel.symbols:
+        return None
+    try:
+        off = kernel.layouts.offsetof("x86_sbm_state", "kernel_cr3")
+        kcr3 = kernel.read_u64(kernel.root, kernel.sym("x86_sbm_state") + off)
+    except (ReadErrors, LayoutError):
+        return None
+    if not kcr3:
+        return None
+    return decode_cr3(kcr3, kernel.cr4).kernel_pgd_pa
+
+
+if sandbox_roots not in SANDBOX_ROOT_PROVIDERS:
+    SANDBOX_ROOT_PROVIDERS.append(sandbox_roots)
+if kernel_root_fixup not in ROOT_FIXUPS:
+    ROOT_FIXUPS.append(kernel_root_fixup)

@@ -1,0 +1,255 @@
+"""Stacks of an SBM kernel: top_of_intr_stack(), address classification,
+pt_regs on the SBM exception stack, and a backtrace across the sandbox
+boundary (sandbox frames through the sandbox root, then [sandbox tos-8] ->
+x86_sbm_exec's saved registers -> the caller's kernel frames)."""
+from __future__ import annotations
+
+from sbmdbg.sbm import model as m
+from sbmdbg.x86 import stacks as xs
+
+U64 = m.U64
+
+
+def top_of_intr_stack(kernel, cpu: int) -> int:
+    """As sync_regs() computes it: while the current task's sbm_state is set,
+    state->exc_stack + EXCEPTION_STKSZ; else pcpu_hot.top_of_stack."""
+    task = m.cpu_current(kernel, cpu)
+    st = m.task_info(kernel, task).get("sbm_state") if m.has_sbm(kernel) else 0
+    if st:
+        exc = kernel.read_field("x86_sbm_state", st, "exc_stack")
+        return (exc + m.sizes(kernel)["exception_stksz"]) & U64
+    return m.pcpu_fields(kernel, cpu)["top_of_stack"] & U64
+
+
+def stack_ranges(kernel, cpu: int | None = None) -> list[dict]:
+    """Every known stack (and cpu_entry_area part) as {kind, name, start, end, ...}.
+    cpu=None: all CPUs.  Task stacks of the CPUs' current tasks and of the
+    sandboxes' tasks only (use classify_address for any task)."""
+    def get():
+        sz = m.sizes(kernel)
+        out = []
+        ncpu = kernel.target.ncpus
+        for c in range(ncpu):
+            try:
+                pc = m.pcpu_fields(kernel, c)
+            except m.ReadErrors:
+                continue
+            irq = xs.irq_stack(kernel, c, pc, sz["irq_stack_size"])
+            if irq:
+                out.append(irq)
+            out += [p for p in xs.cea_parts(kernel, c) if p["kind"] in ("entry_stack", "ist_stack", "ist_guard")]
+            task = pc.get("current_task") or 0
+            if task:
+                out += _task_stack(kernel, task, c)
+        if m.has_sbm(kernel):
+            for sb in m.sandboxes(kernel, all_tasks_walk=False):
+                out += sbm_stacks(kernel, sb)
+        return out
+    rs = m._cached(kernel, "stack_ranges", get)
+    return rs if cpu is None else [r for r in rs if r.get("cpu") in (None, cpu)]
+
+
+def _task_stack(kernel, task: int, cpu=None) -> list[dict]:
+    t = m.task_info(kernel, task)
+    st = t.get("stack")
+    if not st:
+        return []
+    return [{"kind": "task_stack", "name": f"task stack of {t.get('comm')} (pid {t.get('pid')})",
+             "start": st, "end": st + m.sizes(kernel)["thread_size"], "cpu": cpu,
+             "task": task, "pid": t.get("pid"), "comm": t.get("comm")}]
+
+
+def sbm_stacks(kernel, sb) -> list[dict]:
+    sz = m.sizes(kernel)
+    f = sb.fields
+    out = []
+    if f.get("stack"):
+        out.append({"kind": "sbm_sandbox_stack", "name": f"SBM sandbox stack ({sb.label})",
+                    "start": f["stack"], "end": f["stack"] + sz["thread_size"], "cpu": None,
+                    "sandbox": sb.label})
+    if f.get("exc_stack"):
+        out.append({"kind": "sbm_exception_stack", "name": f"SBM exception stack ({sb.label})",
+                    "start": f["exc_stack"], "end": f["exc_stack"] + sz["exception_stksz"],
+                    "cpu": None, "sandbox": sb.label})
+    return out
+
+
+def classify_address(kernel, va: int, cpu: int | None = None, all_tasks: bool = False) -> dict:
+    """Which stack ``va`` is on: {kind, name, start, end, offset_from_top, ...}
+    or {kind: "unknown"}.  Kinds: task_stack, irq_stack, entry_stack,
+    ist_stack, ist_guard, sbm_sandbox_stack, sbm_exception_stack.
+    ``cpu`` prefers that CPU's stacks; ``all_tasks`` also scans every task's
+    stack (bounded walk of the task list)."""
+    va &= U64
+    cands = stack_ranges(kernel)
+    if cpu is not None:
+        cands = sorted(cands, key=lambda r: r.get("cpu") != cpu)
+    for r in cands:
+        if r["start"] <= va < r["end"]:
+            return _hit(r, va)
+    if all_tasks or cpu is None:
+        for t in m.all_tasks(kernel):
+            for r in _task_stack(kernel, t):
+                if r["start"] <= va < r["end"]:
+                    return _hit(r, va)
+    return {"kind": "unknown", "name": "not a known stack", "va": va}
+
+
+def _hit(r: dict, va: int) -> dict:
+    d = dict(r)
+    d["va"] = va
+    d["offset_from_top"] = r["end"] - va
+    return d
+
+
+# ---------------------------------------------------------------- backtrace
+def _frame(kernel, f: dict, where: str, root_label: str) -> dict:
+    if f.get("how") == "registers":
+        s = m.symbolize(kernel, f["pc"])
+        text = s["text"] if s else None
+    else:  # a return address: the call is just before it (noreturn calls end functions)
+        s = m.symbolize(kernel, f["pc"])
+        if s is None or s["offset"] != 0 or s["symbol"].startswith("__pfx_"):  # x86_sbm_return: pushed
+            s = m.symbolize(kernel, f["pc"] - 1)
+            if s is not None:
+                s = {**s, "text": f"{s['symbol']}+{s['offset'] + 1:#x}"}
+        text = s["text"] if s else None
+    return {"pc": f["pc"], "symbol": text, "sp": f.get("sp"),
+            "frame": f.get("frame"), "how": f.get("how"), "context": where, "root": root_label}
+
+
+def backtrace(kernel, cpu: int, max_frames: int = 64) -> dict:
+    """Frames of vCPU ``cpu`` from its registers, crossing the sandbox boundary.
+
+    In the sandbox (CR3 = sbm_cr3): frame-pointer walk through the sandbox
+    root until the return address x86_sbm_return / rbp 0, then the back-link
+    word [sandbox tos-8] = state->return_sp: x86_sbm_exec pushed rbp, rbx,
+    r12..r15 there, so [return_sp+5*8] is its saved rbp and [return_sp+6*8]
+    the return address into arch_sbm_exec; kernel frames continue through the
+    kernel root.  In a kernel handler: kernel frames until an encoded pt_regs
+    link; a pt_regs with CS == __SBM_CS continues in the sandbox."""
+    r = kernel.target.registers(cpu)
+    st = m.vcpu_status(kernel, cpu)
+    sb = None
+    if m.has_sbm(kernel) and st.get("sandbox_state"):
+        sb = next((s for s in m.sandboxes(kernel) if s.state == st["sandbox_state"]), None)
+    ret_pc = kernel.sym("x86_sbm_return") if "x86_sbm_return" in kernel.symbols else None
+    frames: list[dict] = []
+    notes: list[str] = []
+    pc, sp, bp = r.get("rip", 0), r.get("rsp", 0), r.get("rbp", 0)
+    ctx = "sandbox" if st["mode"] == "sandbox" else "kernel"
+    first = True
+    budget = max_frames
+    for _hop in range(8):  # contexts: kernel <-> sandbox <-> kernel ...
+        if ctx == "sandbox" and sb is None:
+            notes.append("sandbox context without a known sandbox")
+            break
+        root = sb.pgd_pa if ctx == "sandbox" else kernel.root
+        root_label = sb.label if ctx == "sandbox" else "kernel"
+        stops = {ret_pc} if (ctx == "sandbox" and ret_pc) else set()
+        last = None
+        for f in xs.fp_walk(kernel, root, pc, sp, bp, max_frames=budget, stop_pcs=stops,
+                            first_from_regs=first):
+            if "pc" in f and "end" not in f:
+                if frames and f["how"] == "link" and frames[-1]["pc"] == f["pc"]:
+                    continue
+                frames.append(_frame(kernel, f, ctx, root_label))
+            last = f
+        first = False
+        budget = max_frames - len(frames)
+        if last is None or budget <= 0:
+            break
+        if "pt_regs" in last:
+            regs_va = last["pt_regs"]
+            try:
+                regs = xs.decode_pt_regs(kernel, regs_va, kernel.root)
+            except m.ReadErrors as e:
+                notes.append(f"pt_regs at {regs_va:#x} unreadable: {e}")
+                break
+            cs = regs.get("cs", 0)
+            frames.append({"pt_regs": regs_va, "cs": cs, "context": ctx,
+                           "symbol": f"--- pt_regs (cs={cs:#x}{' __SBM_CS: from the sandbox' if cs == m.SBM_CS else ''}) ---"})
+            pc, sp, bp = regs.get("ip", 0), regs.get("sp", 0), regs.get("bp", 0)
+            if cs == m.SBM_CS or (cs & 3 == 3 and sb is not None):
+                ctx = "sandbox"
+            elif cs & 3:
+                notes.append("interrupted user mode: end of kernel frames")
+                break
+            else:
+                ctx = "kernel"
+            first = True   # a fresh register set: the interrupted pc may be in a prologue
+            continue
+        if ctx == "sandbox" and sb is not None and (last.get("end") == "boundary"
+                                                    or str(last.get("end", "")).startswith("rbp is 0")):
+            tos = sb.fields.get("stack", 0) + m.sizes(kernel)["thread_size"]
+            try:
+                ksp = kernel.read_u64(sb.pgd_pa, tos - 8)
+            except m.ReadErrors as e:
+                notes.append(f"back-link [tos-8] unreadable: {e}")
+                break
+            frames.append({"boundary": True, "context": "boundary", "sp": ksp,
+                           "symbol": f"--- sandbox boundary: [tos-8] = kernel rsp {ksp:#x}"
+                                     f"{' (= state->return_sp)' if ksp == sb.fields.get('return_sp') else ''} ---"})
+            try:
+                bp = kernel.read_u64(kernel.root, ksp + 5 * 8)
+                pc = kernel.read_u64(kernel.root, ksp + 6 * 8)
+            except m.ReadErrors as e:
+                notes.append(f"x86_sbm_exec frame at {ksp:#x} unreadable: {e}")
+                break
+            sp = ksp + 7 * 8
+            ctx = "kernel"
+            frames.append(_frame(kernel, {"pc": pc, "sp": sp, "how": "x86_sbm_exec saved frame"},
+                                 "kernel", "kernel"))
+            continue
+        if last.get("end"):
+            notes.append(last["end"])
+        break
+    return {"cpu": cpu, "mode": st["mode"], "frames": frames, "notes": notes}
+
+
+# ---------------------------------------------------------------- sbm stack
+def pt_regs_on_exc_stack(kernel, sb) -> dict | None:
+    """The pt_regs at exc_stack + EXCEPTION_STKSZ - sizeof(pt_regs)."""
+    sz = m.sizes(kernel)
+    exc = sb.fields.get("exc_stack") or 0
+    if not exc:
+        return None
+    top = exc + sz["exception_stksz"]
+    va = top - sz["pt_regs"]
+    out = {"address": va, "top": top}
+    try:
+        regs = xs.decode_pt_regs(kernel, va, kernel.root)
+    except m.ReadErrors as e:
+        out["error"] = str(e)
+        return out
+    out["regs"] = regs
+    cs = regs.get("cs", 0)
+    out["from_sandbox"] = cs == m.SBM_CS
+    out["cs_meaning"] = ("__SBM_CS (a frame saved from the sandbox)" if cs == m.SBM_CS else
+                         "user CS" if cs == m.USER_CS else "kernel CS" if cs == m.KERNEL_CS else
+                         "empty (nothing saved yet)" if cs == 0 else "unexpected")
+    if cs == m.USER_CS and regs.get("sp") == (sb.fields.get("stack", 0) + m.sizes(kernel)["thread_size"] - 16):
+        out["cs_meaning"] = "user CS: the IRET frame x86_sbm_exec built to enter the sandbox"
+    out["valid"] = cs in (m.SBM_CS, m.USER_CS, m.KERNEL_CS)
+    s = m.symbolize(kernel, regs.get("ip", 0))
+    out["ip_symbol"] = s["text"] if s else None
+    return out
+
+
+def cpu_stack(kernel, cpu: int) -> dict:
+    r = kernel.target.registers(cpu)
+    st = m.vcpu_status(kernel, cpu)
+    pc = m.pcpu_fields(kernel, cpu)
+    out = {"cpu": cpu, "mode": st["mode"], "rsp": r.get("rsp"), "rsp_class": st["stack"],
+           "top_of_stack": pc.get("top_of_stack", 0) & U64,
+           "top_of_intr_stack": top_of_intr_stack(kernel, cpu),
+           "sbm_state": st.get("sbm_state") or 0, "sandbox": st.get("sandbox")}
+    out["intr_stack_is_sbm"] = out["top_of_intr_stack"] != out["top_of_stack"]
+    if st.get("sbm_state"):
+        sb = next((s for s in m.sandboxes(kernel) if s.state == st["sbm_state"]), None)
+        if sb is not None:
+            out["sbm_stacks"] = sbm_stacks(kernel, sb)
+            out["exc_pt_regs"] = pt_regs_on_exc_stack(kernel, sb)
+            out["return_sp"] = sb.fields.get("return_sp")
+    out["backtrace"] = backtrace(kernel, cpu)
+    return out
