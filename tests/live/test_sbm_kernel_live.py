@@ -151,7 +151,7 @@ def test_stopped_in_sandbox_is_real(make_vm, gdb_session, pti):
     # its physical address (from QEMU's own `gva2gpa` under the kernel CR3 is
     # not available, so through the direct map) equals the page that the
     # sandbox table maps at &x86_sbm_state (QEMU's `info tlb`).
-    sbm_state = _value(g, "((struct thread_info *)$lx_current())->sbm_state")
+    sbm_state = _value(g, "$lx_current().thread_info.sbm_state")
     assert sbm_state != 0
     page_offset_base = _value(g, "page_offset_base")
     state_pa = sbm_state - page_offset_base
