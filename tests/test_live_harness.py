@@ -61,6 +61,16 @@ def test_vm_boots_and_runs(make_vm):
     assert Path(vm.info["ram"]).stat().st_size == vm.info["ram_size"]
     assert vm.qmp("query-status")["status"] == "running"
     assert "RIP=" in vm.hmp("info registers", cpu_index=1)
+    # Another client holding the public QMP socket does not block the harness.
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    other = QEMUMonitorProtocol(vm.info["qmp"])
+    other.connect()
+    try:
+        assert other.cmd("query-status")["status"] == "running"
+        assert vm.qmp("query-status")["status"] == "running"
+    finally:
+        other.close()
 
 
 def test_vm_cleanup_on_exception(kernel_build):
@@ -97,6 +107,14 @@ def test_kaslr_on_off(make_vm):
     assert "kaslr" in on.run("cat /proc/cmdline").output
     # KASLR picks a random slide; the odds of landing on the default are tiny.
     assert text_base(on) != 0xffffffff81000000
+
+
+@pytest.mark.parametrize("la57", [False, True])
+def test_la57_option(make_vm, la57):
+    vm = make_vm(la57=la57, smp=1)
+    flags = vm.run("grep -m1 ^flags /proc/cpuinfo").output.split()
+    assert ("la57" in flags) == la57
+    assert ("no5lvl" in vm.run("cat /proc/cmdline").output) != la57
 
 
 def test_boot_failure_raises_with_tail(make_vm):

@@ -75,7 +75,8 @@ def free_port() -> int:
 @dataclasses.dataclass(frozen=True)
 class VMPaths:
     workdir: Path
-    qmp: Path
+    qmp: Path           # for others (info["qmp"]): a client may hold it open
+    qmp_harness: Path   # the harness's own: vm.qmp() never waits for another client
     serial: Path
     console_log: Path
     ram: Path
@@ -83,7 +84,8 @@ class VMPaths:
 
     @classmethod
     def for_id(cls, vm_id: str, workdir: Path) -> "VMPaths":
-        return cls(workdir=workdir, qmp=workdir / "qmp.sock", serial=workdir / "serial.sock",
+        return cls(workdir=workdir, qmp=workdir / "qmp.sock", qmp_harness=workdir / "qmp-harness.sock",
+                   serial=workdir / "serial.sock",
                    console_log=workdir / "console.log",
                    ram=Path("/dev/shm") / f"sbmdbg-{vm_id}.ram", stderr=workdir / "qemu.stderr")
 
@@ -102,6 +104,7 @@ def qemu_command(opts: VMOptions, paths: VMPaths, gdb_port: int, kernel: str, in
         "-append", kernel_cmdline(opts),
         "-gdb", f"tcp:127.0.0.1:{gdb_port}",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-qmp", f"unix:{paths.qmp_harness},server=on,wait=off",
         "-chardev", f"socket,id=con0,path={paths.serial},server=on,wait=off,"
                     f"logfile={paths.console_log},logappend=on",
         "-serial", "chardev:con0",

@@ -163,6 +163,7 @@ class VM:
             "pid": self.pid,
             "gdb": f"127.0.0.1:{port}",
             "qmp": str(paths.qmp),
+            "qmp_harness": str(paths.qmp_harness),
             "serial": str(paths.serial),
             "console_log": str(paths.console_log),
             "ram": str(paths.ram),
@@ -225,7 +226,7 @@ class VM:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         arguments = {k.replace("_", "-"): v for k, v in args.items()}
-        mon = QEMUMonitorProtocol(self.info["qmp"])
+        mon = QEMUMonitorProtocol(self.info.get("qmp_harness") or self.info["qmp"])
         try:
             mon.connect(negotiate=True)
             mon.settimeout(30)
@@ -316,7 +317,7 @@ class VM:
         if self.pid is not None and (self.proc is not None or pid_alive(self.pid, self.id)):
             kill_pid(self.pid, self.proc)
         if self.paths is not None:
-            for p in (self.paths.qmp, self.paths.serial, self.paths.ram):
+            for p in (self.paths.qmp, self.paths.qmp_harness, self.paths.serial, self.paths.ram):
                 try:
                     p.unlink()
                 except OSError:
