@@ -89,8 +89,8 @@ def test_all_scenarios_100_times_on_two_cpus(make_vm, pti):
     loop = (f"for i in $(seq 100); do for s in {names}; do echo $s > {DEMO}/run; "
             f"cat {DEMO}/run; done; done")
     # One loop per vCPU, at the same time (taskset pins them).
-    cmd = (f"(taskset 1 sh -c '{loop}' > /tmp/a 2>&1 &); taskset 2 sh -c '{loop}' > /tmp/b 2>&1; "
-           f"wait; sleep 1; while pgrep -f 'seq 100' >/dev/null; do sleep 1; done; "
+    cmd = (f"rm -f /tmp/a.done; (taskset 1 sh -c '{loop}' > /tmp/a 2>&1; touch /tmp/a.done) & "
+           f"taskset 2 sh -c '{loop}' > /tmp/b 2>&1; while [ ! -e /tmp/a.done ]; do sleep 1; done; "
            f"cat /tmp/a /tmp/b | grep -c 'result=PASS'; cat /tmp/a /tmp/b | grep -v 'result=PASS' | head")
     r = vm.run(cmd, timeout=900)
     lines = r.output.strip().splitlines()
