@@ -115,8 +115,11 @@ def sizes(kernel) -> dict:
 
 
 # ---------------------------------------------------------------- tasks
-def _field(kernel, struct_name, va, path, root=None):
-    return kernel.read_field(struct_name, va, path, root)
+def phys(kernel, root: int, va: int) -> int | None:
+    """va -> pa through root (page offset applied here: kernel.translate caches
+    one Translation per page)."""
+    tr = kernel.translate(root, va)
+    return None if tr.pa is None else (tr.pa & ~0xFFF) | (va & 0xFFF)
 
 
 def task_info(kernel, task: int) -> dict:
@@ -283,7 +286,7 @@ def _build_sandbox(kernel, idx: int, state: int, t: dict) -> Sandbox:
     sb = Sandbox(idx, state, t["task"], t.get("pid", -1), t.get("comm", "?"), {})
     try:
         sb.fields = decode_struct(lay, kernel.read_virt(kernel.root, state, lay.size))
-        sb.state_pa = kernel.translate(kernel.root, state).pa
+        sb.state_pa = phys(kernel, kernel.root, state)
     except ReadErrors as e:
         sb.errors.append(f"state {state:#x}: {e}")
         return sb
@@ -385,7 +388,7 @@ def state_page_views(kernel, sb: Sandbox) -> dict:
         v = {"root": root}
         try:
             tr = kernel.translate(root, va)
-            v["pa"] = tr.pa
+            v["pa"] = phys(kernel, root, va)
             if tr.pa is None:
                 v["error"] = tr.fault
             else:
@@ -418,7 +421,7 @@ def _kernel_pgds(kernel, task: int) -> set[int]:
     for name in ("init_top_pgt", "swapper_pg_dir"):
         if name in kernel.symbols:
             try:
-                pa = kernel.translate(kernel.root, kernel.sym(name)).pa
+                pa = phys(kernel, kernel.root, kernel.sym(name))
                 if pa is not None:
                     out.add(pa)
             except ReadErrors:
@@ -428,7 +431,7 @@ def _kernel_pgds(kernel, task: int) -> set[int]:
         mm = kernel.read_field("task_struct", task, "active_mm")
         if mm:
             pgd = kernel.read_field("mm_struct", mm, "pgd")
-            pa = kernel.translate(kernel.root, pgd).pa
+            pa = phys(kernel, kernel.root, pgd)
             if pa is not None:
                 out.add(pa)
     except (ReadErrors, LayoutError):

@@ -1,0 +1,196 @@
+"""Live checks of the SBM model on the reference kernel (one VM for the module).
+
+* stopped in a sandbox (breakpoint on the demo thunk, `echo ok > run`):
+  `sbm` shows that vCPU in sandbox mode at CPL 3 with the right sandbox;
+  `sbm show` agrees with the kernel's own view ($cr3 == sbm_cr3,
+  $lx_current().thread_info.sbm_state == the state); the state page reads
+  through the sandbox root and zeros through the kernel root; `sbm stack`
+  puts rsp on the SBM sandbox stack and the backtrace reaches
+  arch_sbm_exec / sbm_exec / demo_run_one; `sbm audit` finds nothing above
+  info; a vmcore dumped at that stop gives the same JSON offline.
+* stopped in handle_sbm_fault (write_kernel_data): the pt_regs frame is on
+  the SBM exception stack ($rdi), CS = __SBM_CS, top_of_intr_stack =
+  exc_stack + 8 KiB, and the backtrace crosses pt_regs -> sandbox -> kernel.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import types
+
+import pytest
+
+pytestmark = pytest.mark.live
+U64 = (1 << 64) - 1
+
+
+def sbm_json(g, cmd: str):
+    out = g.console(cmd + " --json", timeout=120)
+    return json.loads(out[out.index("{"):])
+
+
+def gdb_int(g, expr: str) -> int:
+    return int(g.console(f"output/x {expr}").strip().split()[-1], 16) & U64
+
+
+@pytest.fixture(scope="module")
+def guest(kernel_build):
+    from sbmdbg.vm import VM, VMOptions
+    from sbmdbg.vm.gdbmi import GdbSession
+    vm = VM(VMOptions(smp=2, pti="on", kernel=str(kernel_build.bzImage),
+                      vmlinux=str(kernel_build.vmlinux), tree=str(kernel_build.tree)))
+    try:
+        g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
+        try:
+            g.interrupt()
+            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
+            yield vm, g
+        finally:
+            g.close()
+    finally:
+        vm.close()
+
+
+class Stop:
+    """Break at ``sym``, run a demo scenario in the background, wait for the hit."""
+
+    def __init__(self, vm, g, sym: str, scenario: str):
+        self.vm, self.g, self.result = vm, g, {}
+        g.interrupt()
+        g.mi(f"-break-insert -t {sym}")
+        g.cont()
+        self.t = threading.Thread(target=self._run, args=(scenario,), daemon=True)
+        self.t.start()
+        stop = g.wait_stopped(90)
+        assert stop.get("reason") == "breakpoint-hit", stop
+        self.cpu = int(stop["thread-id"]) - 1
+
+    def _run(self, scenario):
+        self.result["run"] = self.vm.run(f"echo {scenario} > /sys/kernel/debug/sbm_demo/run; "
+                                         "cat /sys/kernel/debug/sbm_demo/run", timeout=180)
+
+    def finish(self) -> str:
+        self.g.cont()
+        self.t.join(120)
+        return self.result["run"].output
+
+
+def test_stopped_in_sandbox(guest, tmp_path):
+    vm, g = guest
+    s = Stop(vm, g, "__sbm_thunk_sbm_demo_compute", "ok")
+    try:
+        st = sbm_json(g, "sbm")
+        row = st["cpus"][s.cpu]
+        assert st["sbm"] and row["mode"] == "sandbox" and row["cpl"] == 3, row
+        assert row["rip_symbol"]["symbol"] == "__sbm_thunk_sbm_demo_compute"
+        assert row["stack"]["kind"] == "sbm_sandbox_stack"
+        other = st["cpus"][1 - s.cpu]
+        assert other["mode"] in ("kernel", "user")
+
+        lst = sbm_json(g, "sbm list")["sandboxes"]
+        assert len(lst) == 1 and lst[0]["cpus"] == [s.cpu]
+        sb = lst[0]
+        assert row["sandbox"] == sb["label"] == f"sandbox:{sb['pid']}" and sb["comm"] == "sh"
+        # the kernel's own view, through gdb (selected thread = the stopped vCPU)
+        assert gdb_int(g, "$cr3") == sb["fields"]["sbm_cr3"]
+        assert gdb_int(g, "$lx_current().thread_info.sbm_state") == sb["state"]
+        assert gdb_int(g, f"$sbm_state({s.cpu})") == sb["state"]
+        assert g.console(f"output $sbm_mode({s.cpu})").strip() == '"sandbox"'
+        assert gdb_int(g, f"$pcpu_hot({s.cpu}).current_task") == sb["task"]
+        show = sbm_json(g, f"sbm show cpu{s.cpu}")["sandboxes"][0]
+        sp = show["state_page"]
+        assert sp["sandbox_maps_state_page"] and sp["kernel_reads_zero"]
+        assert sp["sandbox_root"]["pa"] == show["state_pa"] != sp["kernel_root"]["pa"]
+        assert sp["sandbox_root"]["fields"] == show["fields"]
+        assert sp["sandbox_root"]["global"] is False and sp["sandbox_root"]["user"] is False
+        assert set(sp["kernel_root"]["fields"].values()) == {0}
+        bufs = {b["direction"]: b for b in show["sbm"]["buffers"]}
+        assert set(bufs) == {"input", "output"} and bufs["input"]["size"] == 64
+        assert show["sbm"]["error"] == 0 and show["sbm"]["private"] == sb["state"]
+        kinds = {r["kind"] for r in show["map"]}
+        assert {"kernel_text", "entry_text", "state_page", "sandbox_stack", "exception_stack",
+                "input_buffer", "output_buffer", "task_struct", "task_stack", "percpu",
+                "tss", "gdt", "idt", "entry_stack", "ist_stack"} <= kinds
+        assert "unknown" not in kinds
+        # the sandbox root through the foundation commands (SANDBOX_ROOT_PROVIDERS)
+        st_va = show["state_page"]["va"]
+        v = sbm_json(g, f"sbm vtop {st_va:#x} --root sandbox={sb['pid']}")
+        assert v["pa"] == show["state_pa"] and v["root_label"] == sb["label"]
+        assert sbm_json(g, f"sbm vtop {st_va:#x}")["pa"] != show["state_pa"]
+
+        stk = sbm_json(g, f"sbm stack {s.cpu}")["cpus"][0]
+        assert stk["rsp_class"]["kind"] == "sbm_sandbox_stack"
+        assert stk["top_of_intr_stack"] == show["fields"]["exc_stack"] + 8192
+        assert gdb_int(g, f"$top_of_intr_stack({s.cpu})") == stk["top_of_intr_stack"]
+        assert gdb_int(g, f"$top_of_instr_stack({s.cpu})") == stk["top_of_intr_stack"]
+        syms = [f.get("symbol") or "" for f in stk["backtrace"]["frames"]]
+        ctx = [f["context"] for f in stk["backtrace"]["frames"]]
+        assert syms[0].startswith("__sbm_thunk_sbm_demo_compute")
+        assert any(x.startswith("x86_sbm_return") for x in syms)
+        for fn in ("arch_sbm_exec", "sbm_exec", "demo_run_one"):
+            assert any(x.startswith(fn + "+") for x in syms), (fn, syms)
+        assert ctx.index("boundary") > ctx.index("sandbox") and "kernel" in ctx[ctx.index("boundary"):]
+        assert any(f.get("boundary") and f["sp"] == show["fields"]["return_sp"]
+                   for f in stk["backtrace"]["frames"])
+
+        out = g.console("sbm audit")
+        assert "worst = info" in out and "error" not in out.lower(), out
+        d = sbm_json(g, "sbm diff kernel sandbox")
+        assert d["only_a"] and d["perms_differ"]       # the sandbox maps a subset, user text etc.
+        assert any(r["va"] <= st_va < r["end"] for r in d["pa_differ"])   # the state page
+
+        # offline: a vmcore taken at this stop gives the same JSON
+        want = {"status": st, "list": {"sandboxes": lst}, "show": sbm_json(g, "sbm show"),
+                "stack": sbm_json(g, "sbm stack"), "audit": sbm_json(g, "sbm audit"),
+                "pcpu": sbm_json(g, "sbm pcpu")}
+        core = tmp_path / "vmcore"
+        subprocess.run([sys.executable, "-m", "sbmdbg.cli", "dump", "--qmp", vm.info["qmp"], "-o", str(core)],
+                       check=True, timeout=300)
+        r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "inspect", "--vmcore", str(core),
+                            "--vmlinux", vm.info["vmlinux"], "--json", "status"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == want["status"]
+        from sbmdbg.sbm import commands as C
+        from sbmdbg.sbm.offline import open_vmcore
+        k = open_vmcore(str(core), vm.info["vmlinux"])
+        try:
+            ns = types.SimpleNamespace
+            for name, args in (("list", ns()), ("show", ns(sandbox=None, no_map=False)),
+                               ("stack", ns(cpu="all")), ("audit", ns(sandbox=None)), ("pcpu", ns(cpu="all"))):
+                assert json.loads(json.dumps(C.COMMANDS[name](k, args))) == want[name], name
+        finally:
+            k.target.close()
+    finally:
+        out = s.finish()
+    assert "scenario=ok" in out and "result=PASS" in out, out
+
+
+def test_stopped_in_handle_sbm_fault(guest):
+    vm, g = guest
+    s = Stop(vm, g, "handle_sbm_fault", "write_kernel_data")
+    try:
+        row = sbm_json(g, "sbm")["cpus"][s.cpu]
+        assert row["mode"] == "sandbox (in kernel handler)" and row["cpl"] == 0
+        assert row["stack"]["kind"] == "sbm_exception_stack"
+        stk = sbm_json(g, f"sbm stack {s.cpu}")["cpus"][0]
+        sb = sbm_json(g, f"sbm show cpu{s.cpu} --no-map")["sandboxes"][0]
+        exc_top = sb["fields"]["exc_stack"] + 8192
+        pr = stk["exc_pt_regs"]
+        assert pr["address"] == gdb_int(g, "$rdi") == gdb_int(g, "regs")
+        assert pr["top"] == exc_top == stk["top_of_intr_stack"] == gdb_int(g, f"$top_of_intr_stack({s.cpu})")
+        assert pr["from_sandbox"] and pr["regs"]["cs"] == 0x30
+        assert pr["ip_symbol"].startswith("__sbm_thunk_sbm_demo_write_data")
+        assert stk["top_of_stack"] != stk["top_of_intr_stack"]
+        fr = stk["backtrace"]["frames"]
+        syms = [f.get("symbol") or "" for f in fr]
+        assert syms[0].startswith("handle_sbm_fault")
+        i_regs = next(i for i, f in enumerate(fr) if f.get("pt_regs"))
+        assert fr[i_regs]["pt_regs"] == pr["address"] and fr[i_regs + 1]["context"] == "sandbox"
+        assert any(x.startswith("arch_sbm_exec+") for x in syms[i_regs:])
+        assert any(x.startswith("demo_run_one+") for x in syms[i_regs:])
+    finally:
+        out = s.finish()
+    assert "scenario=write_kernel_data" in out and "sbm_error=-14" in out and "PASS" in out, out
