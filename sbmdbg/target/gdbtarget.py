@@ -117,6 +117,11 @@ class GdbTarget(Target):
     def _read_page(self, pfn: int) -> bytes:
         return self._read_pages(pfn, 1)[0]
 
+    def read_table(self, pa: int) -> tuple[int, ...]:
+        if self.mem is not None:
+            return self.mem.read_table(pa)
+        return super().read_table(pa)
+
     def invalidate(self) -> None:
         super().invalidate()
         if self.mem is not None:

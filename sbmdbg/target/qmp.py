@@ -128,3 +128,27 @@ def parse_xp(text: str) -> bytes:
         for word in line.split(":", 1)[1].split():
             out += int(word, 16).to_bytes(8, "little")
     return bytes(out)
+
+
+_TLB_LEAF = re.compile(r"^([0-9a-f]{16}): ([0-9a-f]{16}) ([-X])([-G])([-P])([-D])([-A])([-C])([-T])([-U])([-W])$")
+
+
+def parse_info_tlb(text: str) -> list[tuple[int, int, str]]:
+    """QEMU's ``info tlb`` (x86_64, 4- or 5-level): one (va, pa, flags) per
+    leaf, flags as QEMU prints them (``XGPDACTUW``, ``-`` for clear)."""
+    out = []
+    for line in text.splitlines():
+        m = _TLB_LEAF.match(line.strip())
+        if m:
+            out.append((int(m.group(1), 16), int(m.group(2), 16), "".join(m.groups()[2:])))
+    return out
+
+
+def info_tlb_flags(raw: int, page_size: int) -> str:
+    """The letters QEMU's ``info tlb`` prints for a leaf entry (PS shown only
+    for 2M/1G leaves: bit 7 of a 4 KiB PTE is PAT, which QEMU masks)."""
+    ps = raw & 0x80 and page_size != 4096
+    return "".join([
+        "X" if raw >> 63 else "-", "G" if raw & 0x100 else "-", "P" if ps else "-",
+        "D" if raw & 0x40 else "-", "A" if raw & 0x20 else "-", "C" if raw & 0x10 else "-",
+        "T" if raw & 0x8 else "-", "U" if raw & 0x4 else "-", "W" if raw & 0x2 else "-"])

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 
 from sbmdbg.target.base import PAGE, Target, TargetError, UnbackedMemory
 
 GiB = 1 << 30
+_U512 = struct.Struct("<512Q")
 FOUR_GIB = 4 * GiB
 
 
@@ -95,6 +97,11 @@ class ShmTarget(Target):
             off = self.layout.offset(pa, n)
             return self._mm[off:off + n]
         return super().read_phys(pa, n)
+
+    def read_table(self, pa: int) -> tuple[int, ...]:
+        # Straight from the mapping: no page cache, no copy (the file is the
+        # guest's RAM; a stopped guest does not change it).
+        return _U512.unpack_from(self._mm, self.layout.offset(pa & ~0xFFF, PAGE))
 
     def _registers(self, cpu: int) -> dict:
         if self.regs_source is None:

@@ -225,21 +225,34 @@ class Translation:
         }
 
 
+_U512 = struct.Struct("<512Q")
+
+
 class TableReader:
-    """Reads 4 KiB page-table pages as 512 little-endian u64, with a cache."""
+    """Reads 4 KiB page-table pages as 512 little-endian u64, with a cache.
+
+    When ``read_phys`` is a bound method of a target that has ``read_table(pa)``
+    (e.g. the shm source, which unpacks straight from the mmap with no copy),
+    that is used instead of ``read_phys(pa, 4096)`` + unpack."""
 
     def __init__(self, read_phys: ReadPhys):
         self._read = read_phys
+        self._read_table = getattr(getattr(read_phys, "__self__", None), "read_table", None)
         self._cache: dict[int, tuple[int, ...] | None] = {}
         self.pages_read = 0
 
     def table(self, pa: int) -> tuple[int, ...] | None:
         pa &= ~0xFFF
-        if pa in self._cache:
-            return self._cache[pa]
         try:
-            data = self._read(pa, 4096)
-            t = struct.unpack("<512Q", bytes(data)) if len(data) == 4096 else None
+            return self._cache[pa]
+        except KeyError:
+            pass
+        try:
+            if self._read_table is not None:
+                t = self._read_table(pa)
+            else:
+                data = self._read(pa, 4096)
+                t = _U512.unpack(data) if len(data) == 4096 else None
         except Exception:  # noqa: BLE001 - unbacked/unreadable memory is a finding
             t = None
         self._cache[pa] = t
@@ -367,10 +380,43 @@ class WalkStats:
     truncated: bool = False
 
 
+# Effective permissions by index (bit 0 = W, bit 1 = U, bit 2 = X): shared instances.
+_PERMS = tuple(Perms(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8))
+# Leaf bits that make two adjacent pages "the same attributes" (G, PAT index, PKEY).
+_ATTR = {PAGE_4K: G | PCD | PWT | PAT_4K | PKEY_MASK,
+         PAGE_2M: G | PCD | PWT | PAT_LARGE | PKEY_MASK,
+         PAGE_1G: G | PCD | PWT | PAT_LARGE | PKEY_MASK}
+_PAT_SHIFT = {PAGE_4K: 7, PAGE_2M: 12, PAGE_1G: 12}
+_new = object.__new__
+
+
+def _mapping(va: int, end: int, span: int, e: int, p: int, amask: int) -> Mapping:
+    """A Mapping from a raw leaf, without the frozen-dataclass __init__ (3x cheaper)."""
+    m = _new(Mapping)
+    d = m.__dict__
+    d["va"] = va
+    d["end"] = end
+    d["pa"] = e & amask & -span
+    d["page_size"] = span
+    d["perms"] = _PERMS[p]
+    d["g"] = bool(e & G)
+    d["cache_index"] = (((e >> _PAT_SHIFT[span]) & 1) << 2) | ((e >> 3) & 3)
+    d["pkey"] = (e >> PKEY_SHIFT) & 0xF
+    d["leaf_raw"] = e
+    return m
+
+
 class Walker:
-    """Bounded depth-first walk of one root; yields leaf ``Mapping``s (one per page
-    or large page) in VA order; ``merged()`` joins runs.  Findings and stats are
-    collected on the instance."""
+    """Bounded depth-first walk of one root.  ``leaves()``: one ``Mapping`` per
+    page or large page, in VA order; ``merged()``: runs joined.  Findings and
+    stats are collected on the instance.
+
+    The walk itself runs once (on the first ``leaves()``/``merged()``) and keeps
+    each matching leaf as a small tuple (va, size, raw entry, perms index);
+    Mappings are built from those at the end, one per merged run for
+    ``merged()``.  Per-level reserved-bit masks, the flag filter and the flag
+    prune are precomputed tables; non-present entries cost one test; the
+    deadline is checked once per table (at most 512 entries)."""
 
     def __init__(self, read_phys: ReadPhys | TableReader, root: int | CR3, *,
                  la57: bool = False, start: int = 0, end: int = 1 << 64,
@@ -389,6 +435,16 @@ class Walker:
         self.findings: list[Finding] = []
         self.stats = WalkStats()
         self._aliased: set[int] = set()
+        self._raw: list[tuple[int, int, int, int]] | None = None
+        # precomputed per walk
+        self._amask = _addr_mask(maxphyaddr)
+        self._rsv_table = {lv: reserved_mask(lv, False, maxphyaddr, nxe) for lv in LEVEL_SHIFT}
+        self._rsv_leaf = {lv: reserved_mask(lv, True, maxphyaddr, nxe) for lv in (1, 2, 3)}
+        self._xmask = XD if nxe else 0
+        # _ok[perms index | G << 3]: does a leaf pass the flag filter (None: no filter)
+        self._ok = ([self._match(_PERMS[i & 7], bool(i & 8)) for i in range(16)]
+                    if self.flags else None)
+        self._pruned = [self._prune(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8)]
 
     def _finding(self, *a, **kw) -> None:
         if len(self.findings) < self.max_findings:
@@ -407,81 +463,162 @@ class Walker:
         return ((f.get("w") is True and not w) or (f.get("u") is True and not u)
                 or (f.get("x") is True and not x))
 
-    def leaves(self) -> Iterator[Mapping]:
-        t0 = time.monotonic()
-        deadline = t0 + self.max_seconds
-        top_bits = 57 if self.la57 else 48
-        # Raw (non-sign-extended) VA range, split in the two canonical halves.
-        try:
-            yield from self._walk(self.root, self.levels, 0, True, True, True,
-                                  [self.root], deadline, top_bits)
-        finally:
-            self.stats.seconds = time.monotonic() - t0
+    # ------------------------------------------------------------------ walk
+    def _run(self) -> list[tuple[int, int, int, int]]:
+        if self._raw is None:
+            self._raw = []
+            t0 = time.monotonic()
+            self._deadline = t0 + self.max_seconds
+            try:
+                self._table(self.root, self.levels, 0, 7, [self.root])
+            finally:
+                self.stats.seconds = time.monotonic() - t0
+        return self._raw
 
-    def _walk(self, table_pa, level, base, w, u, x, path, deadline, top_bits):
+    def _read(self, table_pa: int, level: int, va: int) -> tuple[int, ...] | None:
         st = self.stats
-        table = self.reader.table(table_pa)
         st.tables += 1
-        if table is None:
+        t = self.reader.table(table_pa)
+        if t is None:
             self._finding("unreadable", f"{LEVEL_NAMES[level]} table at {table_pa:#x} is not readable",
                           pa=table_pa, level=level)
+            return None
+        if time.monotonic() > self._deadline:
+            st.truncated = True
+            self._finding("timeout", f"walk stopped after {self.max_seconds:.1f}s", va=va)
+            return None
+        return t
+
+    def _budget(self, va: int) -> None:
+        self.stats.truncated = True
+        self._finding("budget", f"walk stopped after {self.max_entries} entries", va=va)
+
+    def _reserved(self, level: int, table_pa: int, idx: int, e: int, rsv: int, va: int) -> None:
+        pa = table_pa + idx * 8
+        self._finding("reserved", f"{LEVEL_NAMES[level]} {e:#018x} at {pa:#x} has reserved bits {rsv:#x} set",
+                      va=va, pa=pa, level=level)
+
+    def _table(self, table_pa: int, level: int, tbase: int, p: int, path: list[int]) -> None:
+        """A PML5/PML4/PDPT/PD table whose entry 0 maps ``tbase`` (sign-extended,
+        except for the root); ``p`` is the perms index of the path above."""
+        t = self._read(table_pa, level, tbase)
+        if t is None:
             return
+        st = self.stats
         shift = LEVEL_SHIFT[level]
         span = 1 << shift
-        # Entry index range overlapping [start, end) (sign-extended VAs).
-        for idx, e_raw in enumerate(table):
-            if not e_raw & P:
+        start, end, maxe = self.start, self.end, self.max_entries
+        rsv_t, rsv_l = self._rsv_table[level], self._rsv_leaf.get(level, 0)
+        can_leaf = level in (2, 3)
+        xmask, ok, pruned, amask = self._xmask, self._ok, self._pruned, self._amask
+        is_root = level == self.levels
+        top_bit = 56 if self.la57 else 47
+        sx = ((1 << 64) - 1) ^ ((1 << (top_bit + 1)) - 1)
+        aliased = self._aliased
+        out = self._raw
+        for idx, e in enumerate(t):
+            if not e & 1:
                 continue
-            raw_va = base | (idx << shift)
-            va = sign_extend(raw_va, self.la57)
-            if va + span <= self.start or va >= self.end:
+            va = tbase + (idx << shift)
+            if is_root and va >> top_bit:
+                va |= sx
+            if va + span <= start or va >= end:
                 continue
             st.entries += 1
-            if st.entries > self.max_entries:
-                if not st.truncated:
-                    st.truncated = True
-                    self._finding("budget", f"walk stopped after {self.max_entries} entries", va=va)
+            if st.entries > maxe:
+                self._budget(va)
                 return
-            if (st.entries & 0x3FF) == 0 and time.monotonic() > deadline:
-                if not st.truncated:
-                    st.truncated = True
-                    self._finding("timeout", f"walk stopped after {self.max_seconds:.1f}s", va=va)
-                return
-            e = Entry(level, idx, table_pa + idx * 8, e_raw, self.maxphyaddr, self.nxe)
-            rsv = e.reserved_bits
+            leaf = can_leaf and e & PS
+            rsv = e & (rsv_l if leaf else rsv_t)
             if rsv:
-                self._finding("reserved", f"{e.name} {e_raw:#018x} at {e.entry_pa:#x} has reserved bits {rsv:#x} set",
-                              va=va, pa=e.entry_pa, level=level)
+                self._reserved(level, table_pa, idx, e, rsv, va)
                 continue
-            nw, nu, nx = w and bool(e_raw & RW), u and bool(e_raw & US), x and not (self.nxe and e_raw & XD)
-            if e.leaf:
-                perms = Perms(nw, nu, nx)
-                g = bool(e_raw & G)
-                if self._match(perms, g):
+            np = p & (((e >> 1) & 3) | (0 if e & xmask else 4))
+            if leaf:
+                if ok is None or ok[np | ((e >> 5) & 8)]:
                     st.leaves += 1
-                    yield Mapping(va, va + span, e.target, span, perms, g, e.cache_index, e.pkey, e_raw)
+                    out.append((va, span, e, np))
                 continue
-            if self._prune(nw, nu, nx):
+            if pruned[np]:
                 continue
-            nxt = e.target
+            nxt = e & amask
             if nxt in path:
-                self._finding("loop", f"{e.name} at {e.entry_pa:#x} points back to the table at {nxt:#x} on its own path",
-                              va=va, pa=e.entry_pa, level=level)
+                pa = table_pa + idx * 8
+                self._finding("loop", f"{LEVEL_NAMES[level]} at {pa:#x} points back to the table at {nxt:#x} "
+                              "on its own path", va=va, pa=pa, level=level)
                 continue
-            if nxt in self._aliased:
-                self._finding("alias", f"table {nxt:#x} is referenced by more than one entry (again from {e.entry_pa:#x})",
-                              va=va, pa=nxt, level=level - 1)
-            self._aliased.add(nxt)
-            path.append(nxt)
-            try:
-                yield from self._walk(nxt, level - 1, raw_va, nw, nu, nx, path, deadline, top_bits)
-            finally:
+            if nxt in aliased:
+                self._finding("alias", f"table {nxt:#x} is referenced by more than one entry (again from "
+                              f"{table_pa + idx * 8:#x})", va=va, pa=nxt, level=level - 1)
+            aliased.add(nxt)
+            if level == 2:
+                self._pt(nxt, va, np)
+            else:
+                path.append(nxt)
+                self._table(nxt, level - 1, va, np, path)
                 path.pop()
             if st.truncated:
                 return
 
+    def _pt(self, table_pa: int, tbase: int, p: int) -> None:
+        """A page table (level 1): every present entry is a 4 KiB leaf."""
+        t = self._read(table_pa, 1, tbase)
+        if t is None:
+            return
+        st = self.stats
+        start, end = self.start, self.end
+        lo = 0
+        if tbase < start or tbase + (512 << 12) > end:
+            lo = max(0, (start - tbase) >> 12)
+            t = t[:max(0, (end - tbase + 0xFFF) >> 12)][lo:]
+        rsv, xmask, ok = self._rsv_leaf[1], self._xmask, self._ok
+        out = self._raw
+        append = out.append
+        n0 = len(out)
+        cnt, maxe = st.entries, self.max_entries
+        try:
+            for idx, e in enumerate(t, lo):
+                if not e & 1:
+                    continue
+                cnt += 1
+                if cnt > maxe:
+                    st.entries = cnt
+                    self._budget(tbase + (idx << 12))
+                    return
+                if e & rsv:
+                    self._reserved(1, table_pa, idx, e, e & rsv, tbase + (idx << 12))
+                    continue
+                np = p & (((e >> 1) & 3) | (0 if e & xmask else 4))
+                if ok is None or ok[np | ((e >> 5) & 8)]:
+                    append((tbase + (idx << 12), 4096, e, np))
+        finally:
+            st.entries = cnt
+            st.leaves += len(out) - n0
+
+    # ---------------------------------------------------------------- output
+    def leaves(self) -> Iterator[Mapping]:
+        amask = self._amask
+        return iter([_mapping(va, va + span, span, e, p, amask) for va, span, e, p in self._run()])
+
     def merged(self) -> Iterator[Mapping]:
-        return merge(self.leaves())
+        """Runs of leaves contiguous in VA and PA with the same page size,
+        effective perms, G, PAT index and PKEY (what ``merge(leaves())`` gives)."""
+        amask = self._amask
+        out: list[Mapping] = []
+        cva = cend = cpa_end = cspan = cp = ce = ckey = -1
+        for va, span, e, p in self._run():
+            pa = e & amask & -span
+            key = e & _ATTR[span]
+            if va == cend and pa == cpa_end and span == cspan and p == cp and key == ckey:
+                cend += span
+                cpa_end += span
+                continue
+            if cva >= 0:
+                out.append(_mapping(cva, cend, cspan, ce, cp, amask))
+            cva, cend, cpa_end, cspan, cp, ce, ckey = va, va + span, pa + span, span, p, e, key
+        if cva >= 0:
+            out.append(_mapping(cva, cend, cspan, ce, cp, amask))
+        return iter(out)
 
 
 def merge(leaves) -> Iterator[Mapping]:

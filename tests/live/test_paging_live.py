@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+from sbmdbg.target.qmp import info_tlb_flags as qemu_flags, parse_info_tlb
+
 pytestmark = pytest.mark.live
 
 U64 = (1 << 64) - 1
@@ -147,28 +149,6 @@ def test_pcpu_with_vcpu_in_user_mode_pti(boot):
     user_row = got["cpus"][user_cpu]
     assert user_row["current"]["comm"] == "sh"
     assert user_row["vcpu"]["cpl"] == 3
-
-
-LEAF = re.compile(r"^([0-9a-f]{16}): ([0-9a-f]{16}) ([-X])([-G])([-P])([-D])([-A])([-C])([-T])([-U])([-W])$")
-
-
-def parse_info_tlb(text: str) -> list[tuple]:
-    out = []
-    for line in text.splitlines():
-        m = LEAF.match(line.strip())
-        if m:
-            out.append((int(m.group(1), 16), int(m.group(2), 16), "".join(m.groups()[2:])))
-    return out
-
-
-def qemu_flags(raw: int, page_size: int) -> str:
-    """QEMU's print_pte letters for a leaf (PSE cleared for 4 KiB PTEs)."""
-    from sbmdbg.x86 import paging as pg
-    ps = bool(raw & pg.PS) and page_size != 4096
-    return "".join([
-        "X" if raw & pg.XD else "-", "G" if raw & pg.G else "-", "P" if ps else "-",
-        "D" if raw & pg.D else "-", "A" if raw & pg.A else "-", "C" if raw & pg.PCD else "-",
-        "T" if raw & pg.PWT else "-", "U" if raw & pg.US else "-", "W" if raw & pg.RW else "-"])
 
 
 @pytest.mark.parametrize("pti", ["on", "off"])
