@@ -1,0 +1,74 @@
+"""Audit rules and the root diff on hand-built inputs."""
+import pytest
+
+from sbmdbg.sbm.audit import audit_ranges, diff_mappings, worst
+from sbmdbg.x86.paging import Mapping, Perms
+
+pytestmark = pytest.mark.unit
+K = 0xFFFFFFFF81000000
+
+
+def rng(kind, u, w, x, va=K, pages=1, g=False):
+    return {"va": va, "end": va + pages * 4096, "kind": kind, "name": kind, "pages": pages,
+            "perms": {"u": u, "w": w, "x": x}, "global": g}
+
+
+GOOD = [rng("kernel_text", True, False, True, K, 10), rng("entry_text", False, False, True, K + 0xA000),
+        rng("data", True, False, False, K + 0xB000), rng("sandbox_stack", True, True, False, K + 0xC000, 4),
+        rng("exception_stack", False, True, False, K + 0x10000, 2), rng("state_page", False, True, False, K + 0x12000),
+        rng("input_buffer", True, False, False, K + 0x13000), rng("output_buffer", True, True, False, K + 0x14000),
+        rng("tss", False, False, False, K + 0x15000), rng("entry_stack", False, True, False, K + 0x16000)]
+VIEW = {"sandbox_maps_state_page": True, "kernel_reads_zero": True}
+
+
+def above_info(findings):
+    return [(f["rule"], f["severity"]) for f in findings if f["severity"] != "info"]
+
+
+def test_design_table_is_clean():
+    f = audit_ranges(GOOD, VIEW, {"error": 0})
+    assert above_info(f) == [] and worst(f) == "info"
+
+
+@pytest.mark.parametrize("bad,want", [
+    (rng("entry_text", True, False, True), ("entry_text_user", "critical")),
+    (rng("state_page", True, True, False), ("state_page_user", "critical")),
+    (rng("exception_stack", True, True, False), ("exception_stack_user", "critical")),
+    (rng("input_buffer", True, True, False), ("input_writable", "high")),
+    (rng("data", True, True, False), ("kernel_data_writable", "high")),
+    (rng("unknown", True, False, False), ("unexplained", "medium")),
+    (rng("sandbox_stack", True, True, False, va=0x400000), ("user_half", "high")),
+    (rng("state_page", False, True, False, g=True), ("state_page_global", "high")),
+    (rng("data", True, False, False, g=True), ("global", "medium")),
+    (rng("sandbox_stack", True, True, True), ("wx", "critical")),
+])
+def test_each_rule(bad, want):
+    f = audit_ranges([bad], VIEW)
+    assert want in above_info(f)
+
+
+def test_wx_also_reports_the_nx_violation_once_and_aggregates():
+    f = audit_ranges([rng("sandbox_stack", True, True, True, K), rng("sandbox_stack", True, True, True, K + 0x2000)], VIEW)
+    rules = above_info(f)
+    assert rules.count(("wx", "critical")) == 1 and ("executable", "high") in rules
+    wx = next(x for x in f if x["rule"] == "wx")
+    assert wx["pages"] == 2 and len(wx["ranges"]) == 2
+
+
+def test_state_page_checks():
+    f = audit_ranges(GOOD, {"sandbox_maps_state_page": False, "kernel_reads_zero": False})
+    assert ("state_page_missing", "high") in above_info(f) and ("kernel_state_nonzero", "medium") in above_info(f)
+
+
+def m(va, pages, w=False, u=False, x=False, pa=0x100000, g=False):
+    return Mapping(va, va + pages * 4096, pa, 4096, Perms(w, u, x), g, 0, 0, 0)
+
+
+def test_diff_mappings():
+    a = [m(K, 4), m(K + 0x10000, 1, w=True)]
+    b = [m(K + 0x1000, 1, u=True, pa=0x101000), m(K + 0x2000, 2, pa=0x102000), m(K + 0x20000, 1)]
+    d = diff_mappings(a, b)
+    assert [(r["va"], r["end"]) for r in d["only_a"]] == [(K, K + 0x1000), (K + 0x10000, K + 0x11000)]
+    assert [(r["va"], r["end"]) for r in d["only_b"]] == [(K + 0x20000, K + 0x21000)]
+    assert d["perms_differ"] == [{"va": K + 0x1000, "end": K + 0x2000, "a": "r-- supv", "b": "r-- user"}]
+    assert d["same"] == 0x2000 and d["pa_differ"] == []
