@@ -18,6 +18,19 @@ def _t(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def _json(out: str):
+    return json.loads(out[out.index("{"):])
+
+
+def _in_gdb_time(g, cmd: str, n: int) -> float:
+    """Mean seconds of ``cmd`` run ``n`` times by gdb's Python (no MI round trip)."""
+    code = ("import gdb, time\nt0 = time.perf_counter()\n"
+            f"for _ in range({n}): gdb.execute({cmd!r}, to_string=True)\n"
+            "print('SBMDBG-T=%r' % ((time.perf_counter() - t0) / " + str(n) + "))")
+    out = g.console(f"python exec({code!r})", timeout=600)
+    return float(out[out.index("SBMDBG-T=") + 9:].split()[0])
+
+
 def bench_pt(opts, repeat: int = 3) -> dict:
     from sbmdbg.model.kernel import Kernel
     from sbmdbg.model.layout import DwarfLayouts
@@ -42,60 +55,88 @@ def bench_pt(opts, repeat: int = 3) -> dict:
                 leaves, _ = pg.walk(shm.read_phys, cr3, la57=k.la57, merge_runs=False)
                 return len(leaves)
             res["shm_walk_s"], res["leaves"] = _t(shm_walk, repeat)
-            res["tables"] = pg.walk(shm.read_phys, cr3, la57=k.la57)[1].stats.tables
+
+            def shm_walk_merged():
+                shm.invalidate()
+                maps, w = pg.walk(shm.read_phys, cr3, la57=k.la57)
+                return len(maps), w.stats.tables
+            res["shm_walk_merged_s"], (res["ranges"], res["tables"]) = _t(shm_walk_merged, repeat)
 
             def tlb():
                 return len([ln for ln in vm.hmp("info tlb", cpu_index=0).splitlines() if ": " in ln])
             res["qmp_info_tlb_s"], res["info_tlb_lines"] = _t(tlb, repeat)
+
+            # in gdb: the RAM file is found by itself (sbm target auto)
+            res["gdb_memory_auto"] = _json(g.console("sbm target --json"))["memory"]
+            shm_cmd = f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}"
 
             def in_gdb(source_cmd):
                 g.console(source_cmd)
 
                 def run():
                     out = g.console(f"sbm pt {cr3:#x} --raw --json", timeout=600)
-                    return len(json.loads(out[out.index("{"):])["mappings"])
+                    return len(_json(out)["mappings"])
                 return run
             res["gdbstub_walk_s"], n_gdb = _t(in_gdb("sbm target gdb"), 1)
-            res["gdb_shm_walk_s"], n_gshm = _t(
-                in_gdb(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}"), repeat)
+            res["gdb_shm_walk_s"], n_gshm = _t(in_gdb(shm_cmd), repeat)
             res["agree"] = res["leaves"] == res["info_tlb_lines"] == n_gdb == n_gshm
 
+            # one translation: wall clock of one MI command, and the time
+            # inside gdb (N runs of the command in one gdb Python loop: no MI)
             va = k.sym("linux_banner")
-            g.console("sbm target gdb")
-            res["vtop_sbm_gdbstub_s"], _ = _t(lambda: g.console(f"sbm vtop {va:#x} --root {cr3:#x} --json"), repeat)
-            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-            res["vtop_sbm_shm_s"], _ = _t(lambda: g.console(f"sbm vtop {va:#x} --root {cr3:#x} --json"), repeat)
+            vtop = f"sbm vtop {va:#x} --root {cr3:#x} --json"
+            n = max(20, 10 * repeat)
+            for src, cmd in (("gdbstub", "sbm target gdb"), ("shm", shm_cmd)):
+                g.console(cmd)
+                t0 = time.perf_counter()
+                g.console(vtop)  # builds the kernel model
+                res[f"vtop_sbm_{src}_first_s"] = time.perf_counter() - t0
+                res[f"vtop_sbm_{src}_s"], _ = _t(lambda: g.console(vtop), repeat)
+                res[f"vtop_sbm_{src}_in_gdb_s"] = _in_gdb_time(g, vtop, n)
             try:
-                res["vtop_translate_vm_s"], _ = _t(lambda: g.console(f"translate-vm {va:#x}"), repeat)
+                tv = f"translate-vm {va:#x}"
+                res["vtop_translate_vm_s"], _ = _t(lambda: g.console(tv), repeat)
+                res["vtop_translate_vm_in_gdb_s"] = _in_gdb_time(g, tv, n)
             except SbmdbgError:  # no scripts/gdb loaded (no kernel tree)
-                res["vtop_translate_vm_s"] = None
-            g.console("sbm target gdb")
+                res["vtop_translate_vm_s"] = res["vtop_translate_vm_in_gdb_s"] = None
+            g.console("sbm target auto")
         finally:
             shm.close()
             q.close()
     r = res
     r["ratio_info_tlb_over_shm"] = r["qmp_info_tlb_s"] / r["shm_walk_s"]
+    r["ratio_info_tlb_over_shm_merged"] = r["qmp_info_tlb_s"] / r["shm_walk_merged_s"]
     r["ratio_gdbstub_over_shm"] = r["gdbstub_walk_s"] / r["shm_walk_s"]
-    tv = r["vtop_translate_vm_s"]
+    tv, tvg = r["vtop_translate_vm_s"], r["vtop_translate_vm_in_gdb_s"]
     r["ratio_translate_vm_over_vtop_shm"] = tv / r["vtop_sbm_shm_s"] if tv else None
+    r["ratio_translate_vm_over_vtop_shm_in_gdb"] = tvg / r["vtop_sbm_shm_in_gdb_s"] if tvg else None
     return r
 
 
 def render(r: dict) -> str:
+    ms = lambda s: f"{s * 1e3:9.2f} ms"  # noqa: E731
     lines = [
-        f"kernel root dump ({r['leaves']} leaf entries, {r['tables']} tables; median of {r['repeat']}):",
-        f"  shm walk (host mmap)          {r['shm_walk_s'] * 1e3:9.1f} ms",
-        f"  QEMU info tlb via QMP         {r['qmp_info_tlb_s'] * 1e3:9.1f} ms  ({r['ratio_info_tlb_over_shm']:.2f}x shm)",
-        f"  sbm pt in gdb, gdbstub phys   {r['gdbstub_walk_s'] * 1e3:9.1f} ms  ({r['ratio_gdbstub_over_shm']:.1f}x shm)",
-        f"  sbm pt in gdb, shm            {r['gdb_shm_walk_s'] * 1e3:9.1f} ms  (includes MI + JSON)",
-        f"  all agree on the leaf count:  {r['agree']}",
-        "one translation (wall clock through gdb/MI):",
-        f"  sbm vtop (gdbstub phys)       {r['vtop_sbm_gdbstub_s'] * 1e3:9.1f} ms",
-        f"  sbm vtop (shm)                {r['vtop_sbm_shm_s'] * 1e3:9.1f} ms",
+        f"kernel root dump (CPU 0's CR3: {r['leaves']} leaf entries, {r['ranges']} merged ranges, "
+        f"{r['tables']} tables; median of {r['repeat']}):",
+        f"  shm walk, every leaf (host mmap) {ms(r['shm_walk_s'])}",
+        f"  shm walk, merged ranges          {ms(r['shm_walk_merged_s'])}",
+        f"  QEMU info tlb via QMP            {ms(r['qmp_info_tlb_s'])}  "
+        f"({r['ratio_info_tlb_over_shm']:.2f}x the leaf walk, {r['ratio_info_tlb_over_shm_merged']:.2f}x merged)",
+        f"  sbm pt in gdb, gdbstub phys      {ms(r['gdbstub_walk_s'])}  ({r['ratio_gdbstub_over_shm']:.0f}x shm)",
+        f"  sbm pt in gdb, shm               {ms(r['gdb_shm_walk_s'])}  (includes MI + JSON of every leaf)",
+        f"  all agree on the leaf count:     {r['agree']}",
+        f"  gdb found the RAM file itself:   {r['gdb_memory_auto'] == 'shm'}",
+        "one translation (MI: one command's wall clock; in gdb: mean of a gdb Python loop, no MI):",
+        f"  sbm vtop, gdbstub phys     MI {ms(r['vtop_sbm_gdbstub_s'])}   in gdb {ms(r['vtop_sbm_gdbstub_in_gdb_s'])}"
+        f"   (first call, builds the model: {r['vtop_sbm_gdbstub_first_s'] * 1e3:.0f} ms)",
+        f"  sbm vtop, shm              MI {ms(r['vtop_sbm_shm_s'])}   in gdb {ms(r['vtop_sbm_shm_in_gdb_s'])}"
+        f"   (first call, builds the model: {r['vtop_sbm_shm_first_s'] * 1e3:.0f} ms)",
     ]
     if r["vtop_translate_vm_s"]:
-        lines.append(f"  scripts/gdb translate-vm      {r['vtop_translate_vm_s'] * 1e3:9.1f} ms  "
-                     f"({r['ratio_translate_vm_over_vtop_shm']:.2f}x sbm vtop shm)")
+        lines.append(f"  scripts/gdb translate-vm   MI {ms(r['vtop_translate_vm_s'])}   in gdb "
+                     f"{ms(r['vtop_translate_vm_in_gdb_s'])}")
+        lines.append(f"  translate-vm / sbm vtop (shm): {r['ratio_translate_vm_over_vtop_shm']:.2f}x through MI, "
+                     f"{r['ratio_translate_vm_over_vtop_shm_in_gdb']:.1f}x in gdb")
     else:
-        lines.append("  scripts/gdb translate-vm      not loaded (pass --tree)")
+        lines.append("  scripts/gdb translate-vm   not loaded (pass --tree)")
     return "\n".join(lines)

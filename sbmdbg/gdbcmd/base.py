@@ -41,6 +41,12 @@ def to_jsonable(obj):
     return obj
 
 
+def _json_default(obj):
+    if isinstance(obj, bytes):
+        return obj.hex()
+    raise TypeError(type(obj).__name__)
+
+
 def rich_console():
     from rich.console import Console
     color = os.environ.get("SBMDBG_COLOR")
@@ -104,7 +110,11 @@ class SbmCommand(gdb.Command):
 
     # output helpers
     def emit_json(self, obj) -> None:
-        gdb.write(json.dumps(to_jsonable(obj)) + "\n")
+        try:  # fast path: plain JSON types (int keys become strings, as in to_jsonable)
+            text = json.dumps(obj, default=_json_default)
+        except (TypeError, ValueError):
+            text = json.dumps(to_jsonable(obj))
+        gdb.write(text + "\n")
 
     def emit_rich(self, *renderables) -> None:
         con, buf = rich_console()

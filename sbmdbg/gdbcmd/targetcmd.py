@@ -6,14 +6,18 @@ from sbmdbg.gdbcmd.state import STATE
 
 
 class TargetCommand(SbmCommand):
-    """Choose the physical-memory source: the gdbstub (default) or QEMU's RAM file.
+    """Choose the physical-memory source: QEMU's RAM file (found by default) or the gdbstub.
 
-Usage: sbm target [gdb | shm PATH [SIZE]] [--json]"""
+Usage: sbm target [gdb | shm PATH [SIZE] | auto] [--json]
+
+By default the RAM file of a local QEMU (memory-backend-file, share=on) is
+found from the gdbstub's port; ``gdb`` forces the gdbstub's physical mode,
+``auto`` goes back to the default."""
 
     name = "target"
 
     def add_args(self, p):
-        p.add_argument("source", nargs="?", choices=["gdb", "shm"])
+        p.add_argument("source", nargs="?", choices=["gdb", "shm", "auto"])
         p.add_argument("path", nargs="?")
         p.add_argument("size", nargs="?")
 
@@ -26,12 +30,25 @@ Usage: sbm target [gdb | shm PATH [SIZE]] [--json]"""
                 raise SbmdbgError("sbm target shm needs the RAM file path")
             STATE.set_ram_file(args.path, int(args.size, 0) if args.size else None)
             STATE.get_target()  # open now so errors show here
-        info = {"memory": "shm" if STATE.ram_file else "gdbstub", "ram_file": STATE.ram_file,
-                "ram_size": STATE.ram_size}
+        elif args.source == "auto":
+            STATE.set_ram_file(None)
+            STATE.auto = True
+        if args.source == "auto" or (args.source is None and STATE.target is None):
+            try:
+                STATE.get_target()
+            except Exception:  # noqa: BLE001 - not connected yet: say what would be used
+                pass
+        info = STATE.memory_source()
         if args.json:
             self.emit_json(info)
         else:
-            self.emit_rich(f"physical memory: {info['memory']}" + (f" ({STATE.ram_file})" if STATE.ram_file else ""))
+            self.emit_rich(_memory_line(info))
+
+
+def _memory_line(info: dict) -> str:
+    if info["memory"] == "shm":
+        return f"physical memory: shm {info['ram_file']} ({info['how']})"
+    return f"physical memory: gdbstub physical mode ({info['how']})"
 
 
 class KernelCommand(SbmCommand):
@@ -45,12 +62,15 @@ Usage: sbm kernel [--json]"""
         k = STATE.get_kernel()
         s = k.summary()
         s["pti"] = k.pti_enabled()
+        s["memory"] = STATE.memory_source()
         if args.json:
             self.emit_json(s)
         else:
+            mem = s.pop("memory")
             for key, v in s.items():
                 self.emit_rich(f"{key:18} {v:#x}" if isinstance(v, int) and not isinstance(v, bool)
                                else f"{key:18} {v}")
+            self.emit_rich(f"{'memory':18} " + _memory_line(mem).partition(": ")[2])
 
 
 TargetCommand()

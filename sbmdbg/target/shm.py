@@ -122,3 +122,80 @@ class ShmTarget(Target):
             self._mm.close()
         finally:
             os.close(self._fd)
+
+
+# ---------------------------------------------------------------- discovery
+def _qemu_size(s: str) -> int | None:
+    s = s.strip()
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    unit = s[-1:].upper() if s[-1:].isalpha() else ""
+    try:
+        return int(s[:len(s) - len(unit)] if unit else s) * mult[unit]
+    except (ValueError, KeyError):
+        return None
+
+
+def _opts(s: str) -> dict[str, str]:
+    out = {}
+    for i, part in enumerate(s.split(",")):
+        k, sep, v = part.partition("=")
+        if sep:
+            out[k] = v
+        elif i == 0:
+            out["type"] = k
+    return out
+
+
+def ram_file_from_qemu_argv(argv: list[str], gdb_port: int) -> dict | None:
+    """If this QEMU command line serves a gdbstub on ``gdb_port`` and backs the
+    machine's RAM with a shared memory-backend-file: {path, size, machine,
+    max_ram_below_4g}; else None."""
+    port = None
+    backends: dict[str, dict] = {}
+    machine: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a == "-s":
+            port = port or 1234
+        elif a == "-gdb" and nxt.startswith("tcp:"):
+            p = nxt.split(",")[0].rpartition(":")[2]
+            port = int(p) if p.isdigit() else port
+        elif a == "-object" and nxt.startswith("memory-backend-file"):
+            o = _opts(nxt)
+            backends[o.get("id", "")] = o
+        elif a in ("-machine", "-M"):
+            machine.update(_opts(nxt))
+    if port != gdb_port:
+        return None
+    be = backends.get(machine.get("memory-backend", ""))
+    if be is None or be.get("share") not in ("on", "true", "yes") or "mem-path" not in be:
+        return None
+    size = _qemu_size(be.get("size", ""))
+    if size is None:
+        return None
+    mtype = machine.get("type", "pc")
+    return {"path": be["mem-path"], "size": size,
+            "machine": "q35" if mtype.startswith("q35") else "pc",
+            "max_ram_below_4g": _qemu_size(machine["max-ram-below-4g"]) if "max-ram-below-4g" in machine else None}
+
+
+def find_ram_file(gdb_port: int, proc: str = "/proc") -> dict | None:
+    """The RAM file of the local QEMU whose gdbstub listens on ``gdb_port``
+    (see ``ram_file_from_qemu_argv``), or None."""
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(os.path.join(proc, pid, "cmdline"), "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        if b"qemu-system" not in raw or b"memory-backend-file" not in raw:
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        found = ram_file_from_qemu_argv(argv, gdb_port)
+        if found and os.path.exists(found["path"]):
+            return found
+    return None

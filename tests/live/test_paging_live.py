@@ -151,10 +151,18 @@ def test_pcpu_with_vcpu_in_user_mode_pti(boot):
     assert user_row["vcpu"]["cpl"] == 3
 
 
-@pytest.mark.parametrize("pti", ["on", "off"])
-def test_pt_matches_info_tlb(boot, pti):
+@pytest.mark.parametrize("pti,source", [("on", "gdb"), ("off", "auto")])
+def test_pt_matches_info_tlb(boot, pti, source):
+    """Through the gdbstub's physical mode, and through the RAM file that the
+    gdb side finds by itself (the harness VM's memory-backend-file)."""
     vm, g = boot(smp=2, pti=pti)
     g.interrupt()
+    mem = sbm_json(g, f"sbm target {source}")
+    if source == "auto":
+        assert mem["memory"] == "shm" and mem["ram_file"] == vm.info["ram"]
+        assert sbm_json(g, "sbm kernel")["memory"]["ram_file"] == vm.info["ram"]
+    else:
+        assert mem["memory"] == "gdbstub"
     for cpu in range(2):
         cr3 = sbm_json(g, "sbm pcpu")["cpus"][cpu]["vcpu"]["cr3"]
         mine = sbm_json(g, f"sbm pt {cr3:#x} --raw")
@@ -236,3 +244,48 @@ def test_shm_qmp_vmcore_sources_agree(boot, tmp_path):
         vc.close()
         shm.close()
         vm.hmp("cont")
+
+
+LA57_SKIP = ("5-level paging is not active in the guest (CR4.LA57 clear): QEMU's CPU model lacks "
+             "la57 or the kernel was built without CONFIG_X86_5LEVEL / booted with no5lvl")
+
+
+def test_la57_pt_and_vtop_match_qemu_and_translate_vm(boot):
+    """5-level paging (VMOptions(la57=True): no no5lvl, -cpu max has la57 under
+    TCG): sbm pt == info tlb for every vCPU's CR3 and the kernel root, sbm
+    vtop == translate-vm on sampled addresses."""
+    from sbmdbg.target.qmp import parse_info_registers
+    vm, g = boot(smp=2, pti="off", la57=True)
+    g.interrupt()
+    cr4 = parse_info_registers(vm.hmp("info registers", cpu_index=0))["cr4"]
+    if not cr4 >> 12 & 1:
+        pytest.skip(LA57_SKIP)
+    k = sbm_json(g, "sbm kernel")
+    assert k["la57"] and k["levels"] == 5
+    assert k["page_offset_base"] >> 56 == 0xFF and k["page_offset_base"] >> 47 != 0x1FFFF  # 57-bit layout
+    pc = sbm_json(g, "sbm pcpu")
+    for cpu in range(2):
+        cr3 = pc["cpus"][cpu]["vcpu"]["cr3"]
+        theirs = parse_info_tlb(vm.hmp("info tlb", cpu_index=cpu))
+        assert len(theirs) > 100
+        for spec in {f"{cr3:#x}", "kernel"} if (cr3 & ~0xFFF) == k["root"] else {f"{cr3:#x}"}:
+            mine = sbm_json(g, f"sbm pt {spec} --raw")
+            assert not mine["stats"]["truncated"] and not mine["findings"]
+            ours = [(m["va"], m["pa"], qemu_flags(m["leaf"], m["page_size"])) for m in mine["mappings"]]
+            assert ours == theirs, next((a, b) for a, b in zip(ours, theirs) if a != b)
+    g.console("thread 1")
+    cr3 = pc["cpus"][0]["vcpu"]["cr3"]
+    samples = [k["text"], pc["cpus"][1]["address"], pc["cpus"][1]["fields"]["top_of_stack"] - 8,
+               k["page_offset_base"] + 0x1234567, pc["cpus"][1]["fields"]["current_task"],
+               k["vmemmap_base"] + 0x40, k["vmalloc_base"]]
+    mapped = 0
+    for va in samples:
+        va &= U64
+        mine = sbm_json(g, f"sbm vtop {va:#x} --root {cr3:#x}")
+        assert mine["levels"] == 5
+        theirs = [int(x, 16) for x in TV.findall(g.console(f"translate-vm {va:#x}"))]
+        assert [e["raw"] for e in mine["entries"]][:len(theirs)] == theirs, hex(va)
+        if mine["pa"] is not None:
+            mapped += 1
+            assert len(theirs) == len(mine["entries"]), hex(va)
+    assert mapped >= 5

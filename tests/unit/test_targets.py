@@ -69,3 +69,28 @@ def test_shm_target_reads_file(tmp_path):
             t.read_phys(65536, 1)
     finally:
         t.close()
+
+
+def test_ram_file_found_from_the_qemu_command_line(tmp_path):
+    from pathlib import Path
+
+    from sbmdbg.target.shm import find_ram_file, ram_file_from_qemu_argv
+    from sbmdbg.vm.qemu import VMOptions, VMPaths, qemu_command
+    p = VMPaths(*(tmp_path / n for n in ("w", "q", "qh", "s", "c", "ram", "e")))
+    argv = qemu_command(VMOptions(mem="1G"), p, 41234, "bzImage", "initrd")
+    got = ram_file_from_qemu_argv(argv, 41234)
+    assert got == {"path": str(p.ram), "size": 1 << 30, "machine": "pc", "max_ram_below_4g": None}
+    assert ram_file_from_qemu_argv(argv, 41235) is None          # another stub
+    private = [a.replace("share=on", "share=off") for a in argv]
+    assert ram_file_from_qemu_argv(private, 41234) is None       # not the guest's RAM
+    q35 = ["qemu-system-x86_64", "-s", "-M", "q35,memory-backend=m,max-ram-below-4g=2G",
+           "-object", "memory-backend-file,id=m,size=4G,mem-path=/r,share=on"]
+    assert ram_file_from_qemu_argv(q35, 1234) == {"path": "/r", "size": 4 << 30, "machine": "q35",
+                                                  "max_ram_below_4g": 2 << 30}
+    # a fake /proc
+    proc = tmp_path / "proc"
+    (proc / "77").mkdir(parents=True)
+    (proc / "77" / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    assert find_ram_file(41234, str(proc)) is None               # the RAM file does not exist
+    Path(p.ram).write_bytes(b"")
+    assert find_ram_file(41234, str(proc))["path"] == str(p.ram)
