@@ -10,6 +10,7 @@
     sbmdbg dump (--qmp SOCK | --vm ID) -o FILE
     sbmdbg inspect --vmcore F --vmlinux V [--json] CMD [ARGS]   (status, list, show, stack, audit, ...)
     sbmdbg bench status [--json]
+    sbmdbg check FILE... [--junit OUT.xml] [--json OUT.json] [--kernel BZ --vmlinux V] [--extra-patch F]
 
 Bad input: one ``sbmdbg: error: ...`` line on stderr, exit 1 (argparse: 2).
 """
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
     ins.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD [ARGS] (as the gdb `sbm` commands)")
     ins.set_defaults(func=cmd_inspect)
+
+    from sbmdbg.check import add_parser as _add_check_parser
+    _add_check_parser(sub)  # sbmdbg check FILE... (scripted regression checks, docs/checks.md)
 
     d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
     d.add_argument("--smp", type=int, default=2)

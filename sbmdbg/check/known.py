@@ -1,0 +1,72 @@
+"""What a scenario may name, checked before any VM boots: the demo scenarios
+of the reference kernel, the ``sbm`` gdb subcommands and the top-level keys
+of their ``--json`` output, and the fields of trace events.
+
+The key sets mirror ``sbmdbg.sbm.commands`` and ``sbmdbg.gdbcmd``; a unit
+test runs the offline commands on the recorded kernel snapshot and checks
+that the sets still match (``tests/unit/test_check_spec.py``).
+"""
+from __future__ import annotations
+
+DEMO_DIR = "/sys/kernel/debug/sbm_demo"
+
+#: demo scenario -> sbm_error the reference kernel gives (0 = returns normally)
+DEMO_SCENARIOS = {
+    "ok": 0,
+    "io": 0,
+    "write_ro_input": -14,
+    "read_guard": -14,
+    "write_kernel_data": -14,
+    "write_kernel_bss": -14,
+    "write_stack": -14,
+    "stack_overflow": -14,
+    "noncanonical": -14,
+    "read_null": -14,
+    "irq_in_sandbox": 0,
+}
+#: ``repeat N`` runs ``ok`` N times (1 <= N <= 1000000)
+DEMO_REPEAT_MAX = 1_000_000
+
+#: ``sbm`` subcommand ("" = bare ``sbm``) -> top-level keys of its --json
+#: output (None: not checked; the command exists but its JSON is free-form).
+SBM_COMMANDS: dict[str, frozenset[str] | None] = {
+    "": frozenset({"sbm", "note", "cpus", "sandboxes"}),
+    "status": frozenset({"sbm", "note", "cpus", "sandboxes"}),
+    "list": frozenset({"sandboxes"}),
+    "show": frozenset({"sandboxes"}),
+    "stack": frozenset({"cpus"}),
+    "audit": frozenset({"worst", "above_info", "audits"}),
+    "diff": None,
+    "pcpu": frozenset({"cpus", "root", "slide"}),
+    "vtop": frozenset({"va", "root", "levels", "entries", "pa", "page_size", "perms", "global",
+                       "pkey", "cache_index", "fault", "findings", "root_label"}),
+    "pt": frozenset({"root", "root_label", "mappings", "findings", "stats"}),
+    "ptov": frozenset({"pa", "root", "vas"}),
+    "target": None,
+    "kernel": None,
+    "trace": None,
+}
+
+#: Commands a stop-point assertion must not run: they change what the checker
+#: relies on (the tracer is driven by ``transitions``, the source by the runner).
+SBM_COMMANDS_FORBIDDEN = {"trace": "use a step's `transitions` table instead of `sbm trace`",
+                          "target": "the checker chooses the memory source"}
+
+#: trace event kinds and the count names of a ``transitions`` table
+TRACE_COUNTS = {
+    "enters": "enter", "returns": "return", "aborts": "abort", "exits": "exit",
+    "irqs": "irq", "nmis": "nmi", "irq_returns": "irq_return", "spurious": "spurious",
+    "calls": "call",
+}
+#: per-kind tables of a ``transitions`` table (every event of that kind must match)
+TRACE_KINDS = {"enter", "return", "abort", "exit", "irq", "nmi", "irq_return", "spurious", "call"}
+#: fields of trace events (sbmdbg.trace.events schema 1)
+TRACE_FIELDS = frozenset({
+    "seq", "kind", "host_ns", "jiffies", "vcpu", "point", "pid", "comm", "task", "sandbox", "cr3",
+    "cr3_role", "cpl", "rip", "sym", "rsp", "stack",
+    "sbm", "func", "func_sym", "data", "sticky_error", "args", "sbm_tos", "exc_tos", "sbm_cr3",
+    "ret", "vector", "vector_name", "error_code", "error_bits", "error_desc", "stub", "cr2", "cr2_region",
+    "fault_rip", "fault_sym", "fault_rsp", "fault_stack", "via", "address", "error", "aborted",
+    "to_rip", "to_sym", "to_rsp", "agrees", "read_error",
+})
+TRACE_LEVELS = ("lean", "fast", "full")

@@ -1,0 +1,146 @@
+"""Transition expectations: a step's ``transitions`` table against the events
+the tracer (sbmdbg.trace, ``sbm trace start/stop``) recorded during the step.
+
+Offline and pure: ``check_transitions(spec, events)`` takes event dicts in
+the tracer's JSON-lines schema (sbmdbg.trace.events, schema 1) and returns
+failure messages.  The live side (``TraceHook``) drives ``sbm trace`` in the
+runner's gdb session and reads the file back; if the tracer is not there
+(``sbm trace`` unknown in gdb), the step's transition checks are skipped with
+a note, never failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from sbmdbg.check import known as K
+from sbmdbg.check.expr import compare, short
+from sbmdbg.check.spec import Transitions
+from sbmdbg.errors import SbmdbgError
+
+
+def count_kinds(events: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for ev in events:
+        out[ev.get("kind", "?")] = out.get(ev.get("kind", "?"), 0) + 1
+    return out
+
+
+def _norm(field: str, v):
+    """Trace fields are hex strings for addresses: compare them as numbers;
+    error_bits as a set of bit names (order does not matter)."""
+    return v
+
+
+def _match(op: str, field: str, actual, expected) -> bool:
+    if field == "error_bits" and op in ("==", "!=") and isinstance(expected, list) and isinstance(actual, list):
+        same = sorted(map(str, actual)) == sorted(map(str, expected))
+        return same if op == "==" else not same
+    return compare(op, actual, expected)
+
+
+def check_transitions(spec: Transitions, events: list[dict]) -> list[str]:
+    """Failure messages ('expected ..., saw ...'); empty = all expectations hold."""
+    evs = [e for e in events if e.get("kind") not in ("trace_start", "trace_stop")]
+    kinds = count_kinds(evs)
+    fails = []
+    for e in spec.counts:
+        kind = K.TRACE_COUNTS[e.key]
+        n = kinds.get(kind, 0)
+        if not compare(e.op, n, e.value):
+            fails.append(f"transitions: expected {e.key} {e.op} {short(e.value)}, saw {n} "
+                         f"(recorded: {_counts_text(kinds)})")
+    for kind, exps in spec.per_kind.items():
+        sel = [ev for ev in evs if ev.get("kind") == kind]
+        if not sel:
+            fails.append(f"transitions: expected {kind} events to check "
+                         f"({', '.join(x.describe() for x in exps)}), saw none (recorded: {_counts_text(kinds)})")
+            continue
+        for x in exps:
+            for ev in sel:
+                if x.key not in ev and x.op != "exists":
+                    fails.append(f"transitions: {kind} #{ev.get('seq')}: expected {x.describe()}, "
+                                 f"saw no {x.key!r} field ({_event_text(ev)})")
+                    break
+                if x.op == "exists":
+                    if x.key not in ev:
+                        fails.append(f"transitions: {kind} #{ev.get('seq')}: expected a {x.key!r} field")
+                        break
+                    continue
+                if not _match(x.op, x.key, ev[x.key], x.value):
+                    fails.append(f"transitions: {kind} #{ev.get('seq')}: expected {x.describe()}, "
+                                 f"saw {short(ev[x.key])} ({_event_text(ev)})")
+                    break
+    return fails
+
+
+def _counts_text(kinds: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())) or "no events"
+
+
+def _event_text(ev: dict) -> str:
+    keys = ("vector_name", "error_code", "error_bits", "cr2", "cr2_region", "fault_sym", "ret", "error")
+    return ", ".join(f"{k}={short(ev[k], 60)}" for k in keys if k in ev)
+
+
+class TraceUnavailable(SbmdbgError):
+    pass
+
+
+class TraceHook:
+    """Runs ``sbm trace`` in an attached GdbSession around one step."""
+
+    def __init__(self, gdb, vm_info: dict, level: str = "fast"):
+        self.g = gdb
+        self.info = vm_info
+        self.level = level
+        fd, self.path = tempfile.mkstemp(prefix="sbmdbg-check-", suffix=".jsonl")
+        os.close(fd)
+
+    @staticmethod
+    def available(gdb) -> bool:
+        try:
+            return "start" in gdb.console("help sbm trace")
+        except SbmdbgError:
+            return False
+
+    def start(self) -> None:
+        """Guest stopped or running: stops it, starts the trace, resumes it."""
+        g = self.g
+        g.interrupt()
+        ram = self.info.get("ram")
+        if ram:
+            g.console(f"sbm target shm {ram} {self.info.get('ram_size') or ''}".strip())
+        g.console(f"sbm trace start --json --file {self.path} --level {self.level}", timeout=120)
+        g.cont()
+
+    def stop(self) -> list[dict]:
+        from sbmdbg.trace.events import read_events
+
+        g = self.g
+        g.interrupt()
+        try:
+            g.console("sbm trace stop --json", timeout=60)
+        finally:
+            g.cont()
+        return read_events(self.path)
+
+    def abandon(self) -> None:
+        try:
+            self.g.interrupt()
+            self.g.console("sbm trace stop --json", timeout=30)
+            self.g.cont()
+        except SbmdbgError:
+            pass
+
+    def cleanup(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def summary(events: list[dict]) -> str:
+    return json.dumps(count_kinds([e for e in events if e.get("kind") not in ("trace_start", "trace_stop")]),
+                      sort_keys=True)
