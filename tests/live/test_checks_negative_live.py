@@ -1,0 +1,50 @@
+"""Negative proof of the scenario suite (issue 8): the same scenario files
+pass on the reference kernel and fail, with the right messages, on a
+deliberately broken variant (fixtures/kernel/broken/0101-...: input buffers
+mapped writable in the sandbox).  Both runs go through the CLI (`sbmdbg
+check`), as CI would; the broken kernel is built once through the pipeline
+(cached afterwards)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.live
+REPO = Path(__file__).resolve().parents[2]
+BROKEN = REPO / "fixtures" / "kernel" / "broken" / "0101-test-only-checks-input-buffers-writable.patch"
+FILES = [str(REPO / "checks" / "check_demo_scenarios.toml"), str(REPO / "checks" / "check_isolation_audit.toml")]
+
+
+def _check(*args, timeout=1500):
+    return subprocess.run([sys.executable, "-m", "sbmdbg.cli", "check", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def test_suite_passes_on_reference_and_fails_on_broken_kernel(tmp_path, kernel_build):
+    ok = _check(*FILES, "--junit", str(tmp_path / "ref.xml"))
+    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-2000:]
+    ref = ET.parse(tmp_path / "ref.xml").getroot()
+    assert ref.get("failures") == "0" and ref.get("errors") == "0" and int(ref.get("tests")) >= 15
+
+    bad = _check(*FILES, "--extra-patch", str(BROKEN), "--junit", str(tmp_path / "broken.xml"),
+                 "--json", str(tmp_path / "broken.json"))
+    out = bad.stdout
+    assert bad.returncode == 1, out[-4000:] + bad.stderr[-2000:]
+    # The demo file: write_ro_input no longer aborts, and says so.
+    assert 'sbm_error: expected == -14, saw "0"' in out, out[-4000:]
+    assert 'result: expected == "PASS", saw "FAIL"' in out
+    assert "stats: expected aborts to change by == 1, saw +0" in out
+    # The audit file: at the stop inside the sandbox the audit finds the writable input.
+    assert "expected `sbm audit` above_info == false, saw true" in out
+    # The KUnit case that checks read-only inputs fails at boot, and the console tail is shown.
+    assert "console after boot" in out and "sbm_test_write_input" in out
+    assert "console tail:" in out
+    # The other scenarios still pass on the broken kernel: the failures are specific.
+    root = ET.parse(tmp_path / "broken.xml").getroot()
+    failed = {tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None}
+    assert any("write_ro_input" in n for n in failed), failed
+    assert not any(n.endswith("demo ok") or "read_null" in n for n in failed), failed
