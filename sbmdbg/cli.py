@@ -10,6 +10,7 @@
     sbmdbg dump (--qmp SOCK | --vm ID) -o FILE
     sbmdbg inspect --vmcore F --vmlinux V [--json] CMD [ARGS]   (status, list, show, stack, audit, ...)
     sbmdbg bench status [--json]
+    sbmdbg dashboard [--vm ID | --gdb H:P --qmp SOCK --vmlinux V] [--rate HZ] [--once] [--svg F]
     sbmdbg check FILE... [--junit OUT.xml] [--json OUT.json] [--kernel BZ --vmlinux V] [--extra-patch F]
 
 Bad input: one ``sbmdbg: error: ...`` line on stderr, exit 1 (argparse: 2).
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from sbmdbg.check import add_parser as _add_check_parser
     _add_check_parser(sub)  # sbmdbg check FILE... (scripted regression checks, docs/checks.md)
+
+    from sbmdbg.dashboard.cli import add_parser as _add_dashboard_parser
+    _add_dashboard_parser(sub)  # sbmdbg dashboard (live Textual view, --once/--svg frames)
 
     d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
     d.add_argument("--smp", type=int, default=2)
