@@ -72,13 +72,15 @@ class Kernel:
             raise KernelError("the target has no CPUs (no registers source)")
         # A vCPU stopped in a sandbox has a CR3 that maps little of the kernel:
         # without an explicit cpu, try each vCPU until one yields the kernel.
+        first_err = None
         for c in ([cpu] if cpu is not None else range(ncpus)):
             try:
                 self._discover_on(c, verify)
                 break
-            except KernelError:
-                if cpu is not None or c == ncpus - 1:
-                    raise
+            except KernelError as e:
+                first_err = first_err or e
+        else:
+            raise first_err  # the first vCPU's reason is the one to show
         for fix in ROOT_FIXUPS:  # e.g. the SBM model: a sandbox root -> its kernel root
             better = fix(self)
             if better is not None and better != self.root:
