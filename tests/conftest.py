@@ -7,9 +7,22 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from sbmdbg.kernel.build import KernelBuild, ensure_kernel
+
+
+def pytest_configure(config):
+    """SIGTERM (CI time-out, kill) unwinds like Ctrl-C so fixtures stop QEMU and gdb."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass
 
 
 @pytest.fixture(scope="session")

@@ -133,6 +133,7 @@ class VM:
         if shutil.which(QEMU) is None:
             raise SbmdbgError(f"{QEMU} not found (apt-get install qemu-system-x86)")
 
+        remove_stale_ram_files()
         workdir = _workdir_for(self.id)
         workdir.mkdir(parents=True, exist_ok=True)
         self.paths = paths = VMPaths.for_id(self.id, workdir)
@@ -333,6 +334,33 @@ class VM:
 
     def __repr__(self) -> str:
         return f"<VM {self.id} pid={self.pid} gdb={self.info.get('gdb')}>"
+
+
+def _qemu_cmdlines() -> list[str]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmd:
+                out.append(cmd.decode(errors="replace"))
+    return out
+
+
+def remove_stale_ram_files() -> list[str]:
+    """Delete /dev/shm/sbmdbg-<id>.ram files no running QEMU uses (a killed test's)."""
+    files = list(Path("/dev/shm").glob("sbmdbg-*.ram"))
+    if not files:
+        return []
+    cmdlines = _qemu_cmdlines()
+    removed = []
+    for f in files:
+        if not any(str(f) in c for c in cmdlines):
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+    return removed
 
 
 def list_vms() -> list[dict]:
