@@ -111,7 +111,7 @@ class SbmCommand(gdb.Command):
     # output helpers
     def emit_json(self, obj) -> None:
         try:  # fast path: plain JSON types (int keys become strings, as in to_jsonable)
-            text = json.dumps(obj, default=_json_default)
+            text = json.dumps(obj, default=_json_default, separators=(",", ":"))
         except (TypeError, ValueError):
             text = json.dumps(to_jsonable(obj))
         gdb.write(text + "\n")

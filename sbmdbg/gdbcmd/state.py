@@ -83,7 +83,7 @@ class State:
                     try:
                         self._shm = mem = ShmTarget(found["path"], found["size"], found["machine"],
                                                     max_ram_below_4g=found["max_ram_below_4g"])
-                        self.ram_how = "found (the local QEMU's memory-backend-file)"
+                        self.ram_how = "found: the local QEMU's memory-backend-file"
                     except TargetError:
                         mem = None
             t = GdbTarget(mem=mem)
