@@ -13,6 +13,8 @@ Every virtual read goes through an explicit root: ``read_virt(root, va, n)``.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
@@ -192,6 +194,9 @@ class Kernel:
             tr = pg.translate(self._reader, root, va, la57=self.la57, nxe=self.nxe)
             if tr.pa is not None:
                 self._tlb[key] = tr
+        elif tr.va != va:
+            # Cached per 4 KiB page: same walk, this address's offset.
+            tr = dataclasses.replace(tr, va=va, pa=(tr.pa & ~0xFFF) | (va & 0xFFF))
         return tr
 
     def _read_virt_root(self, root: int, va: int, n: int) -> bytes:

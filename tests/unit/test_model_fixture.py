@@ -57,3 +57,15 @@ def test_wrong_vmlinux_is_a_clear_error(snap):
                      {a: b"Linux version 0.0.1-not-this-one" + bytes(32) for a in syms.blobs})
     with pytest.raises(KernelError, match="does not match the running kernel"):
         Kernel(t, bad, lays)
+
+
+def test_translate_cache_keeps_the_offset(snap):
+    """Kernel.translate caches per 4 KiB page; each address keeps its offset."""
+    t, syms, lays, exp = snap
+    k = Kernel(t, syms, lays)
+    va = k.sym("_text")
+    a = k.translate(k.root, va + 0x10)
+    b = k.translate(k.root, va + 0x18)     # same page: served from the cache
+    assert b.va == va + 0x18
+    assert b.pa == a.pa + 8
+    assert b.pa == pg.translate(t.read_phys, k.root, va + 0x18).pa
