@@ -14,24 +14,14 @@ import re
 
 import pytest
 
+from sbmdbg.check.known import DEMO_SCENARIOS
+
 pytestmark = pytest.mark.live
 
 DEMO = "/sys/kernel/debug/sbm_demo"
 
-# scenario -> expected sbm_error
-SCENARIOS = {
-    "ok": 0,
-    "io": 0,
-    "write_ro_input": -14,
-    "read_guard": -14,
-    "write_kernel_data": -14,
-    "write_kernel_bss": -14,
-    "write_stack": -14,
-    "stack_overflow": -14,
-    "noncanonical": -14,
-    "read_null": -14,
-    "irq_in_sandbox": 0,
-}
+# scenario -> expected sbm_error (the list the check files validate against)
+SCENARIOS = DEMO_SCENARIOS
 
 BAD_CONSOLE = re.compile(r"WARNING:|BUG:|Oops|general protection fault|Call Trace|"
                          r"Kernel panic|double fault|not ok \d")
