@@ -22,11 +22,15 @@ def _json(out: str):
     return json.loads(out[out.index("{"):])
 
 
-def _in_gdb_time(g, cmd: str, n: int) -> float:
-    """Mean seconds of ``cmd`` run ``n`` times by gdb's Python (no MI round trip)."""
-    code = ("import gdb, time\nt0 = time.perf_counter()\n"
-            f"for _ in range({n}): gdb.execute({cmd!r}, to_string=True)\n"
-            "print('SBMDBG-T=%r' % ((time.perf_counter() - t0) / " + str(n) + "))")
+def _in_gdb_time(g, cmd: str, n: int, cold: bool = False) -> float:
+    """Mean seconds of ``cmd`` run ``n`` times by gdb's Python (no MI round
+    trip); ``cold``: drop the memory caches before each run (not timed)."""
+    code = ("import gdb, time\nfrom sbmdbg.gdbcmd.state import STATE\nT = 0.0\n"
+            f"for _ in range({n}):\n"
+            + ("    STATE.invalidate()\n" if cold else "")
+            + f"    t0 = time.perf_counter(); gdb.execute({cmd!r}, to_string=True)\n"
+            "    T += time.perf_counter() - t0\n"
+            f"print('SBMDBG-T=%r' % (T / {n}))")
     out = g.console(f"python exec({code!r})", timeout=600)
     return float(out[out.index("SBMDBG-T=") + 9:].split()[0])
 
@@ -80,6 +84,13 @@ def bench_pt(opts, repeat: int = 3) -> dict:
             res["gdbstub_walk_s"], n_gdb = _t(in_gdb("sbm target gdb"), 1)
             res["gdb_shm_walk_s"], n_gshm = _t(in_gdb(shm_cmd), repeat)
             res["agree"] = res["leaves"] == res["info_tlb_lines"] == n_gdb == n_gshm
+            # the same walk timed inside gdb (model built, caches dropped before
+            # each run): what the gdbstub-only path costs without MI and JSON transfer
+            pt = f"sbm pt {cr3:#x} --json"
+            for src, cmd in (("gdbstub", "sbm target gdb"), ("shm", shm_cmd)):
+                g.console(cmd)
+                g.console("sbm kernel")
+                res[f"pt_{src}_in_gdb_s"] = _in_gdb_time(g, pt, 1 if src == "gdbstub" else repeat, cold=True)
 
             # one translation: wall clock of one MI command, and the time
             # inside gdb (N runs of the command in one gdb Python loop: no MI)
@@ -93,6 +104,7 @@ def bench_pt(opts, repeat: int = 3) -> dict:
                 res[f"vtop_sbm_{src}_first_s"] = time.perf_counter() - t0
                 res[f"vtop_sbm_{src}_s"], _ = _t(lambda: g.console(vtop), repeat)
                 res[f"vtop_sbm_{src}_in_gdb_s"] = _in_gdb_time(g, vtop, n)
+            res["vtop_sbm_shm_text_in_gdb_s"] = _in_gdb_time(g, vtop.replace(" --json", ""), n)  # source: shm
             try:
                 tv = f"translate-vm {va:#x}"
                 res["vtop_translate_vm_s"], _ = _t(lambda: g.console(tv), repeat)
@@ -110,6 +122,7 @@ def bench_pt(opts, repeat: int = 3) -> dict:
     tv, tvg = r["vtop_translate_vm_s"], r["vtop_translate_vm_in_gdb_s"]
     r["ratio_translate_vm_over_vtop_shm"] = tv / r["vtop_sbm_shm_s"] if tv else None
     r["ratio_translate_vm_over_vtop_shm_in_gdb"] = tvg / r["vtop_sbm_shm_in_gdb_s"] if tvg else None
+    r["ratio_translate_vm_over_vtop_shm_text_in_gdb"] = tvg / r["vtop_sbm_shm_text_in_gdb_s"] if tvg else None
     return r
 
 
@@ -124,19 +137,23 @@ def render(r: dict) -> str:
         f"({r['ratio_info_tlb_over_shm']:.2f}x the leaf walk, {r['ratio_info_tlb_over_shm_merged']:.2f}x merged)",
         f"  sbm pt in gdb, gdbstub phys      {ms(r['gdbstub_walk_s'])}  ({r['ratio_gdbstub_over_shm']:.0f}x shm)",
         f"  sbm pt in gdb, shm               {ms(r['gdb_shm_walk_s'])}  (includes MI + JSON of every leaf)",
+        f"  sbm pt (merged) in gdb, no MI:   gdbstub {ms(r['pt_gdbstub_in_gdb_s'])}, shm {ms(r['pt_shm_in_gdb_s'])}"
+        f"  ({r['pt_gdbstub_in_gdb_s'] / r['pt_shm_in_gdb_s']:.0f}x)",
         f"  all agree on the leaf count:     {r['agree']}",
         f"  gdb found the RAM file itself:   {r['gdb_memory_auto'] == 'shm'}",
         "one translation (MI: one command's wall clock; in gdb: mean of a gdb Python loop, no MI):",
-        f"  sbm vtop, gdbstub phys     MI {ms(r['vtop_sbm_gdbstub_s'])}   in gdb {ms(r['vtop_sbm_gdbstub_in_gdb_s'])}"
+        f"  sbm vtop --json, gdbstub   MI {ms(r['vtop_sbm_gdbstub_s'])}   in gdb {ms(r['vtop_sbm_gdbstub_in_gdb_s'])}"
         f"   (first call, builds the model: {r['vtop_sbm_gdbstub_first_s'] * 1e3:.0f} ms)",
-        f"  sbm vtop, shm              MI {ms(r['vtop_sbm_shm_s'])}   in gdb {ms(r['vtop_sbm_shm_in_gdb_s'])}"
+        f"  sbm vtop --json, shm       MI {ms(r['vtop_sbm_shm_s'])}   in gdb {ms(r['vtop_sbm_shm_in_gdb_s'])}"
         f"   (first call, builds the model: {r['vtop_sbm_shm_first_s'] * 1e3:.0f} ms)",
     ]
+    lines.append(f"  sbm vtop, shm, text table                in gdb {ms(r['vtop_sbm_shm_text_in_gdb_s'])}")
     if r["vtop_translate_vm_s"]:
         lines.append(f"  scripts/gdb translate-vm   MI {ms(r['vtop_translate_vm_s'])}   in gdb "
                      f"{ms(r['vtop_translate_vm_in_gdb_s'])}")
         lines.append(f"  translate-vm / sbm vtop (shm): {r['ratio_translate_vm_over_vtop_shm']:.2f}x through MI, "
-                     f"{r['ratio_translate_vm_over_vtop_shm_in_gdb']:.1f}x in gdb")
+                     f"{r['ratio_translate_vm_over_vtop_shm_in_gdb']:.1f}x in gdb (--json), "
+                     f"{r['ratio_translate_vm_over_vtop_shm_text_in_gdb']:.1f}x in gdb (text)")
     else:
         lines.append("  scripts/gdb translate-vm   not loaded (pass --tree)")
     return "\n".join(lines)

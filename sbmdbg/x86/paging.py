@@ -8,8 +8,10 @@ findings, and nothing here hangs or raises on hostile tables.
 """
 from __future__ import annotations
 
+import gc
 import struct
 import time
+from contextlib import contextmanager
 from itertools import compress
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -392,6 +394,19 @@ _new = object.__new__
 _IDX = range(512)
 
 
+@contextmanager
+def _gc_paused():
+    """The walk allocates thousands of small acyclic objects: keep the cyclic
+    GC from scanning the whole process (gdb's, pyelftools') in the middle."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _mapping(va: int, end: int, span: int, e: int, p: int, amask: int) -> Mapping:
     """A Mapping from a raw leaf, without the frozen-dataclass __init__ (3x cheaper)."""
     m = _new(Mapping)
@@ -472,7 +487,8 @@ class Walker:
             t0 = time.monotonic()
             self._deadline = t0 + self.max_seconds
             try:
-                self._table(self.root, self.levels, 0, 7, [self.root])
+                with _gc_paused():
+                    self._table(self.root, self.levels, 0, 7, [self.root])
             finally:
                 self.stats.seconds = time.monotonic() - t0
         return self._raw
@@ -611,10 +627,15 @@ class Walker:
 
     # ---------------------------------------------------------------- output
     def leaves(self) -> Iterator[Mapping]:
+        raw = self._run()
+        with _gc_paused():
+            return iter(self._leaf_mappings(raw))
+
+    def _leaf_mappings(self, raw) -> list[Mapping]:
         # _mapping() inlined: this loop runs once per page of the tree
-        out = []
+        out: list[Mapping] = []
         append, new, perms_of, amask = out.append, _new, _PERMS, self._amask
-        for va, span, e, p in self._run():
+        for va, span, e, p in raw:
             m = new(Mapping)
             d = m.__dict__
             d["va"] = va
@@ -627,7 +648,7 @@ class Walker:
             d["pkey"] = (e >> PKEY_SHIFT) & 0xF
             d["leaf_raw"] = e
             append(m)
-        return iter(out)
+        return out
 
     def merged(self) -> Iterator[Mapping]:
         """Runs of leaves contiguous in VA and PA with the same page size,
