@@ -643,6 +643,7 @@ class Backend:
                 self.pause()
             else:
                 self.qmp.cmd("stop")
+                self.paused = True   # a paused refresh also walks the selected vCPU's backtrace
         try:
             self.snapshot()
             ts = []
@@ -654,8 +655,10 @@ class Backend:
                     self.resume()
                 else:
                     self.qmp.cmd("cont")
+                    self.paused = False
         tot = sorted(t["total"] for t in ts)
-        return {"ncpus": self.ncpus, "repeat": repeat, "median_ms": tot[len(tot) // 2], "min_ms": tot[0],
+        sbs = [s.get("label") for s in self.snapshot()["sandboxes"] if "label" in s]
+        return {"ncpus": self.ncpus, "repeat": repeat, "sandboxes": sbs, "median_ms": tot[len(tot) // 2], "min_ms": tot[0],
                 "max_ms": tot[-1], "parts_ms_last": ts[-1], "goal_ms": 50.0,
                 "meets_goal": tot[len(tot) // 2] <= 50.0}
 
@@ -678,18 +681,28 @@ class Backend:
         if g is not None:
             with self.gdb_lock:
                 try:
+                    # detach needs a stopped target; QEMU's gdbstub resumes the VM on detach
+                    self._stop_guest()
                     if self.tracing:
-                        self.trace_off()
-                    if self.paused or not g.running:
-                        g.cont()
-                        self.paused = False
+                        st = g.console("sbm trace stop --json", timeout=60)
+                        self.tracing = False
+                        out["trace_events"] = json.loads(st[st.index("{"):]).get("events")
                     g.mi("-target-detach", timeout=5)
                     out["detached"] = True
                 except SbmdbgError as e:
-                    out["gdb_error"] = str(e)
+                    out["gdb_error"] = str(e).splitlines()[0]
                 finally:
                     g.close()
                     self.g = None
+        # whatever happened above: the guest must run when we leave
+        try:
+            if (self.qmp.cmd("query-status") or {}).get("status") != "running":
+                self.qmp.cmd("cont")
+                out["continued_by_qmp"] = True
+            out["guest"] = "running"
+        except SbmdbgError as e:
+            out["guest"] = f"unknown ({e})"
+        self.paused = False
         self.qmp.close()
         if self._serial is not None:
             self._serial.close()

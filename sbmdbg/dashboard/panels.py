@@ -25,6 +25,11 @@ def T(v, style: str = "") -> Text:
     return Text("-" if v is None else str(v), style=style, no_wrap=True, overflow="ellipsis")
 
 
+def F(v, style: str = "") -> Text:
+    """A value that wraps (folds) in a narrow column instead of losing its end."""
+    return Text("-" if v is None else str(v), style=style, overflow="fold")
+
+
 def hx(v) -> str:
     return f"{v:#x}" if isinstance(v, int) and not isinstance(v, bool) else ("-" if v is None else str(v))
 
@@ -84,7 +89,7 @@ def vcpu_panel(snap: dict) -> Table | Text:
     t.add_column("", style="bold", no_wrap=True, width=12)
     for r in cpus:
         t.add_column(Text(f"{'▶ ' if r['cpu'] == sel else ''}vCPU {r['cpu']}",
-                          style="bold reverse" if r["cpu"] == sel else "bold"), no_wrap=True, ratio=1)
+                          style="bold reverse" if r["cpu"] == sel else "bold"), ratio=1)
     cols = []
     for r in cpus:
         task = r.get("task") or {}
@@ -96,12 +101,12 @@ def vcpu_panel(snap: dict) -> Table | Text:
             T(mode, MODE_STYLE.get(mode, "")),
             T(r.get("cpl")),
             T(r.get("cr3_role"), "magenta" if str(r.get("cr3_role", "")).startswith("sandbox") else ""),
-            T(sym or hx(r.get("rip"))),
-            T(f"{task.get('pid')} {task.get('comm')}" if "pid" in task else task.get("error", "?")),
-            T(preempt_str(r.get("preempt_count"))),
-            T(short_stack(r.get("stack"))),
-            T(hx(tos)),
-            T(hx(intr) + (" SBM" if intr is not None and tos is not None and intr != tos else ""),
+            F(sym or hx(r.get("rip"))),
+            F(f"{task.get('pid')} {task.get('comm')}" if "pid" in task else task.get("error", "?")),
+            F(preempt_str(r.get("preempt_count"))),
+            F(short_stack(r.get("stack"))),
+            F(hx(tos)),
+            F(hx(intr) + (" SBM" if intr is not None and tos is not None and intr != tos else ""),
               "magenta" if intr is not None and intr != tos else ""),
         ])
     for i, name in enumerate(VCPU_ROWS):
