@@ -503,6 +503,9 @@ class Backend:
             if self.tracing:
                 g.console("sbm trace hold", timeout=10)
             self.paused = True
+            tid = str(st.get("thread-id") or "")
+            if tid.isdigit():
+                self.selected = int(tid) - 1      # QEMU's gdbstub: thread N = vCPU N-1
         self.kernel.invalidate()
         self.note(f"stopped at {symbol} (scenario {scenario})")
         return st

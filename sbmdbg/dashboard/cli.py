@@ -68,6 +68,8 @@ def cmd_dashboard(args) -> int:
     once = args.once or bool(args.svg) or args.json or args.json_timing or not sys.stdout.isatty()
     if (args.demo or args.break_at) and not once:
         raise SbmdbgError("--demo/--break go with --once (in the live dashboard press d)")
+    if args.break_at and not args.demo:
+        raise SbmdbgError("--break SYMBOL needs a --demo NAME to run into it")
     if args.rate <= 0:
         raise SbmdbgError("--rate must be > 0")
     conn = _conn(args)
@@ -126,11 +128,17 @@ def _once(be, args) -> int:
         print(json.dumps(out, indent=1, default=str))
         if not args.svg:
             return 0
-    con = Console(width=args.width, height=args.height, record=bool(args.svg), highlight=False,
-                  force_terminal=bool(args.svg) or None, file=sys.stdout if not args.svg or not args.json_timing
-                  else open("/dev/null", "w"))
+    if not args.svg:
+        con = Console(width=args.width, height=args.height, highlight=False)
+        con.print(P.frame(snap, args.width, args.height), height=args.height)
+        return 0
+    import io
+    con = Console(width=args.width, height=args.height, record=True, highlight=False, force_terminal=True,
+                  color_system="truecolor", file=io.StringIO())
     con.print(P.frame(snap, args.width, args.height), height=args.height)
-    if args.svg:
-        con.save_svg(args.svg, title="sbmdbg dashboard")
-        print(f"wrote {args.svg}", file=sys.stderr)
+    text = con.export_text(clear=False)
+    con.save_svg(args.svg, title="sbmdbg dashboard")
+    if not (args.json or args.json_timing):
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")   # the same frame, plain text
+    print(f"wrote {args.svg}", file=sys.stderr)
     return 0
