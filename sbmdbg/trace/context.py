@@ -1,0 +1,257 @@
+"""What the tracer needs to know about the guest at a stop, read from guest
+RAM through the kernel model (layouts from DWARF, reads through the kernel
+root).  A deliberately small stand-in for the SBM model (``sbmdbg.sbm``):
+current task, its ``thread_info.sbm_state``, the state's fields, stack
+classes, CR3 roles and address regions.  Swap these for the model's
+functions when it lands; the tracer only calls the methods below.
+
+Reads take fast paths where the mapping is fixed: the kernel image
+(``va - __START_KERNEL_map + phys_base``) and the direct map
+(``va - page_offset_base``); anything else (vmalloc'ed stacks) is a page
+walk from the kernel root.
+"""
+from __future__ import annotations
+
+import struct
+
+from sbmdbg.model.kernel import START_KERNEL_MAP
+from sbmdbg.model.layout import cstring
+from sbmdbg.x86 import paging as pg
+from sbmdbg.x86.regs import decode_cr3
+
+U64 = (1 << 64) - 1
+DIRECT_MAP_SPAN = 1 << 46
+CPU_ENTRY_AREA = (0xFFFFFE0000000000, 0xFFFFFE8000000000)   # 4-level: one P4D slot
+USER_TOP = 1 << 47
+
+STATE_FIELDS = ("sbm", "pgd", "stack", "exc_stack", "return_sp", "kernel_cr3", "sbm_cr3")
+REGS_FIELDS = ("ip", "cs", "flags", "sp", "ss", "ax", "orig_ax")
+
+
+def s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+class GuestContext:
+    def __init__(self, kernel):
+        self.k = kernel
+        k, lay = kernel, kernel.layouts
+        self.text = k.sym("_text")
+        self.end = k.sym("_end")
+        self._pcpu_off: dict[int, int] = {}
+        self.off_current = lay.offsetof("pcpu_hot", "current_task")
+        self.pcpu_hot = k.symbols.addr("pcpu_hot")
+        self.off_hardirq = (lay.offsetof("pcpu_hot", "hardirq_stack_ptr")
+                            if lay.layout("pcpu_hot").has("hardirq_stack_ptr") else None)
+        self.off_pid = lay.offsetof("task_struct", "pid")
+        self.off_comm = lay.offsetof("task_struct", "comm")
+        self.off_stack = lay.offsetof("task_struct", "stack")
+        self.task_size = lay.sizeof("task_struct")
+        self.off_sbm_state = lay.offsetof("task_struct", "thread_info.sbm_state")
+        st = lay.layout("x86_sbm_state")
+        self.state_off = {f: st.field(f).offset for f in STATE_FIELDS}
+        sb = lay.layout("sbm")
+        self.sbm_off = {f: sb.field(f).offset for f in ("error", "private", "input", "output", "io")}
+        self.buf_off = {f: lay.offsetof("sbm_buf", f) for f in ("next", "kern_ptr", "sbm_ptr", "size")}
+        pr = lay.layout("pt_regs")
+        self.regs_off = {f: pr.field(f).offset for f in REGS_FIELDS}
+        self.regs_size = pr.size
+        sym = k.symbols
+        self.thread_size = ((sym.get("__end_init_stack") or 0) - (sym.get("__start_init_stack") or 0)) or 16384
+        try:
+            self.exc_stksz = lay.layout("exception_stacks").field("DF_stack").size or 4096
+        except Exception:  # noqa: BLE001 - layout missing: the x86_64 default
+            self.exc_stksz = 4096
+        self.jiffies = k.sym("jiffies") if "jiffies" in sym else k.sym("jiffies_64")
+        self.sections = [(k.sym(a), k.sym(b), name) for a, b, name in (
+            ("__entry_text_start", "__entry_text_end", "entry text"),
+            ("_stext", "_etext", "kernel text"),
+            ("__start_rodata", "__end_rodata", "rodata"),
+            ("_sdata", "_edata", "data"),
+            ("__bss_start", "__bss_stop", "bss"),
+        ) if a in sym and b in sym]
+        self.state_page = k.sym("x86_sbm_state")
+        self.per_cpu_size = kernel.per_cpu_end or 0
+
+    # ------------------------------------------------------------ reads
+    def read(self, va: int, n: int) -> bytes:
+        k = self.k
+        va &= U64
+        if self.text <= va and va + n <= self.end:
+            return k.target.read_phys(va - START_KERNEL_MAP + k.phys_base, n)
+        pob = k.page_offset_base
+        if pob <= va and va + n <= pob + DIRECT_MAP_SPAN and (va >> 12) == ((va + n - 1) >> 12):
+            return k.target.read_phys(va - pob, n)
+        return k.read_virt(k.root, va, n)
+
+    def u64(self, va: int) -> int:
+        return struct.unpack("<Q", self.read(va, 8))[0]
+
+    def per_cpu(self, cpu: int) -> int:
+        off = self._pcpu_off.get(cpu)
+        if off is None:
+            off = self._pcpu_off[cpu] = self.k.per_cpu_offset(cpu)
+        return off
+
+    def current_task(self, cpu: int) -> int:
+        return self.u64(self.pcpu_hot + self.per_cpu(cpu) + self.off_current)
+
+    def task_brief(self, task: int) -> tuple[int | None, str | None]:
+        if not task:
+            return None, None
+        pid = struct.unpack("<i", self.read(task + self.off_pid, 4))[0]
+        comm = cstring(self.read(task + self.off_comm, 16))
+        return pid, comm
+
+    def sbm_state(self, task: int) -> int:
+        return self.u64(task + self.off_sbm_state) if task else 0
+
+    def state(self, state: int) -> dict:
+        data = self.read(state, max(self.state_off.values()) + 8)
+        return {f: struct.unpack_from("<Q", data, o)[0] for f, o in self.state_off.items()}
+
+    def sbm_error(self, sbm: int) -> int:
+        return struct.unpack("<i", self.read(sbm + self.sbm_off["error"], 4))[0]
+
+    def pt_regs(self, va: int) -> dict:
+        data = self.read(va, self.regs_size)
+        return {f: struct.unpack_from("<Q", data, o)[0] for f, o in self.regs_off.items()}
+
+    def jiffies_now(self) -> int:
+        return self.u64(self.jiffies)
+
+    def sbm_buffers(self, sbm: int, limit: int = 32) -> list[tuple[str, int, int, int]]:
+        """(list name, index, sbm_ptr, size) of the sandbox's buffers (bounded walk)."""
+        out = []
+        for lst in ("input", "output", "io"):
+            p = self.u64(sbm + self.sbm_off[lst])
+            i = 0
+            while p and i < limit:
+                d = self.read(p, max(self.buf_off.values()) + 8)
+                nxt, sptr, size = (struct.unpack_from("<Q", d, self.buf_off[f])[0]
+                                   for f in ("next", "sbm_ptr", "size"))
+                out.append((lst, i, sptr, size))
+                p, i = nxt, i + 1
+        return out
+
+    # ------------------------------------------------------------ classes
+    def stack_class(self, rsp: int, task: int, st: dict | None, cpu: int | None = None) -> str:
+        ts = self.thread_size
+        if st:
+            if st["stack"] <= rsp <= st["stack"] + ts:
+                return "sandbox"
+            if st["exc_stack"] <= rsp <= st["exc_stack"] + self.exc_stksz:
+                return "exception"
+        if task:
+            try:
+                base = self.u64(task + self.off_stack)
+                if base <= rsp <= base + ts:
+                    return "task"
+            except Exception:  # noqa: BLE001
+                pass
+        if CPU_ENTRY_AREA[0] <= rsp < CPU_ENTRY_AREA[1]:
+            return "entry"
+        if cpu is not None and self.off_hardirq is not None:
+            try:
+                top = self.u64(self.pcpu_hot + self.per_cpu(cpu) + self.off_hardirq)
+                if top - ts <= rsp <= top + 8:
+                    return "irq"
+            except Exception:  # noqa: BLE001
+                pass
+        return "other"
+
+    def cr3_role(self, cr3: int, st: dict | None) -> str:
+        if st and (cr3 & ~0xFFF & ((1 << 52) - 1)) == st["sbm_cr3"] & ~0xFFF:
+            return "sandbox"
+        d = decode_cr3(cr3, self.k.cr4)
+        if d.pti_user:
+            return "user"
+        return "kernel"
+
+    def sym(self, va: int | None) -> str | None:
+        if va is None:
+            return None
+        r = self.k.lookup(va)
+        if r is None:
+            return None
+        name, off = r
+        return f"{name}+{off:#x}" if off else name
+
+    def region(self, addr: int, task: int = 0, st: dict | None = None, sbm: int = 0,
+               cpu: int | None = None) -> str:
+        """Which region ``addr`` falls in, plus how the sandbox maps it."""
+        where = self._where(addr, task, st, sbm, cpu)
+        if st and pg.canonical(addr, self.k.la57) and addr >= USER_TOP:
+            try:
+                tr = pg.translate(self.k.target.read_phys, st["sbm_cr3"], addr, la57=self.k.la57,
+                                  nxe=self.k.nxe)
+                if tr.pa is None:
+                    where += "; sandbox: not mapped"
+                else:
+                    p = tr.perms
+                    where += f"; sandbox: {'W' if p.w else 'RO'},{'U' if p.u else 'S'},{'X' if p.x else 'NX'}"
+            except Exception:  # noqa: BLE001
+                pass
+        return where
+
+    def _where(self, addr: int, task: int, st: dict | None, sbm: int, cpu: int | None) -> str:
+        k = self.k
+        if not pg.canonical(addr, k.la57):
+            return "non-canonical"
+        if addr < USER_TOP:
+            return "NULL page (user half, empty in a sandbox)" if addr < 4096 else \
+                "user half (empty in a sandbox)"
+        ts, page = self.thread_size, 4096
+        if st:
+            if st["stack"] <= addr < st["stack"] + ts:
+                return "sandbox stack"
+            if st["stack"] - page <= addr < st["stack"]:
+                return "sandbox stack guard page (overflow)"
+            if st["exc_stack"] <= addr < st["exc_stack"] + self.exc_stksz:
+                return "sandbox exception stack"
+        if sbm:
+            try:
+                for lst, i, sptr, size in self.sbm_buffers(sbm):
+                    if sptr <= addr < sptr + size:
+                        return f"{lst} buffer #{i} +{addr - sptr:#x}"
+                    end = (sptr + size + page - 1) & ~(page - 1)
+                    if sptr + size <= addr < end + page:
+                        return f"past {lst} buffer #{i} (+{addr - sptr:#x} of {size:#x}: guard page)"
+            except Exception:  # noqa: BLE001
+                pass
+        if self.state_page <= addr < self.state_page + page:
+            return "x86_sbm_state page"
+        for a, b, name in self.sections:
+            if a <= addr < b:
+                s = self.sym(addr)
+                return f"{name}: {s}" if s else name
+        if task:
+            try:
+                base = self.u64(task + self.off_stack)
+                if base <= addr < base + ts:
+                    return "task thread stack"
+            except Exception:  # noqa: BLE001
+                pass
+            if task <= addr < task + self.task_size:
+                return "task_struct"
+        if self.per_cpu_size:
+            for c in range(k.target.ncpus):
+                try:
+                    off = self.per_cpu(c)
+                except Exception:  # noqa: BLE001
+                    continue
+                if off <= addr < off + self.per_cpu_size:
+                    s = self.sym(addr - off)
+                    return f"per-CPU area of cpu {c}" + (f": {s}" if s else "")
+        if CPU_ENTRY_AREA[0] <= addr < CPU_ENTRY_AREA[1]:
+            return "cpu_entry_area"
+        if k.page_offset_base <= addr < k.page_offset_base + DIRECT_MAP_SPAN:
+            return "direct map"
+        if k.vmalloc_base <= addr < k.vmalloc_base + (32 << 40):
+            return "vmalloc"
+        if k.vmemmap_base <= addr < k.vmemmap_base + (1 << 40):
+            return "vmemmap"
+        if addr >= START_KERNEL_MAP:
+            return "kernel image / modules"
+        return "kernel half"

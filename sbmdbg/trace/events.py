@@ -1,0 +1,228 @@
+"""Trace events: the schema, decoders (vectors, #PF error codes) and the
+JSON-lines sink/reader.
+
+One event is one JSON object on one line.  The sink writes each line with a
+single ``os.write`` on an ``O_APPEND`` descriptor (no Python buffering): an
+event is on disk (in the page cache) as soon as it is recorded, so a killed
+gdb or QEMU loses nothing recorded, and no line is ever half-written by us.
+The reader still tolerates a torn last line (a full disk, say).
+
+Schema (``SCHEMA`` = 1).  Every event has::
+
+    seq        int     0, 1, 2, ... in recording order (0 = trace_start)
+    kind       str     trace_start | call | arch_call | enter | return | abort |
+                       exit | irq | nmi | irq_return | spurious | trace_stop
+    host_ns    int     host time.time_ns() when the tracer saw it
+    jiffies    int     guest jiffies (read from guest RAM; the guest clock we
+                       can read without an extra round trip, see README)
+    vcpu       int     vCPU that stopped (0-based)
+    point      str     the probe that fired (x86_sbm_exec, sbm_entry, ...)
+    pid, comm, task    the current task of that vCPU (task = task_struct VA)
+    sandbox    str     x86_sbm_state address (hex) or null
+    cr3, cr3_role      CR3 at the stop; role kernel | user (PTI) | sandbox | other
+    cpl        int     CPL of the vCPU at the stop (the probe runs in the kernel)
+    rip, sym, rsp, stack   where the vCPU is; stack = class of RSP (task,
+                       sandbox, exception, entry, irq, other)
+
+Kind-specific fields (addresses are hex strings, numbers are ints):
+
+    call/arch_call  sbm, func, func_sym, data, sticky_error
+    enter           sbm, func, func_sym (first sandbox instruction), args,
+                    sbm_tos, exc_tos, sbm_cr3
+    return          ret (the sandbox's RAX), vector 14, error_code 0x15,
+                    cr2 (= x86_sbm_return), fault_rip
+    abort           vector, vector_name, via (caller of handle_sbm_fault),
+                    error_code, error_bits [P,W,U,R,I,PK,...], cr2,
+                    cr2_region, fault_rip, fault_sym, fault_rsp, fault_stack,
+                    address (handle_sbm_fault's argument), ret (RAX)
+    exit            ret, error (sbm->error at x86_sbm_return), aborted
+    irq/nmi         vector, vector_name, fault_rip, fault_sym, fault_rsp
+    irq_return      vector (of the interrupt returned from), to_rip, to_sym
+    spurious        vector 14, error_code, error_bits, cr2, cr2_region, fault_rip
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+from sbmdbg.errors import SbmdbgError
+
+SCHEMA = 1
+
+CALL_KINDS = ("enter",)
+END_KINDS = ("return", "abort")
+INSTANT_KINDS = ("irq", "nmi", "irq_return", "spurious")
+
+# Exception vectors (SDM Vol. 3, 6.3.1) and the Linux entry stubs that raise them.
+EXC_NAMES = {
+    0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+    8: "#DF", 9: "CSO", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF",
+    16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP", 29: "#VC",
+}
+STUB_VECTORS = {
+    "asm_exc_divide_error": 0, "asm_exc_debug": 1, "asm_exc_nmi": 2, "asm_exc_int3": 3,
+    "asm_exc_overflow": 4, "asm_exc_bounds": 5, "asm_exc_invalid_op": 6,
+    "asm_exc_device_not_available": 7, "asm_exc_double_fault": 8,
+    "asm_exc_coproc_segment_overrun": 9, "asm_exc_invalid_tss": 10,
+    "asm_exc_segment_not_present": 11, "asm_exc_stack_segment": 12,
+    "asm_exc_general_protection": 13, "asm_exc_page_fault": 14,
+    "asm_exc_spurious_interrupt_bug": 15, "asm_exc_coprocessor_error": 16,
+    "asm_exc_alignment_check": 17, "asm_exc_machine_check": 18,
+    "asm_exc_simd_coprocessor_error": 19, "asm_exc_control_protection": 21,
+    # system vectors (arch/x86/include/asm/irq_vectors.h, Linux 6.12)
+    "asm_sysvec_spurious_apic_interrupt": 0xFF, "asm_sysvec_error_interrupt": 0xFE,
+    "asm_sysvec_reschedule_ipi": 0xFD, "asm_sysvec_call_function": 0xFC,
+    "asm_sysvec_call_function_single": 0xFB, "asm_sysvec_thermal": 0xFA,
+    "asm_sysvec_threshold": 0xF9, "asm_sysvec_reboot": 0xF8,
+    "asm_sysvec_x86_platform_ipi": 0xF7, "asm_sysvec_irq_work": 0xF6,
+    "asm_sysvec_deferred_error": 0xF4, "asm_sysvec_apic_timer_interrupt": 0xEC,
+}
+# Callers of handle_sbm_fault -> vector (when no entry probe saw the stub).
+CALLER_VECTORS = {
+    "exc_page_fault": 14, "handle_page_fault": 14, "exc_general_protection": 13,
+    "exc_double_fault": 8, "exc_int3": 3,
+}
+
+# #PF error code bits (SDM Vol. 3, 4.7).
+PF_BITS = [(0, "P"), (1, "W"), (2, "U"), (3, "R"), (4, "I"), (5, "PK"), (6, "SS"),
+           (15, "SGX")]
+PF_EXIT_ERROR = 0x15   # P|U|I: the sandbox's `ret` to the supervisor-only x86_sbm_return
+
+
+def vector_name(v: int | None) -> str:
+    if v is None:
+        return "?"
+    if v in EXC_NAMES:
+        return EXC_NAMES[v]
+    return f"irq {v:#x}" if v >= 32 else f"exc {v}"
+
+
+def decode_pf_error(code: int) -> list[str]:
+    """#PF error code -> bit names, e.g. 0x15 -> ['P', 'U', 'I']."""
+    return [name for bit, name in PF_BITS if code >> bit & 1]
+
+
+def describe_pf_error(code: int) -> str:
+    """Human words: 0x6 -> 'not-present write from user'."""
+    present = "protection" if code & 1 else "not-present"
+    access = "fetch" if code & 0x10 else "write" if code & 2 else "read"
+    who = "user" if code & 4 else "supervisor"
+    extra = [n for b, n in PF_BITS if b not in (0, 1, 2, 4) and code >> b & 1]
+    return f"{present} {access} from {who}" + (f" ({','.join(extra)})" if extra else "")
+
+
+def hx(v: int | None) -> str | None:
+    return None if v is None else f"{v & ((1 << 64) - 1):#x}"
+
+
+def unhex(v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return v
+    return int(v, 16) if isinstance(v, str) and v.startswith("0x") else int(v, 0)
+
+
+# ------------------------------------------------------------------ sink
+
+class EventSink:
+    """Append-only JSON-lines writer; each event is one ``os.write``."""
+
+    def __init__(self, path: str, truncate: bool = True):
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        try:
+            self._fd: int | None = os.open(path, flags, 0o644)
+        except OSError as e:
+            raise SbmdbgError(f"cannot write trace file {path}: {e.strerror}") from None
+        self._lock = threading.Lock()
+        self.count = 0
+        self.errors = 0
+
+    def write(self, ev: dict) -> None:
+        line = (json.dumps(ev, separators=(",", ":"), default=str) + "\n").encode()
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.write(self._fd, line)
+                self.count += 1
+            except OSError:
+                self.errors += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    pass
+                os.close(self._fd)
+                self._fd = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+
+def read_events(path: str, strict: bool = False) -> list[dict]:
+    """Events of a JSON-lines trace.  A torn last line (writer killed while
+    the disk was full, say) is dropped unless ``strict``; a bad line elsewhere
+    is an error."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().split(b"\n")
+    except OSError as e:
+        raise SbmdbgError(f"cannot read trace {path}: {e.strerror}") from None
+    out = []
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            ev = json.loads(ln)
+        except ValueError:
+            if i == last and not strict:
+                break
+            raise SbmdbgError(f"{path}:{i + 1}: not a JSON line") from None
+        if not isinstance(ev, dict) or "kind" not in ev:
+            raise SbmdbgError(f"{path}:{i + 1}: not a trace event")
+        out.append(ev)
+    return out
+
+
+def validate(events: list[dict]) -> list[str]:
+    """Problems with a trace (empty list = fine): seq order, header, fields."""
+    probs = []
+    if not events:
+        return ["no events"]
+    if events[0].get("kind") != "trace_start":
+        probs.append("first event is not trace_start")
+    prev = -1
+    for ev in events:
+        s = ev.get("seq")
+        if not isinstance(s, int) or s <= prev:
+            probs.append(f"seq {s!r} after {prev}")
+        prev = s if isinstance(s, int) else prev
+        if ev.get("kind") not in ("trace_start", "trace_stop") and "vcpu" not in ev:
+            probs.append(f"seq {s}: no vcpu")
+    return probs
+
+
+def summarize(events: list[dict]) -> dict:
+    """Counts per kind, per vCPU, calls/returns/aborts as the demo counts them."""
+    kinds: dict[str, int] = {}
+    vcpus: dict[int, int] = {}
+    for ev in events:
+        kinds[ev["kind"]] = kinds.get(ev["kind"], 0) + 1
+        if "vcpu" in ev and ev["kind"] not in ("trace_start", "trace_stop"):
+            vcpus[ev["vcpu"]] = vcpus.get(ev["vcpu"], 0) + 1
+    ts = [ev["host_ns"] for ev in events if "host_ns" in ev]
+    dur = (max(ts) - min(ts)) / 1e9 if len(ts) > 1 else 0.0
+    trans = sum(kinds.get(k, 0) for k in ("enter", "return", "abort", "irq", "nmi", "irq_return",
+                                          "spurious"))
+    return {"events": len(events), "kinds": kinds, "vcpus": vcpus,
+            "calls": kinds.get("enter", 0), "returns": kinds.get("return", 0),
+            "aborts": kinds.get("abort", 0), "transitions": trans, "seconds": round(dur, 3),
+            "complete": bool(events) and events[-1].get("kind") == "trace_stop"}

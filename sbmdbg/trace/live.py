@@ -1,0 +1,241 @@
+"""Out-of-process tracing: a gdb (pygdbmi) runs the in-gdb tracer
+(``sbm trace start --file F``) and the guest continues; this process only
+watches.  No stop goes over MI: the probes are gdb-internal breakpoints whose
+``stop()`` returns False.
+
+API (for the CLI, tests and the dashboard)::
+
+    rec = TraceRecorder(vm_info, "t.jsonl", level="full")   # vm.info or a detached VM's info
+    rec.start()                 # attach gdb, set the probes, resume the guest
+    rec.wait(5)                 # or rec.poll() in your own loop; raises TraceLost
+    summary = rec.stop()        # interrupt, stop the trace, detach (the guest runs on)
+    events = rec.events()       # read_events(path) at any time, also while recording
+
+If QEMU dies or gdb goes away, ``poll``/``wait``/``stop`` raise ``TraceLost``
+within about 0.2 s of noticing (the poll period is 0.1 s); the file keeps
+every event recorded so far and gets a ``trace_stop`` line saying why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.trace.events import read_events, summarize
+
+
+class TraceLost(SbmdbgError):
+    pass
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class TraceRecorder:
+    def __init__(self, vm_info: dict, path: str, level: str = "full", gdb_addr: str | None = None,
+                 emulate: bool = False):
+        self.info = vm_info
+        self.emulate = emulate
+        self.path = os.path.abspath(path)
+        self.level = level
+        self.gdb_addr = gdb_addr or vm_info["gdb"]
+        self.g = None
+        self.started = None
+        self.lost: str | None = None
+        self._drain: threading.Thread | None = None
+        self._drain_stop = threading.Event()
+        self._lock = threading.Lock()
+        self._why: str | None = None
+
+    # ------------------------------------------------------------ control
+    def start(self) -> dict:
+        from sbmdbg.vm.gdbmi import GdbSession
+
+        info = self.info
+        self.g = GdbSession(info["vmlinux"], info.get("tree"), self.gdb_addr)
+        try:
+            self.g.interrupt()
+            self.g.console(f"sbm target shm {info['ram']} {info.get('ram_size') or ''}".strip())
+            out = self.g.console(f"sbm trace start --json --file {self.path} --level {self.level}"
+                                 + (" --emulate" if self.emulate else ""), timeout=120)
+            start = json.loads(out[out.index("{"):])
+            self.g.cont()
+        except BaseException:
+            self.g.close()
+            self.g = None
+            raise
+        self.started = time.monotonic()
+        self._drain_stop.clear()
+        self._drain = threading.Thread(target=self._drainer, name="sbm-trace-drain", daemon=True)
+        self._drain.start()
+        return start
+
+    def _drainer(self) -> None:
+        """Read gdb's MI output all the time: each probe stop prints a
+        *stopped/*running pair, and a full pipe would block gdb."""
+        while not self._drain_stop.is_set():
+            with self._lock:
+                why = self._check()
+            if why:
+                self._why = why
+                return
+            time.sleep(0.02)
+
+    def _stop_drain(self) -> None:
+        if self._drain is not None:
+            self._drain_stop.set()
+            self._drain.join(timeout=5)
+            self._drain = None
+
+    def poll(self) -> None:
+        """Raise TraceLost if QEMU or gdb is gone (checked every 20 ms by the
+        drain thread, or here when it is not running)."""
+        if self.lost:
+            raise TraceLost(self.lost)
+        if self._drain is not None and self._drain.is_alive():
+            return
+        why = self._why
+        if why is None:
+            with self._lock:
+                why = self._check()
+        if why:
+            self._stop_drain()
+            self._lose(why)
+
+    def _check(self) -> str | None:
+        why = None
+        if not _pid_alive(self.info.get("pid")):
+            why = f"QEMU (pid {self.info.get('pid')}) died"
+        elif self.g is None:
+            why = "gdb is not running"
+        else:
+            proc = getattr(self.g._gdb, "gdb_process", None) if self.g._gdb else None
+            if proc is not None and proc.poll() is not None:
+                why = f"gdb exited (status {proc.returncode})"
+            else:
+                try:
+                    recs = self.g._poll(0)
+                except SbmdbgError as e:
+                    recs, why = [], f"gdb went away ({e})"
+                for r in recs:
+                    msg = str(r.get("payload") or "")
+                    if r.get("message") == "thread-group-exited" or "Remote connection closed" in msg \
+                            or "Remote communication error" in msg:
+                        why = "gdb lost the target (" + (msg.strip() or r.get("message")) + ")"
+                    if r.get("message") == "stopped" and (r.get("payload") or {}).get("reason") in (
+                            "exited", "exited-normally", "exited-signalled"):
+                        why = f"the target stopped: {(r.get('payload') or {}).get('reason')}"
+        return why
+
+    def _lose(self, why: str) -> None:
+        n = self._seal(why)
+        self.lost = f"{why}; {self.path} holds the {n} events recorded until then"
+        if self.g is not None:
+            self.g.close()
+            self.g = None
+        raise TraceLost(self.lost)
+
+    def _seal(self, why: str) -> int:
+        """Append a trace_stop line if the writer could not (gdb or QEMU died)."""
+        try:
+            evs = read_events(self.path)
+        except SbmdbgError:
+            return 0
+        if evs and evs[-1].get("kind") != "trace_stop":
+            # let a gdb that is still closing finish its own line first
+            if self.g is not None:
+                try:
+                    self.g.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                self.g = None
+                evs = read_events(self.path)
+            if evs[-1].get("kind") != "trace_stop":
+                with open(self.path, "ab") as fh:
+                    fh.write((json.dumps({"seq": evs[-1]["seq"] + 1, "kind": "trace_stop",
+                                          "host_ns": time.time_ns(), "reason": why,
+                                          "sealed_by": "sbmdbg trace (the recorder died)"},
+                                         separators=(",", ":")) + "\n").encode())
+        return len(evs)
+
+    def wait(self, seconds: float, until=None, period: float = 0.1) -> None:
+        """Keep the trace running for ``seconds`` (or until ``until()`` is true)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.poll()
+            if until is not None and until():
+                return
+            time.sleep(period)
+        self.poll()
+
+    def stop(self) -> dict:
+        """Interrupt, end the trace (gdb writes trace_stop), detach; the summary."""
+        self.poll()
+        self._stop_drain()
+        self.poll()
+        g = self.g
+        try:
+            # Probe stops resume themselves (a posted `continue&`): first tell
+            # the tracer to hold, then interrupt whatever still runs.
+            g.console("sbm trace hold", timeout=10)
+            out = ""
+            for _ in range(20):
+                g._poll(0.05)
+                if g.running:
+                    try:
+                        g.mi("-exec-interrupt --all", timeout=5)
+                    except SbmdbgError:
+                        pass
+                    g.wait_stopped(timeout=10)
+                try:
+                    out = g.console("sbm trace stop --json", timeout=30)
+                    break
+                except SbmdbgError as e:
+                    if "running" not in str(e):
+                        raise
+                    g.running = True
+            out = out or g.console("sbm trace stop --json", timeout=30)
+            st = json.loads(out[out.index("{"):])
+            try:
+                g.mi("-target-detach", timeout=5)
+            except SbmdbgError:
+                pass
+        except SbmdbgError as e:
+            self.poll()           # raises TraceLost if that is why
+            self._lose(f"stopping the trace failed: {e}")
+        finally:
+            if self.g is not None:
+                self.g.close()
+                self.g = None
+        st["summary"] = summarize(self.events())
+        return st
+
+    def close(self) -> None:
+        self._stop_drain()
+        if self.g is not None:
+            self.g.close()
+            self.g = None
+
+    def events(self) -> list[dict]:
+        return read_events(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
