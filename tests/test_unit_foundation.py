@@ -234,3 +234,60 @@ def test_prune_builds_keeps_recent(tmp_path, monkeypatch):
     removed = build.prune_builds(keep=3, protect="k0")
     assert sorted(removed) == ["k1", "k2", "k3"]  # 3 kept in all: the protected one + 2 newest
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["inprogress", "k0", "k4", "k5"]
+
+
+# ---------------------------------------------------------------- work tree
+
+def _diff(path: str, old: str | None, new: str | None) -> bytes:
+    import difflib
+    a = [] if old is None else old.splitlines(keepends=True)
+    b = [] if new is None else new.splitlines(keepends=True)
+    head_a = "/dev/null" if old is None else f"a/{path}"
+    head_b = "/dev/null" if new is None else f"b/{path}"
+    return "".join(difflib.unified_diff(a, b, head_a, head_b)).encode()
+
+
+@pytest.mark.unit
+def test_patched_files_parses_headers():
+    p = _diff("kernel/x.c", "a\n", "b\n") + _diff("new/y.h", None, "y\n")
+    assert build.patched_files(p) == {"kernel/x.c", "new/y.h"}
+    with pytest.raises(SbmdbgError):
+        build.patched_files(b"--- a/../etc/passwd\n+++ b/../etc/passwd\n")
+
+
+@pytest.mark.unit
+def test_worktree_rewrites_only_changed_files(tmp_path, monkeypatch):
+    import io
+    import os
+    monkeypatch.setenv("SBMDBG_CACHE", str(tmp_path / "cache"))
+    wdir = tmp_path / "w"
+    tree = wdir / "linux"
+    (tree / "kernel").mkdir(parents=True)
+    (tree / "Makefile").write_text("all:\n")
+    (tree / "kernel" / "a.c").write_text("int a;\n")
+    (tree / "kernel" / "b.c").write_text("int b;\n")
+    (wdir / "pristine.json").write_text("{}\n")
+    for f in ("Makefile", "kernel/a.c", "kernel/b.c"):
+        os.utime(tree / f, (1_000_000, 1_000_000))
+    pa = tmp_path / "1.patch"
+    pa.write_bytes(_diff("kernel/a.c", "int a;\n", "int a = 1;\n") + _diff("kernel/n.c", None, "int n;\n"))
+    pb = tmp_path / "2.patch"
+    pb.write_bytes(_diff("kernel/b.c", "int b;\n", "int b = 2;\n"))
+    log = io.StringIO()
+
+    build._update_worktree(wdir, tmp_path / "unused.tar.xz", [pa], log, quiet=True)
+    assert (tree / "kernel/a.c").read_text() == "int a = 1;\n"
+    assert (tree / "kernel/n.c").read_text() == "int n;\n"
+    assert (tree / "kernel/b.c").stat().st_mtime == 1_000_000   # untouched
+
+    # Same patch set again: nothing is rewritten (mtimes kept: make stays idle).
+    os.utime(tree / "kernel/a.c", (2_000_000, 2_000_000))
+    build._update_worktree(wdir, tmp_path / "unused.tar.xz", [pa], log, quiet=True)
+    assert (tree / "kernel/a.c").stat().st_mtime == 2_000_000
+
+    # Another patch set: a.c back to pristine, n.c gone, b.c patched.
+    build._update_worktree(wdir, tmp_path / "unused.tar.xz", [pb], log, quiet=True)
+    assert (tree / "kernel/a.c").read_text() == "int a;\n"
+    assert not (tree / "kernel/n.c").exists()
+    assert (tree / "kernel/b.c").read_text() == "int b = 2;\n"
+    assert (tree / "Makefile").stat().st_mtime == 1_000_000

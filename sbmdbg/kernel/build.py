@@ -1,9 +1,12 @@
 """The reference kernel pipeline: Debian's 6.12 source + SBM patches -> vmlinux.
 
-    unpack /usr/src/linux-source-6.12.tar.xz -> builds/<key>/linux
-    patch -p1 --forward --batch < fixtures/kernel/patches/*.patch (sorted), extras
+    unpack /usr/src/linux-source-6.12.tar.xz -> work/<source>/linux (once)
+    patch -p1 --forward --batch < fixtures/kernel/patches/*.patch (sorted), extras,
+        applied to pristine copies of the touched files; only files whose
+        content changes are rewritten in the work tree (make stays incremental)
     make tinyconfig; merge_config.sh -m .config fixtures/kernel/config; olddefconfig
     make bzImage scripts_gdb   (ccache, reproducible timestamp/user/host)
+    export vmlinux, bzImage, .config, System.map, scripts/gdb -> builds/<key>/tree
 
 Every ``make`` runs under the machine-wide build lock.  The key hashes the
 source identity, the patches' bytes in order, the config fragment and the
@@ -36,7 +39,7 @@ PIPELINE_VERSION = "1"
 #: About how many CC/LD/AR/... lines a tinyconfig + fragment build prints.
 EXPECTED_STEPS = 1650
 #: How many finished builds the cache keeps (override: SBMDBG_KEEP_BUILDS).
-KEEP_BUILDS = int(os.environ.get("SBMDBG_KEEP_BUILDS", "4"))
+KEEP_BUILDS = int(os.environ.get("SBMDBG_KEEP_BUILDS", "12"))
 BUILD_TIMESTAMP = "Thu Jan  1 00:00:00 UTC 2026"
 MAKE_VARS = [
     "ARCH=x86_64",
@@ -372,58 +375,190 @@ def prune_builds(keep: int = 4, protect: str | None = None, quiet: bool = True) 
     return removed
 
 
+def patched_files(patch: bytes) -> set[str]:
+    """Paths (``-p1``) a unified diff creates, changes or deletes."""
+    out: set[str] = set()
+    for line in patch.decode(errors="replace").splitlines():
+        if line.startswith(("--- ", "+++ ")):
+            path = line[4:].split("\t", 1)[0].strip()
+            if path == "/dev/null" or "/" not in path:
+                continue
+            path = path.split("/", 1)[1]
+            if ".." in Path(path).parts or path.startswith("/"):
+                raise SbmdbgError(f"patch names a path outside the tree: {path!r}")
+            out.add(path)
+    return out
+
+
+def _sha(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def worktree_dir(tarball: Path) -> Path:
+    """The persistent build tree for one source tarball."""
+    ident = hashlib.sha256(source_identity(tarball).encode()).hexdigest()[:16]
+    return cache_root() / "work" / ident
+
+
+def _update_worktree(wdir: Path, tarball: Path, patches: list[Path], log, quiet: bool) -> Path:
+    """Bring the work tree to pristine source + *patches*, rewriting only the
+    files whose content changes (so make recompiles only what changed).
+
+    ``pristine/`` keeps the original of every file any patch set ever
+    touched (``None`` in the manifest: the file did not exist)."""
+    tree = wdir / "linux"
+    manifest_path = wdir / "pristine.json"
+    if not (tree / "Makefile").is_file() or not manifest_path.is_file():
+        shutil.rmtree(wdir, ignore_errors=True)
+        wdir.mkdir(parents=True)
+        _extract(tarball, tree, quiet)
+        manifest_path.write_text("{}\n")
+    manifest: dict[str, bool] = json.loads(manifest_path.read_text())
+    pristine = wdir / "pristine"
+    applied_path = wdir / "applied.json"
+    try:
+        previously = set(json.loads(applied_path.read_text()))
+    except (OSError, ValueError):
+        previously = set()
+
+    touched: set[str] = set()
+    for p in patches:
+        touched |= patched_files(_read(p, "patch"))
+    # Save the original of every newly touched file before anything changes it.
+    for rel in sorted(touched - set(manifest)):
+        src = tree / rel
+        manifest[rel] = src.is_file()
+        if src.is_file():
+            (pristine / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, pristine / rel)
+    manifest_path.write_text(json.dumps(manifest, indent=0, sort_keys=True) + "\n")
+
+    # Apply the patch set to pristine copies of just these files.
+    scratch = wdir / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    union = touched | previously
+    for rel in union:
+        if manifest.get(rel):
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(pristine / rel, scratch / rel)
+    for p in patches:
+        _say(f"applying {p.name}", quiet)
+        _run(["patch", "-p1", "--forward", "--batch", "-i", str(p.resolve())],
+             cwd=scratch, log=log, what=f"patch {p.name}")
+    changed = 0
+    for rel in sorted(union):
+        new, cur = scratch / rel, tree / rel
+        if new.is_file():
+            if _sha(new) != _sha(cur):
+                cur.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cur.with_name(cur.name + ".sbmdbg-tmp")
+                shutil.copyfile(new, tmp)
+                tmp.replace(cur)
+                changed += 1
+        elif cur.exists():
+            cur.unlink()
+            changed += 1
+    applied_path.write_text(json.dumps(sorted(touched)) + "\n")
+    shutil.rmtree(scratch, ignore_errors=True)
+    _say(f"work tree {tree}: {changed} file(s) rewritten for this patch set", quiet)
+    return tree
+
+
+#: What a build exports next to its key (the work tree moves on to other keys).
+_EXPORTS = {"vmlinux": "vmlinux", "System.map": "System.map", ".config": ".config",
+            "arch/x86/boot/bzImage": "bzImage", "scripts/gdb": "scripts/gdb"}
+
+
+def _export(work: Path, tree: Path) -> None:
+    """Copy the outputs of *work* into *tree*: vmlinux, bzImage, scripts/gdb
+    (with the generated constants), vmlinux-gdb.py; and link the source
+    directories so gdb can list sources."""
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    for rel, out in _EXPORTS.items():
+        src, dst = work / rel, tree / out
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, symlinks=False,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.o", ".*.cmd"))
+        else:
+            shutil.copy2(src, dst)
+    (tree / "vmlinux-gdb.py").symlink_to("scripts/gdb/vmlinux-gdb.py")
+    for entry in work.iterdir():
+        if entry.is_dir() and not entry.name.startswith(".") and not (tree / entry.name).exists():
+            (tree / entry.name).symlink_to(entry)
+
+
+def _configure(work: Path, bdir: Path, fragment: bytes, fragment_path: Path, log, env: dict,
+               quiet: bool) -> None:
+    """tinyconfig + fragment + olddefconfig, skipped when the fragment, the
+    Kconfig files the patches touched and .config are what the last run left."""
+    stamp = work.parent / "config.stamp"
+    try:
+        applied = json.loads((work.parent / "applied.json").read_text())
+    except (OSError, ValueError):
+        applied = []
+    kconfigs = sorted(rel for rel in applied if "Kconfig" in rel)
+    want = hashlib.sha256(fragment + "".join(f"{k}:{_sha(work / k)}" for k in kconfigs).encode()
+                          ).hexdigest()
+    try:
+        have = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        have = {}
+    if have.get("inputs") == want and have.get("config") == _sha(work / ".config"):
+        _say("configuration unchanged", quiet)
+        return
+    _say("configuring (tinyconfig + fixtures/kernel/config)", quiet)
+    _run(["make", *MAKE_VARS, "tinyconfig"], cwd=work, log=log, env=env, what="make tinyconfig")
+    frag_copy = bdir / "config.fragment"
+    frag_copy.write_bytes(fragment)
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag_copy)],
+         cwd=work, log=log, env=env, what="merge_config.sh")
+    _run(["make", *MAKE_VARS, "olddefconfig"], cwd=work, log=log, env=env,
+         what="make olddefconfig")
+    missing = missing_settings(fragment, (work / ".config").read_text())
+    if missing:
+        stamp.unlink(missing_ok=True)
+        raise SbmdbgError(
+            f"config fragment {fragment_path} not honoured: "
+            f"{len(missing)} setting(s) missing from .config: {' '.join(missing)}")
+    stamp.write_text(json.dumps({"inputs": want, "config": _sha(work / ".config")}) + "\n")
+
+
 def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_path: Path,
            fragment: bytes, quiet: bool) -> KernelBuild:
+    """Build in the persistent work tree (incremental: only files whose content
+    changed are rewritten, ccache serves the rest), then export the outputs to
+    builds/<key>/tree."""
     t0 = time.monotonic()
-    tree = bdir / "linux"
-    stamp_patched = bdir / "patched.stamp"
-    stamp_config = bdir / "configured.stamp"
     log_path = bdir / "build.log"
+    tree = bdir / "tree"
     _say(f"building kernel {key} (log: {log_path})", quiet)
-    with open(log_path, "a") as log:
+    with open(log_path, "a") as log, \
+            file_lock(build_lock_path(), what="kernel build lock", quiet=quiet):
         log.write(f"\n===== sbmdbg kernel build {key} {time.ctime()} =====\n")
-        if not stamp_patched.exists() or not (tree / "Makefile").is_file():
-            stamp_config.unlink(missing_ok=True)
-            _extract(tarball, tree, quiet)
-            for p in patches:
-                _say(f"applying {p.name}", quiet)
-                _run(["patch", "-p1", "--forward", "--batch", "-i", str(p.resolve())],
-                     cwd=tree, log=log, what=f"patch {p.name}")
-            stamp_patched.write_text("\n".join(str(p) for p in patches) + "\n")
-
-        env = _make_env(tree)
-        with file_lock(build_lock_path(), what="kernel build lock", quiet=quiet):
-            if not stamp_config.exists() or not (tree / ".config").is_file():
-                _say("configuring (tinyconfig + fixtures/kernel/config)", quiet)
-                _run(["make", *MAKE_VARS, "tinyconfig"], cwd=tree, log=log, env=env,
-                     what="make tinyconfig")
-                frag_copy = bdir / "config.fragment"
-                frag_copy.write_bytes(fragment)
-                _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag_copy)],
-                     cwd=tree, log=log, env=env, what="merge_config.sh")
-                _run(["make", *MAKE_VARS, "olddefconfig"], cwd=tree, log=log, env=env,
-                     what="make olddefconfig")
-                missing = missing_settings(fragment, (tree / ".config").read_text())
-                if missing:
-                    raise SbmdbgError(
-                        f"config fragment {fragment_path} not honoured: "
-                        f"{len(missing)} setting(s) missing from .config: {' '.join(missing)}")
-                stamp_config.write_text("ok\n")
-            _say(f"make bzImage scripts_gdb (-j{os.cpu_count()})", quiet)
-            with _Progress("kernel build", EXPECTED_STEPS, quiet=quiet) as progress:
-                _run(make_command(["bzImage", "scripts_gdb"]), cwd=tree, log=log, env=env,
-                     progress=progress, what="kernel build")
+        work = _update_worktree(worktree_dir(tarball), tarball, patches, log, quiet)
+        env = _make_env(work)
+        _configure(work, bdir, fragment, fragment_path, log, env, quiet)
+        _say(f"make bzImage scripts_gdb (-j{os.cpu_count()})", quiet)
+        with _Progress("kernel build", EXPECTED_STEPS, quiet=quiet) as progress:
+            _run(make_command(["bzImage", "scripts_gdb"]), cwd=work, log=log, env=env,
+                 progress=progress, what="kernel build")
+        if not (work / "vmlinux").is_file() or not (work / "arch/x86/boot/bzImage").is_file():
+            raise SbmdbgError(f"kernel build finished but vmlinux or bzImage is missing in {work}")
+        _export(work, tree)
 
     vmlinux = tree / "vmlinux"
-    bzimage = tree / "arch" / "x86" / "boot" / "bzImage"
-    if not vmlinux.is_file() or not bzimage.is_file():
-        raise SbmdbgError(f"kernel build finished but {vmlinux} or {bzimage} is missing")
+    bzimage = tree / "bzImage"
     kb = KernelBuild(key=key, tree=tree, vmlinux=vmlinux, bzImage=bzimage,
                      build_id=read_build_id(vmlinux), seconds=time.monotonic() - t0)
     tmp = bdir / "result.json.tmp"
     tmp.write_text(json.dumps(kb.to_json(), indent=2) + "\n")
     tmp.rename(bdir / "result.json")
-    foreign_comp_dirs(tree, vmlinux)  # precompute for gdb's substitute-path
     _say(f"kernel {key} built in {kb.seconds:.0f} s", quiet)
     return kb
 
