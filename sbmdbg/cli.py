@@ -351,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD [ARGS] (as the gdb `sbm` commands)")
     ins.set_defaults(func=cmd_inspect)
 
+    from sbmdbg.trace.cli import add_bench_parser as _add_bench_trace, add_parser as _add_trace_parser
+    _add_bench_trace(b)  # sbmdbg bench trace
+    _add_trace_parser(sub)  # sbmdbg trace record|show|export|check
+
     from sbmdbg.check import add_parser as _add_check_parser
     _add_check_parser(sub)  # sbmdbg check FILE... (scripted regression checks, docs/checks.md)
 

@@ -74,6 +74,25 @@ def _modrm_mem(code: bytes, i: int, rex: int) -> tuple[str, int, int] | None:
     return base, 0, j - i
 
 
+def _modrm_len(code: bytes, i: int) -> int | None:
+    """Bytes of a ModRM operand (+SIB +disp) at code[i], whatever it addresses."""
+    if i >= len(code):
+        return None
+    modrm = code[i]
+    mod, rm = modrm >> 6, modrm & 7
+    n = 1
+    if mod != 3 and rm == 4:
+        if i + 1 >= len(code):
+            return None
+        n += 1
+        if mod == 0 and code[i + 1] & 7 == 5:
+            n += 4
+    if mod == 0 and rm == 5:
+        n += 4
+    n += {1: 1, 2: 4}.get(mod, 0)
+    return n if i + n <= len(code) else None
+
+
 def _nop_len(code: bytes) -> int | None:
     i = 0
     while i < len(code) and code[i] in (0x66, 0x2E) and i < 4:
@@ -81,10 +100,8 @@ def _nop_len(code: bytes) -> int | None:
     if i < len(code) and code[i] == 0x90:
         return i + 1
     if i + 2 < len(code) and code[i] == 0x0F and code[i + 1] == 0x1F and (code[i + 2] >> 3) & 7 == 0:
-        if code[i + 2] >> 6 == 3:
-            return i + 3
-        m = _modrm_mem(code, i + 2, 0)
-        return None if m is None else i + 2 + m[2]
+        m = _modrm_len(code, i + 2)
+        return None if m is None else i + 2 + m
     return None
 
 

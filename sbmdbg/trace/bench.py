@@ -1,0 +1,92 @@
+"""``sbmdbg bench trace``: in one boot, time ``repeat N`` untraced, then
+traced at each level (and with emulated step-over), and report transitions
+recorded per second, probe stops per second, the slowdown, and whether the
+trace's counts match the demo's own ``stats``."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+
+STATS = re.compile(r"calls=(\d+) returns=(\d+) aborts=(\d+)")
+
+
+def _stats(vm) -> tuple[int, int, int]:
+    m = STATS.search(vm.run("cat /sys/kernel/debug/sbm_demo/stats").output)
+    if not m:
+        raise RuntimeError("no sbm_demo stats in the guest")
+    return tuple(int(x) for x in m.groups())
+
+
+def _repeat(vm, n: int) -> float:
+    t0 = time.perf_counter()
+    r = vm.run(f"echo repeat {n} > /sys/kernel/debug/sbm_demo/run && cat /sys/kernel/debug/sbm_demo/run",
+               timeout=60 + n)
+    dt = time.perf_counter() - t0
+    if "result=PASS" not in r.output:
+        raise RuntimeError(f"repeat {n} failed: {r.output.strip()}")
+    return dt
+
+
+def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emulate_too: bool = True,
+                opts=None) -> dict:
+    from sbmdbg.kernel.build import ensure_kernel
+    from sbmdbg.trace.live import TraceRecorder
+    from sbmdbg.vm import VM, VMOptions
+
+    if opts is None:
+        kb = ensure_kernel(quiet=True)
+        opts = VMOptions(smp=2, pti=pti, kernel=str(kb.bzImage), vmlinux=str(kb.vmlinux), tree=str(kb.tree))
+    res: dict = {"repeat": repeat, "pti": opts.pti, "smp": opts.smp, "runs": []}
+    with VM(opts) as vm, tempfile.TemporaryDirectory() as td:
+        _repeat(vm, 5)                      # warm up the code paths
+        base = [_repeat(vm, repeat) for _ in range(2)]
+        res["untraced_s"] = round(min(base), 3)
+        variants = [(lv, False) for lv in levels]
+        if emulate_too:
+            variants.append((levels[0], True))
+        for level, emu in variants:
+            path = os.path.join(td, f"{level}-{int(emu)}.jsonl")
+            before = _stats(vm)
+            rec = TraceRecorder(vm.info, path, level, emulate=emu)
+            rec.start()
+            try:
+                dt = _repeat(vm, repeat)
+                st = rec.stop()
+            finally:
+                rec.close()
+            after = _stats(vm)
+            s = st["summary"]
+            hits = sum(st.get("hits", {}).values())
+            res["runs"].append({
+                "level": level, "step_over": "emulated" if emu else "gdb single-step",
+                "traced_s": round(dt, 3), "slowdown": round(dt / res["untraced_s"], 2),
+                "transitions": s["transitions"], "events": s["events"],
+                "transitions_per_s": round(s["transitions"] / dt, 1),
+                "events_per_s": round(s["events"] / dt, 1),
+                "stops": hits, "stops_per_s": round(hits / dt, 1),
+                "ms_per_stop": round((dt - res["untraced_s"]) / max(hits, 1) * 1e3, 2),
+                "tracer_busy_ms_per_stop": round(st.get("busy_s", 0) / max(hits, 1) * 1e3, 3),
+                "calls": s["calls"], "returns": s["returns"], "aborts": s["aborts"],
+                "demo_calls": after[0] - before[0], "demo_returns": after[1] - before[1],
+                "demo_aborts": after[2] - before[2],
+                "counts_match": (s["calls"], s["returns"], s["aborts"]) ==
+                                (after[0] - before[0], after[1] - before[1], after[2] - before[2]),
+            })
+        res["untraced_calls_per_s"] = round(repeat / res["untraced_s"], 1)
+        res["untraced_transitions_per_s"] = round(2 * repeat / res["untraced_s"], 1)
+    return res
+
+
+def render(r: dict) -> str:
+    lines = [f"repeat {r['repeat']} on {r['smp']} vCPUs, pti={r['pti']} (TCG): untraced {r['untraced_s']} s "
+             f"({r['untraced_calls_per_s']} calls/s = {r['untraced_transitions_per_s']} enter+exit transitions/s)",
+             f"{'level':6} {'step-over':16} {'traced s':>8} {'slowdown':>8} {'trans/s':>8} {'events/s':>8} "
+             f"{'stops/s':>8} {'ms/stop':>8} {'ours ms':>8}  counts vs stats"]
+    for x in r["runs"]:
+        lines.append(f"{x['level']:6} {x['step_over']:16} {x['traced_s']:8} {x['slowdown']:8} "
+                     f"{x['transitions_per_s']:8} {x['events_per_s']:8} {x['stops_per_s']:8} "
+                     f"{x['ms_per_stop']:8} {x['tracer_busy_ms_per_stop']:8}  "
+                     f"{'match' if x['counts_match'] else 'MISMATCH'} ({x['calls']}/{x['returns']}/{x['aborts']})")
+    return "\n".join(lines)

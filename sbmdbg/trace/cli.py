@@ -1,0 +1,150 @@
+"""``sbmdbg trace ...`` and ``sbmdbg bench trace``.
+
+    sbmdbg trace record [--id ID | --boot] [--file F] [--level L] [--emulate]
+                        [--run 'CMD'] [--seconds S] [--json]      (alias: start)
+    sbmdbg trace show FILE [--last N] [--kind K,K] [--vcpu N] [--json]
+    sbmdbg trace export FILE --perfetto OUT
+    sbmdbg trace check FILE --qemu-log LOG [--start-offset B]
+    sbmdbg bench trace [--repeat N] [--pti on|off] [--json]
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+from sbmdbg.errors import SbmdbgError
+
+
+def _record(args) -> int:
+    from sbmdbg.trace.live import TraceRecorder
+    from sbmdbg.vm import VM, VMOptions
+
+    if args.boot:
+        vm = VM(VMOptions(smp=args.smp, pti=args.pti, qemu_log=args.qemu_log))
+    else:
+        vm = VM.attach(args.id)
+    stop = {"now": False}
+
+    def handler(signum, frame):
+        stop["now"] = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        rec = TraceRecorder(vm.info, args.file, args.level, emulate=args.emulate)
+        rec.start()
+        print(f"tracing VM {vm.id} to {rec.path} (level {args.level}); "
+              + ("running: " + args.run if args.run else "Ctrl-C to stop"), file=sys.stderr, flush=True)
+        out = None
+        try:
+            if args.run:
+                res = vm.run(args.run, timeout=args.seconds or 600)
+                out = res.output
+                rec.poll()
+            else:
+                rec.wait(args.seconds or 10 ** 9, until=lambda: stop["now"])
+            st = rec.stop()
+        finally:
+            rec.close()
+    finally:
+        signal.signal(signal.SIGINT, old)
+        vm.close()
+    if args.json:
+        print(json.dumps({"status": st, "guest_output": out}, indent=2))
+    else:
+        if out:
+            sys.stdout.write(out)
+        s = st["summary"]
+        print(f"{s['events']} events in {st['file']}: {s['calls']} calls, {s['returns']} returns, "
+              f"{s['aborts']} aborts, {s['transitions']} transitions in {s['seconds']} s")
+    return 0
+
+
+def _show(args) -> int:
+    from sbmdbg.trace.events import read_events, summarize
+
+    events = read_events(args.file)
+    if args.json:
+        print(json.dumps({"summary": summarize(events), "events": events[-args.last:] if args.last else events}))
+        return 0
+    from rich.console import Console
+
+    from sbmdbg.trace.export import timeline
+    con = Console(highlight=False)
+    con.print(timeline(events, args.last, set(args.kind.split(",")) if args.kind else None, args.vcpu))
+    s = summarize(events)
+    con.print(f"{s['calls']} calls, {s['returns']} returns, {s['aborts']} aborts, "
+              f"{s['transitions']} transitions in {s['seconds']} s"
+              + ("" if s["complete"] else "  (no trace_stop: the recorder died)"))
+    return 0
+
+
+def _export(args) -> int:
+    from sbmdbg.trace.events import read_events
+    from sbmdbg.trace.export import write_perfetto
+
+    n = write_perfetto(read_events(args.file), args.perfetto)
+    print(f"wrote {n} trace events to {args.perfetto} (open in ui.perfetto.dev)")
+    return 0
+
+
+def _check(args) -> int:
+    from sbmdbg.trace.events import read_events
+    from sbmdbg.trace.qemulog import cross_check, parse_log
+
+    r = cross_check(read_events(args.file), parse_log(args.qemu_log, args.start_offset))
+    print(json.dumps(r, indent=2))
+    return 0 if not r["missing_from_log"] and not r["missing_from_trace"] else 1
+
+
+def _bench(args) -> int:
+    from sbmdbg.trace.bench import bench_trace, render
+
+    r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels.split(","))
+    print(json.dumps(r, indent=2) if args.json else render(r))
+    return 0
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("trace", help="live SBM transition tracer").add_subparsers(
+        dest="tcmd", required=True, parser_class=sub._parser_class)
+    for name in ("record", "start"):
+        r = t.add_parser(name, help="record while the guest runs (until --run ends, --seconds, Ctrl-C)")
+        r.add_argument("--id", help="detached VM id (default: the only one)")
+        r.add_argument("--boot", action="store_true", help="boot a VM for this trace (stopped afterwards)")
+        r.add_argument("--smp", type=int, default=2)
+        r.add_argument("--pti", choices=["on", "off"], default="on")
+        r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE")
+        r.add_argument("--file", default="sbm-trace.jsonl")
+        r.add_argument("--level", choices=["lean", "fast", "full"], default="full")
+        r.add_argument("--emulate", action="store_true", help="emulated step-over (see README)")
+        r.add_argument("--run", help="guest shell command to run while tracing")
+        r.add_argument("--seconds", type=float, help="how long to trace (or --run's timeout)")
+        r.add_argument("--json", action="store_true")
+        r.set_defaults(func=_record)
+    s = t.add_parser("show", help="terminal timeline of a trace file")
+    s.add_argument("file")
+    s.add_argument("--last", type=int)
+    s.add_argument("--kind")
+    s.add_argument("--vcpu", type=int)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_show)
+    e = t.add_parser("export", help="Chrome/Perfetto trace JSON")
+    e.add_argument("file")
+    e.add_argument("--perfetto", required=True, metavar="OUT")
+    e.set_defaults(func=_export)
+    c = t.add_parser("check", help="cross-check a trace against QEMU's -d int log")
+    c.add_argument("file")
+    c.add_argument("--qemu-log", required=True)
+    c.add_argument("--start-offset", type=int, default=0, help="byte offset of the log where tracing began")
+    c.set_defaults(func=_check)
+
+
+def add_bench_parser(b) -> None:
+    bt = b.add_parser("trace", help="tracer throughput and slowdown during `repeat N`")
+    bt.add_argument("--repeat", type=int, default=100, help="N of `repeat N` (default 100)")
+    bt.add_argument("--pti", choices=["on", "off"], default="on")
+    bt.add_argument("--levels", default="full,lean", help="comma-separated levels to measure")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=_bench)
