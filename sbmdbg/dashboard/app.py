@@ -8,7 +8,9 @@ trace tail are re-read (after a pause or a step, one full refresh runs).
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 
 from textual.app import App, ComposeResult
@@ -48,8 +50,9 @@ class Dashboard(App):
     #grid { grid-size: 2 2; grid-columns: 1fr 1fr; grid-rows: 3fr 2fr; height: 1fr; }
     .panel { border: round $primary; border-title-align: left; padding: 0 1; height: 1fr; }
     #console-box { border: round $primary; border-title-align: left; height: 1fr; }
-    #console { height: 1fr; padding: 0 1; }
-    #cmd { dock: bottom; height: 1; border: none; padding: 0 1; }
+    #console-scroll { height: 1fr; }
+    #console { padding: 0 1; }
+    #cmd { height: 1; border: none; padding: 0 1; }
     #msg { height: 1; }
     """
     BINDINGS = [
@@ -84,7 +87,8 @@ class Dashboard(App):
             with VerticalScroll(id="trace-box", classes="panel"):
                 yield Static(id="trace")
             with Vertical(id="console-box"):
-                yield Static(id="console")
+                with VerticalScroll(id="console-scroll"):
+                    yield Static(id="console")
                 yield Input(placeholder="guest command: c to type, Enter sends, Esc leaves", id="cmd")
         yield Static(id="msg")
         yield Footer()
@@ -98,9 +102,23 @@ class Dashboard(App):
         self.tick()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             try:
-                signal.signal(sig, lambda *_: self.call_later(self.exit))
+                signal.signal(sig, self._on_signal)
             except (ValueError, OSError):
                 pass
+
+    def _on_signal(self, signum, frame) -> None:
+        """Terminal gone (SIGHUP) or SIGTERM: the UI loop may not get to run
+        again (a dead pty), so clean up from a thread and leave."""
+        def bye():
+            try:
+                self.backend.close()
+            finally:
+                os._exit(128 + signum)
+        threading.Thread(target=bye, name="sbmdbg-dashboard-exit", daemon=True).start()
+        try:
+            self.call_later(self.exit)
+        except Exception:  # noqa: BLE001
+            pass
 
     # ------------------------------------------------------------ refresh
     def tick(self) -> None:
@@ -136,8 +154,9 @@ class Dashboard(App):
         self.query_one("#sandboxes", Static).update(P.sandbox_panel(snap))
         th = max(3, self.query_one("#trace-box").size.height - 4)
         self.query_one("#trace", Static).update(P.trace_panel(snap, th))
-        con = self.query_one("#console", Static)
-        con.update(P.console_panel(snap, max(1, con.size.height), max(10, con.size.width - 2)))
+        self.query_one("#console", Static).update(P.console_panel(snap, 200))
+        scroll = self.query_one("#console-scroll")
+        self.call_after_refresh(scroll.scroll_end, animate=False)
         self.query_one("#msg", Static).update(P.messages_text(snap))
 
     def refresh_soon(self) -> None:

@@ -272,6 +272,7 @@ class Backend:
         self._serial = None
         self._pt_cache: dict = {}
         self.closed = False
+        self._close_lock = threading.Lock()
         self.last_refresh_ms: float | None = None
 
     # ------------------------------------------------------------ setup
@@ -527,13 +528,21 @@ class Backend:
                 self.note(f"gdb: {e}")
                 self.g = None
 
+    def _gdb_alive(self) -> bool:
+        proc = getattr(getattr(self.g, "_gdb", None), "gdb_process", None)
+        return proc is not None and proc.poll() is None
+
     def _stop_guest(self) -> None:
         """All vCPUs stopped (holding the tracer's own resumes first)."""
         g = self._need_gdb()
+        if not self._gdb_alive():
+            raise SbmdbgError("gdb exited")
         if self.tracing:
             g.console("sbm trace hold", timeout=10)
         quiet = 0
         for _ in range(100):
+            if not self._gdb_alive():
+                raise SbmdbgError("gdb exited")
             g._poll(0.02)
             if g.running:
                 quiet = 0
@@ -542,7 +551,7 @@ class Backend:
                 except SbmdbgError:
                     pass
                 try:
-                    g.wait_stopped(timeout=10)
+                    g.wait_stopped(timeout=5)
                 except SbmdbgError:
                     pass
             else:
@@ -676,9 +685,13 @@ class Backend:
     def close(self) -> dict:
         """Never leaves the guest stopped or QEMU orphaned: stop the trace,
         continue the guest, detach gdb; kill the VM if we started it."""
-        if self.closed:
-            return {}
-        self.closed = True
+        with self._close_lock:
+            if self.closed:
+                return {}
+            self.closed = True
+            return self._close()
+
+    def _close(self) -> dict:
         out: dict = {}
         g = self.g
         if g is not None:

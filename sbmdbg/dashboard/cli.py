@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 
@@ -72,6 +73,10 @@ def cmd_dashboard(args) -> int:
         raise SbmdbgError("--break SYMBOL needs a --demo NAME to run into it")
     if args.rate <= 0:
         raise SbmdbgError("--rate must be > 0")
+    def _leave(signum, frame):   # SIGTERM/SIGHUP while booting or attaching: clean up on the way out
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _leave)
     conn = _conn(args)
     need_gdb = not once or args.trace or bool(args.break_at)
     if need_gdb and not conn.gdb:
