@@ -141,6 +141,8 @@ class GuestContext:
         if st:
             if st["stack"] <= rsp <= st["stack"] + ts:
                 return "sandbox"
+            if st["stack"] - 4096 <= rsp < st["stack"]:
+                return "sandbox-guard"      # overflowed into the guard page
             if st["exc_stack"] <= rsp <= st["exc_stack"] + self.exc_stksz:
                 return "exception"
         if task:
