@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,8 +18,11 @@ pytestmark = [pytest.mark.live, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True)
+def _qemu_pids(mine: bool = False) -> set[int]:
+    """QEMU processes (with *mine*: only this test process's children, so that
+    other jobs on the machine do not count)."""
+    extra = ["-P", str(os.getpid())] if mine else []
+    out = subprocess.run(["pgrep", *extra, "-f", "qemu-system-x86_64"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
 
 
@@ -118,31 +122,32 @@ def test_la57_option(make_vm, la57):
 
 
 def test_boot_failure_raises_with_tail(make_vm):
-    before = _qemu_pids()
+    before = _qemu_pids(mine=True)
     with pytest.raises(SbmdbgError) as ei:
         make_vm(append="rdinit=/nonexistent init=/nonexistent", smp=1, boot_timeout=60)
     msg = str(ei.value)
     assert "boot failed" in msg and "console tail" in msg
     assert "nonexistent" in msg or "panic" in msg.lower()
     time.sleep(0.2)
-    assert _qemu_pids() - before == set()
+    assert _qemu_pids(mine=True) - before == set()
 
 
 def test_bogus_kernel_raises(tmp_path, make_vm):
     bogus = tmp_path / "bzImage"
     bogus.write_bytes(b"not a kernel" * 100)
-    before = _qemu_pids()
+    before = _qemu_pids(mine=True)
     with pytest.raises(SbmdbgError):
         make_vm(kernel=str(bogus), boot_timeout=20)
-    assert _qemu_pids() - before == set()
+    assert _qemu_pids(mine=True) - before == set()
 
 
 def test_gdb_session_attach_interrupt_continue(make_vm, gdb_session):
     vm = make_vm()
     g = gdb_session(vm)
     assert not g.running  # attaching stops the guest
-    # Sources resolve into this build's tree even for objects ccache compiled elsewhere.
-    assert g.last_stop["frame"]["fullname"].startswith(vm.info["tree"])
+    # Sources resolve to a real file even for objects ccache compiled in other
+    # trees (gdb gets substitute-path rules for their comp_dirs).
+    assert Path(g.last_stop["frame"]["fullname"]).is_file(), g.last_stop["frame"]
     threads = g.console("info threads")
     assert "Thread 1.1" in threads and "Thread 1.2" in threads
     assert g.console("p $lx_current().pid").strip().endswith("= 0")

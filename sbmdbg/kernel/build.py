@@ -35,7 +35,7 @@ SOURCE_TARBALL = Path(os.environ.get("SBMDBG_KERNEL_SOURCE", "/usr/src/linux-sou
 PATCHES_DIR = REPO_ROOT / "fixtures" / "kernel" / "patches"
 CONFIG_FRAGMENT = REPO_ROOT / "fixtures" / "kernel" / "config"
 #: Bumped when the pipeline itself changes in a way that changes the output.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 #: About how many CC/LD/AR/... lines a tinyconfig + fragment build prints.
 EXPECTED_STEPS = 1650
 #: How many finished builds the cache keeps (override: SBMDBG_KEEP_BUILDS).
