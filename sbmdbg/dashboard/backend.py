@@ -532,26 +532,31 @@ class Backend:
         proc = getattr(getattr(self.g, "_gdb", None), "gdb_process", None)
         return proc is not None and proc.poll() is None
 
-    def _stop_guest(self) -> None:
-        """All vCPUs stopped (holding the tracer's own resumes first)."""
+    def _stop_guest(self, step: float = 5.0) -> None:
+        """All vCPUs stopped (holding the tracer's own resumes first); ``step``
+        bounds each wait for gdb."""
         g = self._need_gdb()
         if not self._gdb_alive():
             raise SbmdbgError("gdb exited")
         if self.tracing:
-            g.console("sbm trace hold", timeout=10)
+            g.console("sbm trace hold", timeout=2 * step)
         quiet = 0
+        deadline = time.monotonic() + 6 * step
         for _ in range(100):
+            if time.monotonic() > deadline:
+                break
             if not self._gdb_alive():
                 raise SbmdbgError("gdb exited")
             g._poll(0.02)
             if g.running:
                 quiet = 0
                 try:
-                    g.mi("-exec-interrupt --all", timeout=5)
+                    g.mi("-exec-interrupt --all", timeout=step)
                 except SbmdbgError:
-                    pass
+                    if not self._gdb_alive():
+                        raise SbmdbgError("gdb exited") from None
                 try:
-                    g.wait_stopped(timeout=5)
+                    g.wait_stopped(timeout=step)
                 except SbmdbgError:
                     pass
             else:
@@ -698,7 +703,7 @@ class Backend:
             with self.gdb_lock:
                 try:
                     # detach needs a stopped target; QEMU's gdbstub resumes the VM on detach
-                    self._stop_guest()
+                    self._stop_guest(step=1.0)
                     if self.tracing:
                         st = g.console("sbm trace stop --json", timeout=60)
                         self.tracing = False

@@ -160,3 +160,30 @@ def test_dashboard_once_svg_and_timing(kernel_build, tmp_path):
     assert st["ncpus"] == 2 and st["median_ms"] > 0
     assert st["median_ms"] <= 200, st           # the goal is 50 ms; the CI box is shared
     assert svg.exists() and "vCPU" in svg.read_text()
+
+
+def test_dashboard_lost_terminal(kernel_build):
+    """The terminal goes away (tmux kill-session = SIGHUP): no QEMU, gdb or
+    dashboard survives."""
+    name = f"sbmdbg-dash-{uuid.uuid4().hex[:6]}"
+    cmd = f"unset COLUMNS LINES; cd {REPO_ROOT} && {sys.executable} -m sbmdbg.cli dashboard; sleep 600"
+    tmux("new-session", "-d", "-x", "100", "-y", "30", "-s", name, cmd)
+    procs: dict[int, str] = {}
+    try:
+        shell = int(tmux("display", "-p", "-t", name, "#{pane_pid}").strip())
+        wait_screen(name, lambda t: "RUNNING" in t and "CR3 role" in t, 120, "the dashboard")
+        procs = descendants(shell)
+        assert "qemu-system-x86" in procs.values() and "gdb" in procs.values(), procs
+        tmux("kill-session", "-t", name)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not {p: c for p, c in procs.items() if alive(p)}
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        for p in procs:
+            if alive(p):
+                try:
+                    os.kill(p, 9)
+                except OSError:
+                    pass
