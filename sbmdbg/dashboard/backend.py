@@ -170,7 +170,7 @@ class TraceTail:
         self.off = 0
         self.partial = b""
         self.last: collections.deque = collections.deque(maxlen=keep)
-        self.recent: collections.deque = collections.deque()   # (monotonic seen, kind)
+        self.recent: collections.deque = collections.deque()   # (host seconds, kind)
         self.counts: collections.Counter = collections.Counter()
         self.aborts: collections.Counter = collections.Counter()
         self.total = 0
@@ -191,7 +191,7 @@ class TraceTail:
         data = self.partial + data
         lines = data.split(b"\n")
         self.partial = lines.pop()
-        now = time.monotonic()
+        now = time.time()
         n = 0
         for ln in lines:
             if not ln.strip():
@@ -211,12 +211,14 @@ class TraceTail:
         self.total += 1
         self.counts[k] += 1
         self.last.append(ev)
-        self.recent.append((time.monotonic() if now is None else now, k))
+        ns = ev.get("host_ns")   # when the tracer recorded it (host clock), else now
+        self.recent.append((ns / 1e9 if isinstance(ns, int) else time.time() if now is None else now, k))
         if k == "abort":
             self.aborts[abort_reason(ev)] += 1
 
     def rates(self, now: float | None = None) -> dict:
-        now = time.monotonic() if now is None else now
+        """Events per second over the last RATE_WINDOW_S seconds (host time)."""
+        now = time.time() if now is None else now
         while self.recent and self.recent[0][0] < now - self.RATE_WINDOW_S:
             self.recent.popleft()
         c = collections.Counter(k for _, k in self.recent if k not in ("trace_start", "trace_stop"))
