@@ -6,7 +6,7 @@ gdbstub's physical mode.  The RAM file is known from ``sbm target shm PATH
 when gdb is connected to a local gdbstub, the QEMU process serving that port
 is looked up in /proc and, if it backs the machine's RAM with a shared
 memory-backend-file, that file is used (``sbm target gdb`` turns this off).  Every cache is dropped when the guest resumes
-(``gdb.events.cont``) or gdb writes memory.
+(``gdb.events.cont``), when it stops (``gdb.events.stop``) or gdb writes memory.
 """
 from __future__ import annotations
 
@@ -133,6 +133,9 @@ STATE = State()
 def _connect_events():
     ev = gdb.events
     ev.cont.connect(STATE.invalidate)
+    # Also on every stop: a resume that gdb did not report as `cont` (seen
+    # under MI async) must not leave the previous stop's view behind.
+    ev.stop.connect(STATE.invalidate)
     if hasattr(ev, "memory_changed"):
         ev.memory_changed.connect(STATE.invalidate)
     if hasattr(ev, "register_changed"):
