@@ -30,7 +30,7 @@ def _repeat(vm, n: int) -> float:
 
 
 def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emulate_too: bool = True,
-                opts=None) -> dict:
+                opts=None, floor: bool = True) -> dict:
     from sbmdbg.kernel.build import ensure_kernel
     from sbmdbg.trace.live import TraceRecorder
     from sbmdbg.vm import VM, VMOptions
@@ -74,6 +74,13 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emu
                 "counts_match": (s["calls"], s["returns"], s["aborts"]) ==
                                 (after[0] - before[0], after[1] - before[1], after[2] - before[2]),
             })
+        if floor:
+            # What QEMU's own stop/resume costs, with no gdb and no single step.
+            from sbmdbg.model.symbols import Symbols
+            from sbmdbg.trace.points import _code
+            from sbmdbg.trace.stopfloor import measure
+            addr, code = _code(Symbols.from_elf(vm.info["vmlinux"]), "x86_sbm_exec")
+            res["raw_rsp_floor"] = measure(vm, addr + 1, code[1:], repeat)
         res["untraced_calls_per_s"] = round(repeat / res["untraced_s"], 1)
         res["untraced_transitions_per_s"] = round(2 * repeat / res["untraced_s"], 1)
     return res
@@ -89,4 +96,9 @@ def render(r: dict) -> str:
                      f"{x['transitions_per_s']:8} {x['events_per_s']:8} {x['stops_per_s']:8} "
                      f"{x['ms_per_stop']:8} {x['tracer_busy_ms_per_stop']:8}  "
                      f"{'match' if x['counts_match'] else 'MISMATCH'} ({x['calls']}/{x['returns']}/{x['aborts']})")
+    f = r.get("raw_rsp_floor")
+    if f:
+        lines.append(f"floor (raw RSP client, no gdb, no single step, 1 breakpoint): {f['stops']} stops in "
+                     f"{f['traced_s']} s (untraced {f['untraced_s']} s) = {f['stops_per_s']} stops/s, "
+                     f"{f['ms_per_stop']} ms per stop: QEMU's own stop/resume of the VM")
     return "\n".join(lines)
