@@ -22,6 +22,10 @@ _RBP, _RSP, _RIP = 6, 7, 16
 _MOV_RSP_RBP = bytes.fromhex("4889e5")
 
 
+class StubTimeout(SbmdbgError):
+    """The gdbstub sent nothing within the socket's timeout."""
+
+
 class RspClient:
     """GDB remote protocol over TCP: packets with checksums, acks on."""
 
@@ -46,7 +50,10 @@ class RspClient:
                 data, self.buf = self.buf[i + 1:j], self.buf[j + 3:]
                 self.sock.sendall(b"+")
                 return data.decode(errors="replace")
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except (socket.timeout, TimeoutError) as exc:
+                raise StubTimeout("the gdbstub did not answer") from exc
             if not chunk:
                 raise SbmdbgError("the gdbstub closed the connection")
             self.buf += chunk
@@ -97,7 +104,7 @@ def measure(vm, addr: int, code: bytes, n: int) -> dict:
         while not done.is_set():
             try:
                 rep = c.recv()
-            except (socket.timeout, TimeoutError):
+            except StubTimeout:
                 continue
             if not rep.startswith("T"):
                 continue
