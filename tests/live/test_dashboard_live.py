@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ import pytest
 
 from sbmdbg.paths import REPO_ROOT, cache_root
 
-pytestmark = [pytest.mark.live,
-              pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")]
+# tmux is installed by ./run (apt): a missing tmux is a failure, not a skip.
+pytestmark = pytest.mark.live
 
 
 def tmux(*args: str) -> str:
