@@ -127,12 +127,20 @@ def task_info(kernel, task: int) -> dict:
     def get():
         lay = kernel.layouts.layout("task_struct")
         out = {"task": task}
+        f = lay.fields
+        # Read only up to the last field used: DWARF's sizeof(task_struct)
+        # (with the largest FPU state) exceeds the allocation
+        # (arch_task_struct_size), and past the allocation may lie a page
+        # the kernel does not map (the top of RAM).
+        used = [f[n] for n in ("pid", "tgid", "comm", "stack") if n in f]
+        if has_sbm(kernel):
+            used.append(kernel.layouts.resolve("task_struct", "thread_info.sbm_state"))
+        need = max(x.offset + x.size for x in used)
         try:
-            data = kernel.read_virt(kernel.root, task, lay.size)
+            data = kernel.read_virt(kernel.root, task, need)
         except ReadErrors as e:
             out["error"] = str(e)
             return out
-        f = lay.fields
         out["pid"] = decode_field(f["pid"], data)
         out["tgid"] = decode_field(f["tgid"], data) if "tgid" in f else out["pid"]
         out["comm"] = cstring(decode_field(f["comm"], data))

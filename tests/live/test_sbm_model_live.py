@@ -173,7 +173,7 @@ def test_stopped_in_handle_sbm_fault(guest):
     s = Stop(vm, g, "handle_sbm_fault", "write_kernel_data")
     try:
         row = sbm_json(g, "sbm")["cpus"][s.cpu]
-        assert row["mode"] == "sandbox (in kernel handler)" and row["cpl"] == 0
+        assert row["mode"] == "sandbox (in kernel handler)" and row["cpl"] == 0, json.dumps(row)[:1500]
         assert row["stack"]["kind"] == "sbm_exception_stack"
         stk = sbm_json(g, f"sbm stack {s.cpu}")["cpus"][0]
         sb = sbm_json(g, f"sbm show cpu{s.cpu} --no-map")["sandboxes"][0]
