@@ -73,15 +73,22 @@ class GuestContext:
         ) if a in sym and b in sym]
         self.state_page = k.sym("x86_sbm_state")
         self.per_cpu_size = kernel.per_cpu_end or 0
+        # The direct map ends where the next region begins: with KASLR
+        # (RANDOMIZE_MEMORY) vmalloc/vmemmap may start well within 64 TB of
+        # page_offset_base, so a fixed span would take vmalloc'ed stacks for
+        # direct-map addresses.
+        pob = kernel.page_offset_base
+        self.direct_end = min([b for b in (kernel.vmalloc_base, kernel.vmemmap_base) if b and b > pob]
+                              + [pob + DIRECT_MAP_SPAN])
 
     # ------------------------------------------------------------ reads
     def read(self, va: int, n: int) -> bytes:
         k = self.k
         va &= U64
         if self.text <= va and va + n <= self.end:
-            return k.target.read_phys(va - START_KERNEL_MAP + k.phys_base, n)
+            return k.target.read_phys((va - START_KERNEL_MAP + k.phys_base) & U64, n)
         pob = k.page_offset_base
-        if pob <= va and va + n <= pob + DIRECT_MAP_SPAN and (va >> 12) == ((va + n - 1) >> 12):
+        if pob <= va and va + n <= self.direct_end and (va >> 12) == ((va + n - 1) >> 12):
             return k.target.read_phys(va - pob, n)
         return k.read_virt(k.root, va, n)
 
@@ -248,7 +255,7 @@ class GuestContext:
                     return f"per-CPU area of cpu {c}" + (f": {s}" if s else "")
         if CPU_ENTRY_AREA[0] <= addr < CPU_ENTRY_AREA[1]:
             return "cpu_entry_area"
-        if k.page_offset_base <= addr < k.page_offset_base + DIRECT_MAP_SPAN:
+        if k.page_offset_base <= addr < self.direct_end:
             return "direct map"
         if k.vmalloc_base <= addr < k.vmalloc_base + (32 << 40):
             return "vmalloc"

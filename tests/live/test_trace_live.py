@@ -118,3 +118,31 @@ def test_trace_survives_a_dying_peer(make_vm, tmp_path, victim):
     assert validate(events) == []
     assert len(events) >= n_before and events[-1]["kind"] == "trace_stop", events[-1]
     assert summarize(events)["calls"] >= 5
+
+
+def test_trace_under_kaslr(make_vm, tmp_path):
+    """KASLR on: the probes are relocated by the kernel model (slide found in
+    guest memory), so every call and abort is still caught, with symbols."""
+    vm = make_vm(smp=2, pti="on", kaslr=True)
+    trace = tmp_path / "k.jsonl"
+    before = _stats(vm)
+    rec = TraceRecorder(vm.info, str(trace), "fast")
+    try:
+        rec.start()
+        _scenario(vm, "ok")
+        _scenario(vm, "write_kernel_data")
+        _scenario(vm, "noncanonical")
+        rec.poll()
+        rec.stop()
+    finally:
+        rec.close()
+    after = _stats(vm)
+    events = read_events(str(trace), strict=True)
+    assert validate(events) == []
+    s = summarize(events)
+    kinds = [(e.get("kind"), e.get("probe"), e.get("message") or e.get("error")) for e in events]
+    assert (s["calls"], s["returns"], s["aborts"]) == tuple(a - b for a, b in zip(after, before)) == (3, 1, 2), kinds
+    aborts = [e for e in events if e.get("kind") == "abort"]
+    assert sorted(e.get("vector") for e in aborts) == [13, 14]
+    enters = [e for e in events if e.get("kind") == "enter"]
+    assert all((e.get("sym") or "").startswith("x86_sbm_exec") or e.get("func_sym") for e in enters), enters[:1]
