@@ -1,4 +1,5 @@
-"""``./run demo``: build the kernel, boot it, attach gdb, print ``sbm pcpu``."""
+"""``./run demo``: build the kernel, boot it, attach gdb, print ``sbm pcpu``,
+then stop inside a sandbox and print ``sbm``, ``sbm stack`` and ``sbm audit``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sbmdbg.errors import SbmdbgError
@@ -31,6 +33,26 @@ def _register_table(gdb, ncpus: int) -> Table:
     return table
 
 
+def _sandbox_stop(con, gdb, vm) -> None:
+    """Stop at the first instruction of a sandboxed function (the demo's
+    ``ok`` scenario) and show the vCPUs, the sandbox's stack and the audit."""
+    if "list" not in gdb.console("help sbm"):
+        return
+    gdb.mi("-break-insert -t *__sbm_thunk_sbm_demo_compute")
+    gdb.cont()
+    vm.serial.send("echo ok > /sys/kernel/debug/sbm_demo/run\n")
+    stop = gdb.wait_stopped(120)
+    cpu = int(stop.get("thread-id", "1")) - 1
+    con.print("[bold]stopped at the first sandbox instruction "
+              "(breakpoint on __sbm_thunk_sbm_demo_compute, `echo ok > .../sbm_demo/run`)[/]")
+    for cmd in ("sbm", f"sbm stack {cpu}", "sbm audit"):
+        con.print(f"[bold]$ {cmd}[/]")
+        sys.stdout.write(gdb.console(cmd, timeout=120))
+    gdb.cont()
+    out = vm.run("cat /sys/kernel/debug/sbm_demo/run").output.strip()
+    con.print(f"[bold]guest:[/] {escape(out)}")
+
+
 def demo(smp: int = 2, pti: str = "on") -> int:
     from sbmdbg.kernel.build import ensure_kernel
     from sbmdbg.vm import VM, VMOptions
@@ -53,6 +75,7 @@ def demo(smp: int = 2, pti: str = "on") -> int:
             if has_sbm:
                 con.print("[bold]$ sbm pcpu[/]")
                 sys.stdout.write(gdb.console("sbm pcpu", timeout=120))
+                _sandbox_stop(con, gdb, vm)
             else:
                 threads = gdb.console("info threads")
                 ncpus = len(re.findall(r"Thread \d+\.\d+", threads)) or smp
