@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -222,3 +223,20 @@ def test_cli_detached_start_run_stop(kernel_build, tmp_path):
     assert not Path(info["ram"]).exists()
     r = _cli("vm", "run", "--id", info["id"], "true")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
+
+
+def test_demo_command_end_to_end(kernel_build):
+    """`sbmdbg demo` (what `./run demo` runs): pcpu table, then a live stop in
+    a sandbox with the boundary-crossing backtrace, and nothing left running."""
+    before = _qemu_pids()
+    r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "demo"], capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "pcpu_hot" in out and "swapper/0" in out
+    assert "stopped at the first sandbox instruction" in out
+    assert re.search(r"│ \d+\s+│ sandbox\s+│ 3 ", out), out[-3000:]
+    assert "--- sandbox boundary: [tos-8]" in out and "arch_sbm_exec+" in out
+    assert "worst = info" in out and "result=PASS" in out
+    time.sleep(0.2)
+    assert _qemu_pids() - before == set()
