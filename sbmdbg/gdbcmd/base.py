@@ -10,6 +10,7 @@ import sys
 import gdb
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.jsonutil import jsonable
 
 
 class _ArgError(Exception):
@@ -31,14 +32,7 @@ class _Parser(argparse.ArgumentParser):
         gdb.write(self.format_help())
 
 
-def to_jsonable(obj):
-    if isinstance(obj, bytes):
-        return obj.hex()
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    return obj
+to_jsonable = jsonable
 
 
 def _json_default(obj):

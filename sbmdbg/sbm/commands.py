@@ -5,6 +5,7 @@ command reads (argparse Namespace); missing ones take their defaults."""
 from __future__ import annotations
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.jsonutil import jsonable  # noqa: F401  (re-exported for the faces)
 from sbmdbg.sbm import audit as au
 from sbmdbg.sbm import model as m
 from sbmdbg.sbm import regions as rg
@@ -12,14 +13,6 @@ from sbmdbg.sbm import stacks as stk
 from sbmdbg.x86 import paging as pg
 
 
-def jsonable(obj):
-    if isinstance(obj, bytes):
-        return obj.hex()
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def _a(args, name, default=None):
