@@ -212,11 +212,7 @@ def cmd_bench_pt(args) -> int:
     opts = VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
                      append=args.append, kernel=args.kernel, vmlinux=args.vmlinux,
                      qemu_log=args.qemu_log, boot_timeout=args.timeout, tree=args.tree)
-    if opts.kernel is None:
-        from sbmdbg.kernel.build import ensure_kernel
-        kb = ensure_kernel()
-        opts.kernel, opts.vmlinux, opts.tree = str(kb.bzImage), str(kb.vmlinux), str(kb.tree)
-    r = bench_pt(opts, repeat=args.repeat)
+    r = bench_pt(opts, repeat=args.repeat)  # VM boots the reference kernel when opts.kernel is None
     print(_json.dumps(r, indent=2) if args.json else render(r))
     return 0
 
@@ -244,10 +240,7 @@ def cmd_bench_status(args) -> int:
     from sbmdbg.sbm.bench import bench_status, render
     from sbmdbg.vm import VMOptions
 
-    opts = VMOptions(smp=args.smp, pti=args.pti)
-    from sbmdbg.kernel.build import ensure_kernel
-    kb = ensure_kernel()
-    opts.kernel, opts.vmlinux, opts.tree = str(kb.bzImage), str(kb.vmlinux), str(kb.tree)
+    opts = VMOptions(smp=args.smp, pti=args.pti)  # kernel=None: the VM builds/uses the reference one
     r = bench_status(opts, repeat=args.repeat)
     print(json.dumps(r, indent=2) if args.json else render(r))
     return 0

@@ -31,13 +31,11 @@ def _repeat(vm, n: int) -> float:
 
 def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emulate_too: bool = True,
                 opts=None, floor: bool = True) -> dict:
-    from sbmdbg.kernel.build import ensure_kernel
     from sbmdbg.trace.live import TraceRecorder
     from sbmdbg.vm import VM, VMOptions
 
     if opts is None:
-        kb = ensure_kernel(quiet=True)
-        opts = VMOptions(smp=2, pti=pti, kernel=str(kb.bzImage), vmlinux=str(kb.vmlinux), tree=str(kb.tree))
+        opts = VMOptions(smp=2, pti=pti)  # kernel=None: the VM boots the reference kernel
     res: dict = {"repeat": repeat, "pti": opts.pti, "smp": opts.smp, "runs": []}
     with VM(opts) as vm, tempfile.TemporaryDirectory() as td:
         _repeat(vm, 5)                      # warm up the code paths
