@@ -88,6 +88,24 @@ class Kernel:
             if better is not None and better != self.root:
                 self.root = better
                 self._tlb.clear()
+        self._pin_root()
+
+    def _pin_root(self) -> None:
+        """Use init_top_pgt as the kernel root from now on: the CR3 a vCPU had
+        at discovery may be a process's PGD, freed (and reused) once that
+        process exits, while the model lives on across stops."""
+        if self.symbols.get("init_top_pgt") is None:
+            return
+        pa = (self.sym("init_top_pgt") - START_KERNEL_MAP + self.phys_base) & ((1 << 64) - 1)
+        text = self.sym("_text")
+        try:
+            ok = (pg.translate(self._reader, pa, text, la57=self.la57, nxe=self.nxe).pa ==
+                  pg.translate(self._reader, self.root, text, la57=self.la57, nxe=self.nxe).pa)
+        except Exception:  # noqa: BLE001 - unreadable: keep the discovered root
+            ok = False
+        if ok and pa != self.root:
+            self.root = pa
+            self._tlb.clear()
 
     def _discover_on(self, cpu: int, verify: bool) -> None:
         t = self.target
