@@ -140,7 +140,13 @@ def fragment_settings(config: bytes) -> dict[str, str]:
 def missing_settings(fragment: bytes, dotconfig: str) -> list[str]:
     """Fragment lines ``CONFIG_X=v`` that are not in the final .config."""
     have = set(line.strip() for line in dotconfig.splitlines())
-    return [f"{k}={v}" for k, v in fragment_settings(fragment).items() if f"{k}={v}" not in have]
+    out = [f"{k}={v}" for k, v in fragment_settings(fragment).items() if f"{k}={v}" not in have]
+    enabled = {line.split("=", 1)[0] for line in have if line.startswith("CONFIG_")}
+    for line in fragment.decode(errors="replace").splitlines():
+        m = re.fullmatch(r"#\s*(CONFIG_\w+) is not set", line.strip())
+        if m and m.group(1) in enabled:
+            out.append(f"# {m.group(1)} is not set")
+    return out
 
 
 # ---------------------------------------------------------------- ELF

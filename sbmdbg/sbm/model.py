@@ -442,7 +442,7 @@ def _kernel_pgds(kernel, task: int) -> set[int]:
             pa = phys(kernel, kernel.root, pgd)
             if pa is not None:
                 out.add(pa)
-    except (ReadErrors, LayoutError):
+    except (*ReadErrors, LayoutError):
         pass
     return out
 
@@ -541,7 +541,7 @@ def kernel_root_fixup(kernel) -> int | None:
     try:
         off = kernel.layouts.offsetof("x86_sbm_state", "kernel_cr3")
         kcr3 = kernel.read_u64(kernel.root, kernel.sym("x86_sbm_state") + off)
-    except (ReadErrors, LayoutError):
+    except (*ReadErrors, LayoutError):
         return None
     if not kcr3:
         return None

@@ -29,7 +29,7 @@ def _repeat(vm, n: int) -> float:
     return dt
 
 
-def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emulate_too: bool = True,
+def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "lean"), emulate_too: bool = True,
                 opts=None, floor: bool = True) -> dict:
     from sbmdbg.trace.live import TraceRecorder
     from sbmdbg.vm import VM, VMOptions
@@ -42,12 +42,17 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emu
         base = [_repeat(vm, repeat) for _ in range(2)]
         res["untraced_s"] = round(min(base), 3)
         variants = [(lv, False) for lv in levels]
-        if emulate_too:
-            variants.append((levels[0], True))
+        gdb_levels = [lv for lv in levels if lv != "plugin"]
+        if emulate_too and gdb_levels:
+            variants.append((gdb_levels[0], True))
         for level, emu in variants:
             path = os.path.join(td, f"{level}-{int(emu)}.jsonl")
             before = _stats(vm)
-            rec = TraceRecorder(vm.info, path, level, emulate=emu)
+            if level == "plugin":
+                from sbmdbg.trace.fast import PluginTracer
+                rec = PluginTracer(vm, path)
+            else:
+                rec = TraceRecorder(vm.info, path, level, emulate=emu)
             rec.start()
             try:
                 dt = _repeat(vm, repeat)
@@ -56,9 +61,10 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("full", "lean"), emu
                 rec.close()
             after = _stats(vm)
             s = st["summary"]
-            hits = sum(st.get("hits", {}).values())
+            hits = sum(st.get("hits", {}).values()) if level != "plugin" else 0
             res["runs"].append({
-                "level": level, "step_over": "emulated" if emu else "gdb single-step",
+                "level": level,
+                "step_over": "no stops" if level == "plugin" else "emulated" if emu else "gdb single-step",
                 "traced_s": round(dt, 3), "slowdown": round(dt / res["untraced_s"], 2),
                 "transitions": s["transitions"], "events": s["events"],
                 "transitions_per_s": round(s["transitions"] / dt, 1),
@@ -90,6 +96,12 @@ def render(r: dict) -> str:
              f"{'level':6} {'step-over':16} {'traced s':>8} {'slowdown':>8} {'trans/s':>8} {'events/s':>8} "
              f"{'stops/s':>8} {'ms/stop':>8} {'ours ms':>8}  counts vs stats"]
     for x in r["runs"]:
+        if x["level"] == "plugin":
+            lines.append(f"{'plugin':6} {'(no stops)':16} {x['traced_s']:8} {x['slowdown']:8} "
+                         f"{x['transitions_per_s']:8} {x['events_per_s']:8} {0:8} {'-':>8} {'-':>8}  "
+                         f"{'match' if x['counts_match'] else 'MISMATCH'} "
+                         f"({x['calls']}/{x['returns']}/{x['aborts']})")
+            continue
         lines.append(f"{x['level']:6} {x['step_over']:16} {x['traced_s']:8} {x['slowdown']:8} "
                      f"{x['transitions_per_s']:8} {x['events_per_s']:8} {x['stops_per_s']:8} "
                      f"{x['ms_per_stop']:8} {x['tracer_busy_ms_per_stop']:8}  "

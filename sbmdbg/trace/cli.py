@@ -1,6 +1,6 @@
 """``sbmdbg trace ...`` and ``sbmdbg bench trace``.
 
-    sbmdbg trace record [--id ID | --boot] [--file F] [--level L] [--emulate]
+    sbmdbg trace record [--id ID | --boot] [--file F] [--via auto|plugin|gdb] [--level L] [--emulate]
                         [--run 'CMD'] [--seconds S] [--json]      (alias: start)
     sbmdbg trace show FILE [--last N] [--kind K,K] [--vcpu N] [--json]
     sbmdbg trace export FILE --perfetto OUT
@@ -32,9 +32,18 @@ def _record(args) -> int:
 
     old = signal.signal(signal.SIGINT, handler)
     try:
-        rec = TraceRecorder(vm.info, args.file, args.level, emulate=args.emulate)
+        via = args.via
+        if via == "auto":
+            via = "plugin" if vm.info.get("trace_plugin") else "gdb"
+        if via == "plugin":
+            from sbmdbg.trace.fast import PluginTracer
+            rec = PluginTracer(vm, args.file)
+            what = "QEMU log + sbmtrace plugin, the guest never stops"
+        else:
+            rec = TraceRecorder(vm.info, args.file, args.level, emulate=args.emulate)
+            what = f"gdb probes, level {args.level}"
         rec.start()
-        print(f"tracing VM {vm.id} to {rec.path} (level {args.level}); "
+        print(f"tracing VM {vm.id} to {rec.path} ({what}); "
               + ("running: " + args.run if args.run else "Ctrl-C to stop"), file=sys.stderr, flush=True)
         out = None
         try:
@@ -117,7 +126,10 @@ def add_parser(sub) -> None:
         r.add_argument("--pti", choices=["on", "off"], default="on")
         r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE")
         r.add_argument("--file", default="sbm-trace.jsonl")
-        r.add_argument("--level", choices=["lean", "fast", "full"], default="full")
+        r.add_argument("--via", choices=["auto", "plugin", "gdb"], default="auto",
+                       help="plugin: QEMU's exception log + the sbmtrace plugin, no stops (default "
+                            "when the VM has the plugin); gdb: breakpoints (stops per probe)")
+        r.add_argument("--level", choices=["lean", "fast", "full"], default="full", help="gdb probes")
         r.add_argument("--emulate", action="store_true", help="emulated step-over (see README)")
         r.add_argument("--run", help="guest shell command to run while tracing")
         r.add_argument("--seconds", type=float, help="how long to trace (or --run's timeout)")
@@ -145,6 +157,7 @@ def add_bench_parser(b) -> None:
     bt = b.add_parser("trace", help="tracer throughput and slowdown during `repeat N`")
     bt.add_argument("--repeat", type=int, default=100, help="N of `repeat N` (default 100)")
     bt.add_argument("--pti", choices=["on", "off"], default="on")
-    bt.add_argument("--levels", default="full,lean", help="comma-separated levels to measure")
+    bt.add_argument("--levels", default="plugin,full,lean",
+                    help="comma-separated: plugin (no-stop tracer) and/or gdb levels full, fast, lean")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=_bench)

@@ -190,7 +190,7 @@ class GuestContext:
     def region(self, addr: int, task: int = 0, st: dict | None = None, sbm: int = 0,
                cpu: int | None = None) -> str:
         """Which region ``addr`` falls in, plus how the sandbox maps it."""
-        where = self._where(addr, task, st, sbm, cpu)
+        where = self.where(addr, task, st, sbm, cpu)
         if st and pg.canonical(addr, self.k.la57) and addr >= USER_TOP:
             try:
                 tr = pg.translate(self.k.target.read_phys, st["sbm_cr3"], addr, la57=self.k.la57,
@@ -204,7 +204,9 @@ class GuestContext:
                 pass
         return where
 
-    def _where(self, addr: int, task: int, st: dict | None, sbm: int, cpu: int | None) -> str:
+    def where(self, addr: int, task: int = 0, st: dict | None = None, sbm: int = 0,
+              cpu: int | None = None) -> str:
+        """The region ``addr`` falls in (no page walk: safe after the fact)."""
         k = self.k
         if not pg.canonical(addr, k.la57):
             return "non-canonical"

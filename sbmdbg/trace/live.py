@@ -30,7 +30,19 @@ class TraceLost(SbmdbgError):
     pass
 
 
-def _pid_alive(pid: int | None) -> bool:
+def keep_polling(poll, seconds: float, until=None, period: float = 0.1) -> None:
+    """Call ``poll()`` (which raises when the trace is lost) every ``period``
+    for ``seconds``, or until ``until()`` is true."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        poll()
+        if until is not None and until():
+            return
+        time.sleep(period)
+    poll()
+
+
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return True
     try:
@@ -119,7 +131,7 @@ class TraceRecorder:
 
     def _check(self) -> str | None:
         why = None
-        if not _pid_alive(self.info.get("pid")):
+        if not pid_alive(self.info.get("pid")):
             why = f"QEMU (pid {self.info.get('pid')}) died"
         elif self.g is None:
             why = "gdb is not running"
@@ -175,13 +187,7 @@ class TraceRecorder:
 
     def wait(self, seconds: float, until=None, period: float = 0.1) -> None:
         """Keep the trace running for ``seconds`` (or until ``until()`` is true)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.poll()
-            if until is not None and until():
-                return
-            time.sleep(period)
-        self.poll()
+        keep_polling(self.poll, seconds, until, period)
 
     def stop(self) -> dict:
         """Interrupt, end the trace (gdb writes trace_stop), detach; the summary."""

@@ -26,6 +26,7 @@ class VMOptions:
     kernel: str | None = None   # bzImage; None = ensure_kernel()
     vmlinux: str | None = None
     qemu_log: str | None = None  # -d int -D FILE
+    trace_plugin: bool | str = True  # load the sbmtrace plugin (fast tracer): True, False or a .so path
     extra_args: Sequence[str] = ()
     initrd: str | None = None   # None = ensure_initramfs()
     cpu: str = "max"
@@ -112,5 +113,7 @@ def qemu_command(opts: VMOptions, paths: VMPaths, gdb_port: int, kernel: str, in
     ]
     if opts.qemu_log:
         cmd += ["-d", "int", "-D", str(opts.qemu_log)]
+    if isinstance(opts.trace_plugin, str):
+        cmd += ["-plugin", f"{opts.trace_plugin},sock={paths.workdir / 'sbmtrace.sock'}"]
     cmd += list(opts.extra_args)
     return cmd

@@ -130,6 +130,10 @@ class VM:
             if not Path(kernel).is_file():
                 raise SbmdbgError(f"kernel image {kernel} not found")
         initrd = opts.initrd or str(ensure_initramfs())
+        if opts.trace_plugin is True:
+            from sbmdbg.trace.qplugin import plugin_path
+
+            opts.trace_plugin = str(plugin_path())
         if shutil.which(QEMU) is None:
             raise SbmdbgError(f"{QEMU} not found (apt-get install qemu-system-x86)")
 
@@ -179,6 +183,7 @@ class VM:
             "kaslr": opts.kaslr,
             "la57": opts.la57,
             "cmdline": kernel_cmdline(opts),
+            "trace_plugin": str(workdir / "sbmtrace.sock") if opts.trace_plugin else None,
         }
         self._wait_ready(opts.boot_timeout)
         self.boot_seconds = time.monotonic() - t0

@@ -47,7 +47,7 @@ def cea_base(kernel, cpu: int) -> int | None:
         if base is None and "_cea_offset" in kernel.symbols:
             off = kernel.read_u64(kernel.root, kernel.per_cpu_addr("_cea_offset", cpu))
             base = CPU_ENTRY_AREA_PER_CPU + off * lay.sizeof("cpu_entry_area")
-    except (ReadErrors, LayoutError):
+    except (*ReadErrors, LayoutError):
         base = None
     if base is not None:  # only cache real answers (early boot may have none yet)
         c[key] = base

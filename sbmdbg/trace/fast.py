@@ -1,0 +1,587 @@
+"""The no-stop tracer: QEMU's exception log + the sbmtrace plugin.
+
+The gdb tracer (``recorder.py``) stops the whole VM at every probe; QEMU 7.2's
+gdbstub makes that 7-15 ms a stop.  This tracer never stops the guest:
+
+* QEMU logs every interrupt and exception it delivers (``-d int``): vector,
+  error code, CPL, CS:RIP, SS:RSP, CR2 and a full register dump (RAX = the
+  sandbox's return value at the exit #PF, CR3, GS base).  Switched on at
+  ``start`` through the monitor (``logfile``/``log int,plugin,tid``).
+* The sbmtrace plugin (``plugin/sbmtrace.c``) writes lines into the same log,
+  in execution order, for what the exception log does not show: the enter
+  (the ``iretq`` of x86_sbm_exec: the IRET frame = first sandbox instruction
+  and stack, plus the current task and its x86_sbm_state words), the resume
+  into a sandbox after an interrupt (the ``iretq`` after
+  .Lsbm_return_to_sandbox), x86_sbm_return (sbm->error), and a time stamp
+  at the first instruction of every IDT handler (host ns, host TSC, jiffies).
+
+This module parses that log as it grows and turns it into the same events
+(schema 1, ``events.py``) the gdb tracer writes:
+
+    sandbox exception line + handler stamp -> return (#PF P|U|I at x86_sbm_return, ret = RAX)
+                                           -> abort / spurious (decided by what follows:
+                                              x86_sbm_return -> abort, resume -> spurious)
+                                           -> irq / nmi (vector >= 32 / 2)
+    plugin enter line                      -> enter
+    plugin resume line                     -> irq_return (or spurious, above)
+    plugin exit line                       -> exit (ret, sbm->error)
+
+    >>> t = PluginTracer(vm, "t.jsonl"); t.start()
+    >>> vm.run("echo repeat 1000 > /sys/kernel/debug/sbm_demo/run")
+    >>> t.stop()["summary"]["transitions"]
+    2000
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import struct
+import threading
+import time
+
+from sbmdbg.errors import SbmdbgError
+from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
+from sbmdbg.trace.events import (
+    PF_EXIT_ERROR, SCHEMA, EventSink, decode_pf_error, describe_pf_error, hx, read_events,
+    summarize, vector_name,
+)
+
+U64 = (1 << 64) - 1
+IRETQ = b"\x48\xcf"
+FRAME = ("rip", "cs", "rflags", "rsp", "ss")
+
+_HDR = re.compile(r"^\s*\d+:\s+v=([0-9a-f]+)\s+e=([0-9a-f]+)\s+i=(\d)\s+cpl=(\d)\s+"
+                  r"IP=([0-9a-f]+):([0-9a-f]+)\s+pc=[0-9a-f]+\s+SP=([0-9a-f]+):([0-9a-f]+)"
+                  r"(?:\s+CR2=([0-9a-f]+))?")
+_REG = re.compile(r"\b(RAX|RBX|RCX|RDX|RSI|RDI|RBP|RSP|R8 |R9 |R10|R11|R12|R13|R14|R15|RIP|CR3|CR2)"
+                  r"=([0-9a-f]+)")
+_GS = re.compile(r"^GS =[0-9a-f]{4} ([0-9a-f]{16})")
+
+
+
+# ------------------------------------------------------------------ the log
+class LogParser:
+    """Incremental parser of QEMU's ``-d int,plugin`` log.  ``feed(bytes)``
+    returns records, each a dict with ``type``:
+
+    * ``int``: vector, error, is_int, cpl, cs, ip, sp, cr2, regs (RAX.., CR3), gs_base
+    * ``H``:   tag, vcpu, ns, tsc, jiffies           (a handler-entry stamp)
+    * ``P``:   tag, vcpu, ns, tsc, jiffies, task, pid, comm, state, sw (state
+               words), err, mva, mpa, mw (words at the access)
+    """
+
+    def __init__(self):
+        self._rest = b""
+        self._cur: dict | None = None
+        self.lines = 0
+        self.bad = 0
+
+    def feed(self, data: bytes) -> list[dict]:
+        data = self._rest + data
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._rest = data
+            return []
+        self._rest = data[cut + 1:]
+        out: list[dict] = []
+        for raw in data[:cut].split(b"\n"):
+            self.lines += 1
+            line = raw.decode("ascii", errors="replace")
+            if line.startswith("@sbm "):
+                self._close(out)
+                rec = self._plugin(line)
+                if rec is not None:
+                    out.append(rec)
+                continue
+            if " v=" in line[:16]:
+                self._close(out)
+                m = _HDR.match(line)
+                if m:
+                    v, e, i, cpl, cs, ip, _ss, sp, cr2 = m.groups()
+                    self._cur = {"type": "int", "vector": int(v, 16), "error": int(e, 16),
+                                 "is_int": int(i), "cpl": int(cpl), "cs": int(cs, 16),
+                                 "ip": int(ip, 16), "sp": int(sp, 16),
+                                 "cr2": int(cr2, 16) if cr2 else None, "regs": {}, "gs_base": None}
+                continue
+            cur = self._cur
+            if cur is None:
+                continue
+            if line.startswith("GS ="):
+                m = _GS.match(line)
+                if m:
+                    cur["gs_base"] = int(m.group(1), 16)
+            elif line.startswith("EFER="):
+                self._close(out)
+            else:
+                for name, val in _REG.findall(line):
+                    cur["regs"][name.strip()] = int(val, 16)
+        return out
+
+    def _close(self, out: list) -> None:
+        if self._cur is not None:
+            out.append(self._cur)
+            self._cur = None
+
+    def _plugin(self, line: str) -> dict | None:
+        parts = line.split()
+        try:
+            rec = {"type": parts[1], "tag": parts[2], "vcpu": int(parts[3]), "ns": int(parts[4]),
+                   "tsc": int(parts[5])}
+            for kv in parts[6:]:
+                k, _, v = kv.partition("=")
+                if k == "j":
+                    rec["jiffies"] = int(v)
+                elif k == "pid":
+                    rec["pid"] = int(v)
+                elif k == "err":
+                    rec["err"] = int(v)
+                elif k == "comm":
+                    rec["comm"] = bytes.fromhex(v).split(b"\0", 1)[0].decode("utf-8", "replace")
+                elif k in ("sw", "mw"):
+                    rec[k] = [int(x, 16) for x in v.split(",") if x]
+                elif k in ("t", "st", "mva", "mpa"):
+                    rec[{"t": "task", "st": "state"}.get(k, k)] = int(v, 16)
+        except (IndexError, ValueError):
+            self.bad += 1
+            return None
+        return rec
+
+
+class Assembler:
+    """Log records -> trace events (the per-vCPU state machine).
+
+    ``ctx`` is a :class:`sbmdbg.trace.context.GuestContext` (symbols, stack
+    classes, CR3 roles, regions), ``sink`` an :class:`EventSink`."""
+
+    def __init__(self, ctx, sink, *, x86_sbm_return: int, gs_to_cpu: dict[int, int],
+                 state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns):
+        self.ctx = ctx
+        self.sink = sink
+        self.x86_sbm_return = x86_sbm_return
+        self.gs_to_cpu = gs_to_cpu
+        self.state_off = state_off
+        self.sites = sites
+        self.clock = clock
+        self.seq = 0
+        self.counts: dict[str, int] = {}
+        self._pending_int: list[dict] = []        # sandbox interrupts waiting for their stamp
+        self._pending_exc: dict[int, dict] = {}   # vcpu -> exception awaiting exit/resume
+        self._inflight: dict[int, list] = {}      # vcpu -> [irq/nmi vectors]
+        self._vcpu_ctx: dict[int, dict] = {}      # vcpu -> context of its sandbox call
+        self._last_ret: dict[int, int] = {}
+
+    # ------------------------------------------------------------ events
+    def _emit(self, ev: dict) -> dict:
+        ev = {"seq": self.seq, **ev}
+        ev.setdefault("host_ns", self.clock())
+        self.seq += 1
+        self.counts[ev["kind"]] = self.counts.get(ev["kind"], 0) + 1
+        self.sink.write(ev)
+        return ev
+
+    def _state(self, words: list[int] | None) -> dict | None:
+        if not words:
+            return None
+        return {f: words[o // 8] for f, o in self.state_off.items() if o // 8 < len(words)}
+
+    def record(self, rec: dict) -> None:
+        t = rec["type"]
+        if t == "int":
+            if rec["cpl"] == 3 and rec["ip"] >= 1 << 47:
+                rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
+                self._pending_int.append(rec)
+                del self._pending_int[:-64]         # bounded: stamps can be missed
+        elif t == "H":
+            v = int(rec["tag"][1:])
+            for i, p in enumerate(self._pending_int):
+                if p["vector"] == v and p["vcpu"] in (None, rec["vcpu"]):
+                    del self._pending_int[i]
+                    self._sandbox_int(p, rec)
+                    break
+        elif t == "P":
+            getattr(self, "_on_" + rec["tag"], lambda r: None)(rec)
+
+    def _common(self, kind: str, stamp: dict, vcpu: int) -> dict:
+        ev = {"kind": kind, "host_ns": stamp.get("ns"), "tsc": stamp.get("tsc"),
+              "jiffies": stamp.get("jiffies"), "vcpu": vcpu}
+        c = self._vcpu_ctx.get(vcpu) or {}
+        for f in ("pid", "comm", "task", "sandbox"):
+            ev[f] = c.get(f)
+        return ev
+
+    def _where(self, ev: dict, rip: int, rsp: int, cr3: int | None, cpl: int, vcpu: int) -> None:
+        c = self._vcpu_ctx.get(vcpu) or {}
+        st = c.get("st")
+        ctx = self.ctx
+        ev.update({"cpl": cpl, "rip": hx(rip), "sym": ctx.sym(rip), "rsp": hx(rsp),
+                   "stack": ctx.stack_class(rsp, c.get("task_va") or 0, st, vcpu),
+                   "cr3": hx(cr3), "cr3_role": ctx.cr3_role(cr3, st) if cr3 is not None else None})
+
+    def _sandbox_int(self, rec: dict, stamp: dict) -> None:
+        vcpu = stamp["vcpu"]
+        v, regs = rec["vector"], rec["regs"]
+        ev = self._common("irq", stamp, vcpu)
+        self._where(ev, rec["ip"], rec["sp"], regs.get("CR3"), 3, vcpu)
+        ev["point"] = f"IDT vector {v:#x} (QEMU -d int)"
+        if v == 14 and rec["cr2"] == self.x86_sbm_return and rec["error"] == PF_EXIT_ERROR:
+            ev.update(kind="return", ret=regs.get("RAX"), vector=14, error_code=rec["error"],
+                      cr2=hx(rec["cr2"]), fault_rip=hx(rec["ip"]))
+            self._last_ret[vcpu] = regs.get("RAX")
+            self._emit(ev)
+            return
+        if v == 2 or v >= 32:
+            ev.update(kind="nmi" if v == 2 else "irq", vector=v, vector_name=vector_name(v),
+                      fault_rip=hx(rec["ip"]), fault_sym=ev["sym"], fault_rsp=hx(rec["sp"]))
+            self._inflight.setdefault(vcpu, []).append(v)
+            self._emit(ev)
+            return
+        ev.update(vector=v, vector_name=vector_name(v), error_code=rec["error"],
+                  fault_rip=hx(rec["ip"]), fault_sym=ev["sym"], fault_rsp=hx(rec["sp"]),
+                  fault_stack=ev["stack"], ret=regs.get("RAX"))
+        if v == 14:
+            c = self._vcpu_ctx.get(vcpu) or {}
+            cr2 = rec["cr2"]
+            ev.update(cr2=hx(cr2), address=hx(cr2), error_bits=decode_pf_error(rec["error"]),
+                      error_text=describe_pf_error(rec["error"]),
+                      cr2_region=self._region(cr2, c, rec["error"]))
+        self._pending_exc[vcpu] = ev
+
+    def _region(self, addr: int, c: dict, error: int | None = None) -> str | None:
+        """Which region ``addr`` is in.  Read after the fact (the sandbox may
+        be gone by now), so how the sandbox mapped it comes from the error
+        code, not from a walk of its page table."""
+        try:
+            st = c.get("st")
+            where = self.ctx.where(addr, c.get("task_va") or 0, st, (st or {}).get("sbm") or 0, None)
+        except Exception:  # noqa: BLE001 - best effort: the sandbox may be gone
+            return None
+        if error is not None:
+            where += "; sandbox: " + ("present (protection fault)" if error & 1 else "not mapped")
+        return where
+
+    def _on_enter(self, rec: dict) -> None:
+        vcpu = rec["vcpu"]
+        st = self._state(rec.get("sw"))
+        frame = dict(zip(FRAME, rec.get("mw") or []))
+        c = {"pid": rec.get("pid"), "comm": rec.get("comm"), "task": hx(rec.get("task")),
+             "task_va": rec.get("task"), "sandbox": hx(rec.get("state")), "st": st}
+        self._vcpu_ctx[vcpu] = c
+        self._pending_exc.pop(vcpu, None)
+        self._inflight.pop(vcpu, None)
+        ev = self._common("enter", rec, vcpu)
+        ev["point"] = "x86_sbm_exec iretq"
+        cr3 = st.get("sbm_cr3") if st else None
+        self._where(ev, self.sites["enter"], rec.get("mva") or 0, cr3, 0, vcpu)
+        func = frame.get("rip")
+        ev.update({"sbm": hx(st.get("sbm")) if st else None, "func": hx(func),
+                   "func_sym": self.ctx.sym(func) if func else None,
+                   "sandbox_rsp": hx(frame.get("rsp")), "sandbox_cs": hx(frame.get("cs")),
+                   "sbm_cr3": hx(cr3), "exc_tos": hx(rec.get("mva", 0) + 40 if rec.get("mva") else None),
+                   "sbm_tos": hx((frame.get("rsp") or 0) + 16 if frame.get("rsp") else None)})
+        self._emit(ev)
+
+    def _on_resume(self, rec: dict) -> None:
+        vcpu = rec["vcpu"]
+        frame = dict(zip(FRAME, rec.get("mw") or []))
+        exc = self._pending_exc.pop(vcpu, None)
+        if exc is not None:
+            exc["kind"] = "spurious"
+            self._emit(exc)
+            return
+        stack = self._inflight.get(vcpu) or []
+        ev = self._common("irq_return", rec, vcpu)
+        ev["point"] = ".Lsbm_return_to_sandbox iretq"
+        ev["vector"] = stack.pop() if stack else None
+        to = frame.get("rip")
+        ev.update(to_rip=hx(to), to_sym=self.ctx.sym(to) if to else None, cpl=0,
+                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack="exception",
+                  sandbox_rsp=hx(frame.get("rsp")))
+        self._emit(ev)
+
+    def _on_exit(self, rec: dict) -> None:
+        vcpu = rec["vcpu"]
+        exc = self._pending_exc.pop(vcpu, None)
+        if exc is not None:
+            exc["kind"] = "abort"
+            exc["via"] = "QEMU -d int (the exception) + x86_sbm_return (the exit)"
+            exc["sbm_error"] = rec.get("err")
+            self._emit(exc)
+        ev = self._common("exit", rec, vcpu)
+        ev["point"] = "x86_sbm_return"
+        ev.update(ret=None if exc else self._last_ret.pop(vcpu, None), error=rec.get("err"),
+                  aborted=exc is not None or bool(rec.get("err")), cpl=0)
+        self._emit(ev)
+        self._inflight.pop(vcpu, None)
+
+    def flush(self) -> None:
+        """The trace stops: decide what is still pending."""
+        for p in self._pending_int:          # delivered but never reached a handler stamp
+            self._sandbox_int(p, {"vcpu": p["vcpu"] if p["vcpu"] is not None else -1})
+        self._pending_int.clear()
+        for exc in list(self._pending_exc.values()):
+            exc["kind"] = "abort"
+            exc["via"] = "QEMU -d int (trace stopped before the exit)"
+            self._emit(exc)
+        self._pending_exc.clear()
+
+
+# ------------------------------------------------------------------ tracer
+class PluginTracer:
+    """Trace a VM started by the harness with the sbmtrace plugin loaded
+    (``VMOptions(trace_plugin=True)``, the default).  ``vm`` is a
+    :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``)."""
+
+    def __init__(self, vm, path: str, kernel=None, keep_log: bool = False,
+                 clock=time.time_ns):
+        self.vm = vm
+        self.info = vm.info
+        self.path = os.path.abspath(path)
+        sock = self.info.get("trace_plugin")
+        if not sock:
+            raise SbmdbgError(f"VM {self.info.get('id')} was started without the sbmtrace plugin "
+                              "(VMOptions(trace_plugin=False)): use the gdb tracer (--via gdb)")
+        self.sock = sock
+        self.k = kernel
+        self.keep_log = keep_log
+        self.clock = clock
+        self.logdir = os.path.join(self.info["workdir"], f"tracelog-{os.getpid()}-{int(time.time())}")
+        self.sink: EventSink | None = None
+        self.asm: Assembler | None = None
+        self.ctl = None
+        self.lost: str | None = None
+        self._files: dict[str, tuple] = {}        # path -> (fh, LogParser)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.lines = 0
+        self.busy_s = 0.0
+
+    # ------------------------------------------------------------ setup
+    def _kernel(self):
+        if self.k is None:
+            from sbmdbg.model.kernel import Kernel
+            from sbmdbg.model.layout import DwarfLayouts
+            from sbmdbg.model.symbols import Symbols
+            from sbmdbg.target.qmp import QmpTarget
+            from sbmdbg.target.shm import ShmTarget
+
+            regs = QmpTarget(self.vm.hmp, self.vm.qmp)
+            shm = ShmTarget(self.info["ram"], self.info["ram_size"], regs_source=regs)
+            self.k = Kernel(shm, Symbols.from_elf(self.info["vmlinux"]),
+                            DwarfLayouts(self.info["vmlinux"]))
+        return self.k
+
+    def _code(self, name: str, n: int = 512) -> tuple[int, bytes]:
+        k = self.k
+        a = k.sym(name)
+        return a, k.read_virt(k.root, a, n)
+
+    def probes(self) -> list[tuple[int, str, str, int]]:
+        """(runtime address, tag, kind, words) of every probe."""
+        k = self.k
+        if "x86_sbm_exec" not in k.symbols:
+            raise SbmdbgError("vmlinux has no x86_sbm_exec (not an SBM kernel?)")
+        a, code = self._code("x86_sbm_exec")
+        i = code.find(IRETQ)
+        if i < 0:
+            raise SbmdbgError("no iretq in x86_sbm_exec: cannot see the sandbox enter")
+        out = [(a + i, "enter", "mem", 5), (k.sym("x86_sbm_return"), "exit", "ctx", 0)]
+        from sbmdbg.trace.points import find_sbm_resume
+        b, rcode = self._code("restore_regs_and_return_to_kernel", 256)
+        try:
+            lab = find_sbm_resume(b, rcode, k.layouts.offsetof("pt_regs", "cs"))
+            j = rcode.find(IRETQ, lab - b)
+            if j >= 0:
+                out.append((b + j, "resume", "mem", 5))
+        except SbmdbgError:
+            pass        # a kernel without the resume label: no irq_return events
+        # every IDT handler: a time stamp right after QEMU logged the delivery
+        idt = k.read_virt(k.root, k.sym("idt_table"), 256 * 16)
+        seen = set()
+        for v in range(256):
+            lo, sel, _ist, _attr, mid, hi, _r = struct.unpack_from("<HHBBHII", idt, 16 * v)
+            h = lo | mid << 16 | hi << 32
+            if not (_attr & 0x80) or not h or h in seen:
+                continue
+            seen.add(h)
+            out.append((h, f"v{v}", "stamp", 0))
+        return out
+
+    def start(self) -> dict:
+        from sbmdbg.trace.qplugin import PluginControl
+
+        k = self._kernel()
+        lay = k.layouts
+        self.ctl = ctl = PluginControl(self.sock)
+        from sbmdbg.target.shm import RamLayout
+        below = RamLayout(self.info["ram_size"]).below
+        ctl.cmd(f"ram {self.info['ram']} {self.info['ram_size']} {below}")
+        st_size = lay.sizeof("x86_sbm_state")
+        ctl.cmd(f"ctx {k.page_offset_base:#x} {lay.offsetof('task_struct', 'pid')} "
+                f"{lay.offsetof('task_struct', 'comm')} "
+                f"{lay.offsetof('task_struct', 'thread_info.sbm_state')} {min(st_size // 8, 24)} "
+                f"{lay.offsetof('x86_sbm_state', 'sbm')} {lay.offsetof('sbm', 'error')}")
+        state_off = {n: f.offset for n, f in lay.layout("x86_sbm_state").fields.items()}
+        cur_off = lay.offsetof("pcpu_hot", "current_task")
+        ncpus = k.target.ncpus
+        gs_to_cpu = {}
+        for c in range(ncpus):
+            off = k.per_cpu_offset(c)
+            gs_to_cpu[off & U64] = c
+            va = (k.symbols.addr("pcpu_hot") + off + cur_off) & U64
+            pa = k.translate(k.root, va).pa
+            if pa is None:
+                raise SbmdbgError(f"cannot translate pcpu_hot of cpu {c}")
+            ctl.cmd(f"cpu {c} {pa:#x}")
+        jname = "jiffies" if "jiffies" in k.symbols else "jiffies_64"
+        jpa = k.translate(k.root, k.sym(jname)).pa
+        if jpa is not None:
+            ctl.cmd(f"jiffies {jpa:#x}")
+        ret_ip = k.sym("x86_sbm_return")
+        plist = self.probes()
+        for addr, tag, kind, words in plist:
+            ctl.cmd(f"probe {addr:#x} {tag} {kind} {words}")
+        ctl.cmd("arm")
+        ctl.wait_applied()
+        os.makedirs(self.logdir, exist_ok=True)
+        from sbmdbg.trace.context import GuestContext
+        self.sink = EventSink(self.path)
+        self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
+                             state_off=state_off, sites={t: a for a, t, _, _ in plist},
+                             clock=self.clock)
+        meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
+                "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
+                "slide": hx(k.slide), "ncpus": ncpus, "x86_sbm_return": hx(ret_ip),
+                "probes": [{"name": t, "site": hx(a), "kind": kd} for a, t, kd, _ in plist
+                           if not t.startswith("v")],
+                "stamps": sum(1 for p in plist if p[1].startswith("v")),
+                "clocks": "host_ns: host CLOCK_REALTIME at the event (in QEMU's vCPU thread); "
+                          "tsc: host TSC (under TCG the guest TSC is the host TSC plus an offset "
+                          "that changes only when the VM is stopped); jiffies: the guest's"}
+        self.asm._emit(meta)
+        self.vm.hmp(f"logfile {self.logdir}/qemu-%d.log")
+        self.vm.hmp("log int,plugin,tid")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._tail, name="sbm-fasttrace", daemon=True)
+        self._thread.start()
+        return meta
+
+    # ------------------------------------------------------------ reading
+    def _tail(self) -> None:
+        while not self._stop.is_set():
+            try:
+                n = self.drain()
+            except Exception as e:  # noqa: BLE001 - keep the reason, never die silently
+                self.lost = f"reading QEMU's log failed: {e}"
+                return
+            if not n:
+                if not self._alive():
+                    self.lost = f"QEMU (pid {self.info.get('pid')}) died"
+                    return
+                time.sleep(0.02)
+
+    def _alive(self) -> bool:
+        return pid_alive(self.info.get("pid"))
+
+    def drain(self) -> int:
+        """Read and process what the log files gained; the bytes read."""
+        n = 0
+        with self._lock:
+            for path in sorted(glob.glob(os.path.join(self.logdir, "qemu-*.log"))):
+                if path not in self._files:
+                    self._files[path] = (open(path, "rb"), LogParser())
+                fh, parser = self._files[path]
+                data = fh.read(1 << 20)
+                if not data:
+                    continue
+                n += len(data)
+                t0 = time.perf_counter()
+                for rec in parser.feed(data):
+                    self.asm.record(rec)
+                self.busy_s += time.perf_counter() - t0
+        return n
+
+    # ------------------------------------------------------------ control
+    def poll(self) -> None:
+        if self.lost:
+            self._seal(self.lost)
+            n = self.asm.seq if self.asm else 0
+            raise TraceLost(f"{self.lost}; {self.path} holds the {n} events recorded until then")
+
+    def wait(self, seconds: float, until=None, period: float = 0.1) -> None:
+        keep_polling(self.poll, seconds, until, period)
+
+    def _seal(self, why: str) -> None:
+        if self.sink is not None and not self.sink.closed:
+            with self._lock:
+                self.asm._emit({"kind": "trace_stop", "reason": why, "counts": dict(self.asm.counts)})
+                self.sink.close()
+        self._close_files()
+
+    def stop(self) -> dict:
+        """Switch QEMU's log off, disarm the plugin, read the rest, write trace_stop."""
+        self.poll()
+        try:
+            self.vm.hmp("log none")
+            # restore the VM's own -d int log if it had one
+            if self.info.get("qemu_log"):
+                self.vm.hmp(f"logfile {self.info['qemu_log']}")
+                self.vm.hmp("log int")
+            self.ctl.cmd("disarm")
+        except SbmdbgError as e:
+            if not self._alive():
+                self.lost = f"QEMU (pid {self.info.get('pid')}) died"
+                self.poll()
+            raise
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.drain()
+        self.asm.flush()
+        st = {"file": self.path, "counts": dict(self.asm.counts), "busy_s": round(self.busy_s, 3),
+              "log_lines": sum(p.lines for _, p in self._files.values()),
+              "plugin": self.ctl.status()}
+        self._seal("stopped")
+        self.ctl.close()
+        if not self.keep_log:
+            for f in glob.glob(os.path.join(self.logdir, "*")):
+                os.unlink(f)
+            try:
+                os.rmdir(self.logdir)
+            except OSError:
+                pass
+        st["summary"] = summarize(read_events(self.path))
+        return st
+
+    def _close_files(self) -> None:
+        for fh, _ in self._files.values():
+            fh.close()
+        self._files.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.sink is not None and not self.sink.closed:
+            try:
+                self.vm.hmp("log none")
+            except Exception:  # noqa: BLE001
+                pass
+            self._seal("closed")
+        if self.ctl is not None:
+            self.ctl.close()
+
+    def events(self) -> list[dict]:
+        return read_events(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def status_json(st: dict) -> str:
+    return json.dumps(st, indent=2, default=str)

@@ -1,0 +1,556 @@
+/*
+ * sbmtrace: a QEMU TCG plugin that lets sbmdbg trace SandBox Mode
+ * transitions without stopping the guest.
+ *
+ * QEMU 7.2 (Debian 12) gives plugins no register access, so the plugin only
+ * does what needs no registers, synchronously on the vCPU thread:
+ *
+ *   - probes on instruction addresses sent by sbmdbg after boot (KASLR):
+ *       stamp  write "@sbm H <tag> <vcpu> <ns> <tsc>"     (IDT handler entries)
+ *       ctx    write "@sbm P <tag> <vcpu> <ns> <tsc> ..."  plus a snapshot of
+ *              the vCPU's current task (pcpu_hot.current_task -> pid, comm,
+ *              thread_info.sbm_state -> the x86_sbm_state words -> sbm->error)
+ *       mem    like ctx, plus the first memory access of the instruction:
+ *              its virtual and physical address and N words read there
+ *              (iretq: the IRET frame)
+ *   - guest memory is read from QEMU's memory-backend-file (share=on), mapped
+ *     read-only; every read is bounds-checked (guest memory is untrusted).
+ *
+ * Everything the plugin writes goes through qemu_plugin_outs(), i.e. into
+ * QEMU's log: with "-d int,plugin,tid" each vCPU thread has its own file
+ * in which the plugin's lines and QEMU's exception log (vector, error code,
+ * CR2, every register) are in execution order.  sbmdbg merges the two.
+ *
+ * Control: a unix socket (sock=PATH).  One command per line, one reply line:
+ *   ram PATH SIZE BELOW4G      map guest RAM
+ *   ctx PAGE_OFFSET OFF_PID OFF_COMM OFF_SBM_STATE STATE_WORDS OFF_SBM OFF_ERROR
+ *   cpu VCPU PHYS_OF_CURRENT_TASK
+ *   jiffies PHYS                 (adds " j=JIFFIES" to every line)
+ *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem)
+ *   arm | disarm                  apply (flushes QEMU's translation cache)
+ *   status
+ *
+ * Written for sbmdbg from QEMU's documented plugin API (version 1, QEMU 7.2);
+ * the few declarations it needs are below, since Debian ships no header.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
+/* ---- the QEMU plugin API (v1) declarations used here ---- */
+typedef uint64_t qemu_plugin_id_t;
+typedef uint32_t qemu_plugin_meminfo_t;
+struct qemu_plugin_tb;
+struct qemu_plugin_insn;
+struct qemu_plugin_hwaddr;
+typedef struct {
+    const char *target_name;
+    struct { int min; int cur; } version;
+    bool system_emulation;
+    union { struct { int smp_vcpus; int max_vcpus; } system; };
+} qemu_info_t;
+enum qemu_plugin_cb_flags { QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_CB_R_REGS, QEMU_PLUGIN_CB_RW_REGS };
+enum qemu_plugin_mem_rw { QEMU_PLUGIN_MEM_R = 1, QEMU_PLUGIN_MEM_W, QEMU_PLUGIN_MEM_RW };
+typedef void (*qemu_plugin_simple_cb_t)(qemu_plugin_id_t id);
+typedef void (*qemu_plugin_vcpu_simple_cb_t)(qemu_plugin_id_t id, unsigned int vcpu_index);
+typedef void (*qemu_plugin_vcpu_udata_cb_t)(unsigned int vcpu_index, void *userdata);
+typedef void (*qemu_plugin_vcpu_tb_trans_cb_t)(qemu_plugin_id_t id, struct qemu_plugin_tb *tb);
+typedef void (*qemu_plugin_vcpu_mem_cb_t)(unsigned int vcpu_index, qemu_plugin_meminfo_t info,
+                                          uint64_t vaddr, void *userdata);
+extern void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t, qemu_plugin_vcpu_tb_trans_cb_t);
+extern void qemu_plugin_register_vcpu_idle_cb(qemu_plugin_id_t, qemu_plugin_vcpu_simple_cb_t);
+extern void qemu_plugin_register_vcpu_insn_exec_cb(struct qemu_plugin_insn *, qemu_plugin_vcpu_udata_cb_t,
+                                                   enum qemu_plugin_cb_flags, void *);
+extern void qemu_plugin_register_vcpu_mem_cb(struct qemu_plugin_insn *, qemu_plugin_vcpu_mem_cb_t,
+                                             enum qemu_plugin_cb_flags, enum qemu_plugin_mem_rw, void *);
+extern size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *);
+extern struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *, size_t);
+extern uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *);
+extern struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t, uint64_t);
+extern bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *);
+extern uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *);
+extern void qemu_plugin_reset(qemu_plugin_id_t, qemu_plugin_simple_cb_t);
+extern void qemu_plugin_outs(const char *);
+
+__attribute__((visibility("default"))) int qemu_plugin_version = 1;
+
+/* ---- state ---- */
+#define MAX_PROBES 1024
+#define MAX_VCPUS 64
+#define MAX_WORDS 24
+#define FOUR_GIB (4ULL << 30)
+
+enum kind { K_STAMP, K_CTX, K_MEM };
+
+struct probe {
+    uint64_t vaddr;
+    char tag[32];
+    enum kind kind;
+    int nwords;
+};
+
+struct table {                  /* immutable once published */
+    int n;
+    struct probe p[MAX_PROBES];  /* sorted by vaddr */
+};
+
+static qemu_plugin_id_t plugin_id;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct table *staged;          /* being built by the control thread */
+static struct table *active;          /* what translation instruments */
+static struct table *pending;         /* to become active at the next reset */
+static volatile int reset_wanted;
+static volatile int reset_done_gen, reset_want_gen;
+
+static const uint8_t *ram;
+static uint64_t ram_size, below_4g;
+
+static struct {
+    uint64_t page_offset;
+    uint64_t off_pid, off_comm, off_sbm_state, off_sbm, off_error;
+    int state_words;
+    int valid;
+} ctx;
+static uint64_t cur_task_phys[MAX_VCPUS];
+static uint64_t jiffies_phys;
+
+/* per vCPU: the mem probe whose first access we wait for */
+static const struct probe *want_mem[MAX_VCPUS];
+static char line_buf[MAX_VCPUS][1024];
+static uint64_t hits, snapshots, bad_reads;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* guest-physical -> pointer into the RAM file, or NULL (bounds-checked) */
+static const uint8_t *phys(uint64_t pa, uint64_t n)
+{
+    if (!ram || n > ram_size)
+        return NULL;
+    if (pa < below_4g && pa + n <= below_4g)
+        return ram + pa;
+    if (pa >= FOUR_GIB && pa - FOUR_GIB + n <= ram_size - below_4g)
+        return ram + below_4g + (pa - FOUR_GIB);
+    return NULL;
+}
+
+static int rd64(uint64_t pa, uint64_t *out)
+{
+    const uint8_t *p = phys(pa, 8);
+    if (!p) {
+        __atomic_fetch_add(&bad_reads, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    memcpy(out, p, 8);
+    return 0;
+}
+
+/* direct-map virtual -> physical */
+static int dm(uint64_t va, uint64_t *pa)
+{
+    if (!ctx.valid || va < ctx.page_offset)
+        return -1;
+    *pa = va - ctx.page_offset;
+    return 0;
+}
+
+static int put(char *b, int at, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int put(char *b, int at, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    if (at >= 1000)
+        return at;
+    va_start(ap, fmt);
+    n = vsnprintf(b + at, 1000 - at, fmt, ap);
+    va_end(ap);
+    return n < 0 ? at : (at + n > 1000 ? 1000 : at + n);
+}
+
+/* " t=TASK pid=PID comm=HEX st=STATE sw=W0,W1.. err=E" */
+static int put_task(char *b, int at, unsigned vcpu)
+{
+    uint64_t task, tpa, v, st, spa, sbm, bpa;
+    const uint8_t *c;
+    if (vcpu >= MAX_VCPUS || !cur_task_phys[vcpu] || rd64(cur_task_phys[vcpu], &task))
+        return at;
+    at = put(b, at, " t=%" PRIx64, task);
+    if (dm(task, &tpa))
+        return at;
+    if (!rd64(tpa + ctx.off_pid, &v))
+        at = put(b, at, " pid=%u", (unsigned)(v & 0xffffffff));
+    c = phys(tpa + ctx.off_comm, 16);
+    if (c) {
+        at = put(b, at, " comm=");
+        for (int i = 0; i < 16; i++)
+            at = put(b, at, "%02x", c[i]);
+    }
+    if (rd64(tpa + ctx.off_sbm_state, &st))
+        return at;
+    at = put(b, at, " st=%" PRIx64, st);
+    if (!st || dm(st, &spa))
+        return at;
+    at = put(b, at, " sw=");
+    for (int i = 0; i < ctx.state_words && i < MAX_WORDS; i++) {
+        if (rd64(spa + 8 * (uint64_t)i, &v))
+            break;
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, v);
+    }
+    if (!rd64(spa + ctx.off_sbm, &sbm) && sbm && !dm(sbm, &bpa) && !rd64(bpa + ctx.off_error, &v))
+        at = put(b, at, " err=%d", (int)(v & 0xffffffff));
+    return at;
+}
+
+/* " j=JIFFIES" (the guest's clock) */
+static int put_jiffies(char *b, int at)
+{
+    uint64_t j;
+    if (jiffies_phys && !rd64(jiffies_phys, &j))
+        at = put(b, at, " j=%" PRIu64, j);
+    return at;
+}
+
+static void emit(char *b, int at)
+{
+    if (at > 1000)
+        at = 1000;
+    b[at++] = '\n';
+    b[at] = 0;
+    qemu_plugin_outs(b);
+}
+
+static void on_insn(unsigned int vcpu, void *udata)
+{
+    const struct probe *p = udata;
+    char *b = line_buf[vcpu % MAX_VCPUS];
+    int at;
+    __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
+    if (p->kind == K_STAMP) {
+        at = put(b, 0, "@sbm H %s %u %" PRIu64 " %llu", p->tag, vcpu, now_ns(),
+                 (unsigned long long)__rdtsc());
+        emit(b, put_jiffies(b, at));
+        return;
+    }
+    at = put(b, 0, "@sbm P %s %u %" PRIu64 " %llu", p->tag, vcpu, now_ns(),
+             (unsigned long long)__rdtsc());
+    at = put_jiffies(b, at);
+    at = put_task(b, at, vcpu);
+    if (p->kind == K_MEM && vcpu < MAX_VCPUS) {
+        want_mem[vcpu] = p;      /* the line ends at the first access */
+        line_buf[vcpu][at] = 0;
+        return;
+    }
+    emit(b, at);
+}
+
+static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    const struct probe *p = udata;
+    struct qemu_plugin_hwaddr *hw;
+    char *b;
+    int at;
+    uint64_t pa, v;
+    if (vcpu >= MAX_VCPUS || want_mem[vcpu] != p)
+        return;
+    want_mem[vcpu] = NULL;
+    b = line_buf[vcpu];
+    at = (int)strlen(b);
+    at = put(b, at, " mva=%" PRIx64, vaddr);
+    hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (hw && !qemu_plugin_hwaddr_is_io(hw)) {
+        pa = qemu_plugin_hwaddr_phys_addr(hw);
+        at = put(b, at, " mpa=%" PRIx64 " mw=", pa);
+        for (int i = 0; i < p->nwords && i < MAX_WORDS; i++) {
+            if (rd64(pa + 8 * (uint64_t)i, &v))
+                break;
+            at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, v);
+        }
+        __atomic_fetch_add(&snapshots, 1, __ATOMIC_RELAXED);
+    }
+    emit(b, at);
+}
+
+static int find(const struct table *t, uint64_t va)
+{
+    int lo = 0, hi = t->n - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (t->p[mid].vaddr == va)
+            return mid;
+        if (t->p[mid].vaddr < va)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return -1;
+}
+
+static void on_idle(qemu_plugin_id_t id, unsigned int vcpu);
+static void after_reset(qemu_plugin_id_t id);
+
+static void maybe_reset(void)
+{
+    if (__atomic_exchange_n(&reset_wanted, 0, __ATOMIC_ACQ_REL))
+        qemu_plugin_reset(plugin_id, after_reset);   /* from a vCPU thread */
+}
+
+static void on_tb(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    const struct table *t = __atomic_load_n(&active, __ATOMIC_ACQUIRE);
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    maybe_reset();
+    if (!t || !t->n)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        int k = find(t, qemu_plugin_insn_vaddr(insn));
+        if (k < 0)
+            continue;
+        qemu_plugin_register_vcpu_insn_exec_cb(insn, on_insn, QEMU_PLUGIN_CB_NO_REGS,
+                                               (void *)&t->p[k]);
+        if (t->p[k].kind == K_MEM)
+            qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_RW, (void *)&t->p[k]);
+    }
+}
+
+static void on_idle(qemu_plugin_id_t id, unsigned int vcpu)
+{
+    maybe_reset();
+}
+
+static void register_cbs(void)
+{
+    qemu_plugin_register_vcpu_tb_trans_cb(plugin_id, on_tb);
+    qemu_plugin_register_vcpu_idle_cb(plugin_id, on_idle);
+}
+
+/* Runs once every vCPU is out of the translated code and the cache is flushed. */
+static void after_reset(qemu_plugin_id_t id)
+{
+    struct table *old;
+    pthread_mutex_lock(&lock);
+    old = active;
+    __atomic_store_n(&active, pending, __ATOMIC_RELEASE);
+    pending = NULL;
+    for (int i = 0; i < MAX_VCPUS; i++)
+        want_mem[i] = NULL;
+    reset_done_gen = reset_want_gen;
+    pthread_mutex_unlock(&lock);
+    free(old);          /* nothing translated refers to it any more */
+    register_cbs();
+}
+
+static int cmp_probe(const void *a, const void *b)
+{
+    const struct probe *x = a, *y = b;
+    return x->vaddr < y->vaddr ? -1 : x->vaddr > y->vaddr;
+}
+
+/* ---- control socket ---- */
+static void reply(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void reply(int fd, const char *fmt, ...)
+{
+    char b[512];
+    va_list ap;
+    int n;
+    va_start(ap, fmt);
+    n = vsnprintf(b, sizeof(b) - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if (n > (int)sizeof(b) - 2)
+        n = sizeof(b) - 2;
+    b[n++] = '\n';
+    if (write(fd, b, n) < 0)
+        return;
+}
+
+static void command(int fd, char *line)
+{
+    char w[8][256];
+    int n = sscanf(line, "%255s %255s %255s %255s %255s %255s %255s %255s",
+                   w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]);
+    if (n <= 0)
+        return reply(fd, "error empty command");
+    if (!strcmp(w[0], "ram") && n == 4) {
+        int rfd = open(w[1], O_RDONLY);
+        uint64_t size = strtoull(w[2], NULL, 0), below = strtoull(w[3], NULL, 0);
+        void *m;
+        if (rfd < 0)
+            return reply(fd, "error open %s: %s", w[1], strerror(errno));
+        m = mmap(NULL, size, PROT_READ, MAP_SHARED, rfd, 0);
+        close(rfd);
+        if (m == MAP_FAILED)
+            return reply(fd, "error mmap: %s", strerror(errno));
+        if (below > size)
+            below = size;
+        ram_size = size;
+        below_4g = below;
+        __atomic_store_n(&ram, (const uint8_t *)m, __ATOMIC_RELEASE);
+        return reply(fd, "ok ram %" PRIu64, size);
+    }
+    if (!strcmp(w[0], "ctx") && n == 8) {
+        ctx.page_offset = strtoull(w[1], NULL, 0);
+        ctx.off_pid = strtoull(w[2], NULL, 0);
+        ctx.off_comm = strtoull(w[3], NULL, 0);
+        ctx.off_sbm_state = strtoull(w[4], NULL, 0);
+        ctx.state_words = (int)strtol(w[5], NULL, 0);
+        ctx.off_sbm = strtoull(w[6], NULL, 0);
+        ctx.off_error = strtoull(w[7], NULL, 0);
+        ctx.valid = 1;
+        return reply(fd, "ok ctx");
+    }
+    if (!strcmp(w[0], "cpu") && n == 3) {
+        unsigned long c = strtoul(w[1], NULL, 0);
+        if (c >= MAX_VCPUS)
+            return reply(fd, "error vcpu %lu out of range", c);
+        cur_task_phys[c] = strtoull(w[2], NULL, 0);
+        return reply(fd, "ok cpu %lu", c);
+    }
+    if (!strcmp(w[0], "jiffies") && n == 2) {
+        jiffies_phys = strtoull(w[1], NULL, 0);
+        return reply(fd, "ok jiffies");
+    }
+    if (!strcmp(w[0], "probe") && (n == 4 || n == 5)) {
+        struct probe p = {0};
+        p.vaddr = strtoull(w[1], NULL, 0);
+        snprintf(p.tag, sizeof(p.tag), "%.31s", w[2]);
+        if (!strcmp(w[3], "stamp"))
+            p.kind = K_STAMP;
+        else if (!strcmp(w[3], "ctx"))
+            p.kind = K_CTX;
+        else if (!strcmp(w[3], "mem"))
+            p.kind = K_MEM;
+        else
+            return reply(fd, "error kind %s", w[3]);
+        p.nwords = n == 5 ? (int)strtol(w[4], NULL, 0) : 0;
+        if (p.nwords < 0 || p.nwords > MAX_WORDS)
+            return reply(fd, "error nwords");
+        pthread_mutex_lock(&lock);
+        if (!staged)
+            staged = calloc(1, sizeof(*staged));
+        if (!staged || staged->n >= MAX_PROBES) {
+            pthread_mutex_unlock(&lock);
+            return reply(fd, "error too many probes");
+        }
+        staged->p[staged->n++] = p;
+        pthread_mutex_unlock(&lock);
+        return reply(fd, "ok probe");
+    }
+    if (!strcmp(w[0], "arm") || !strcmp(w[0], "disarm")) {
+        struct table *t = calloc(1, sizeof(*t));
+        if (!t)
+            return reply(fd, "error oom");
+        pthread_mutex_lock(&lock);
+        if (!strcmp(w[0], "arm") && staged) {
+            memcpy(t, staged, sizeof(*t));
+            qsort(t->p, t->n, sizeof(t->p[0]), cmp_probe);
+        }
+        free(staged);
+        staged = NULL;
+        free(pending);
+        pending = t;
+        reset_want_gen++;
+        pthread_mutex_unlock(&lock);
+        __atomic_store_n(&reset_wanted, 1, __ATOMIC_RELEASE);
+        return reply(fd, "ok %s %d gen %d", w[0], t->n, reset_want_gen);
+    }
+    if (!strcmp(w[0], "status")) {
+        pthread_mutex_lock(&lock);
+        reply(fd, "ok status armed=%d applied=%d probes=%d hits=%" PRIu64 " snapshots=%" PRIu64
+              " bad_reads=%" PRIu64 " ram=%d",
+              reset_want_gen, reset_done_gen, active ? active->n : 0, hits, snapshots, bad_reads,
+              ram != NULL);
+        pthread_mutex_unlock(&lock);
+        return;
+    }
+    reply(fd, "error unknown command: %.40s", w[0]);
+}
+
+static void *control(void *arg)
+{
+    int srv = (int)(intptr_t)arg;
+    for (;;) {
+        int fd = accept(srv, NULL, NULL);
+        char buf[4096];
+        size_t have = 0;
+        if (fd < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        for (;;) {
+            ssize_t r = read(fd, buf + have, sizeof(buf) - 1 - have);
+            char *nl;
+            if (r <= 0)
+                break;
+            have += (size_t)r;
+            buf[have] = 0;
+            while ((nl = memchr(buf, '\n', have))) {
+                *nl = 0;
+                command(fd, buf);
+                have -= (size_t)(nl + 1 - buf);
+                memmove(buf, nl + 1, have);
+                buf[have] = 0;
+            }
+            if (have >= sizeof(buf) - 1)
+                have = 0;    /* an overlong line: drop it */
+        }
+        close(fd);
+    }
+}
+
+__attribute__((visibility("default")))
+int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+{
+    const char *sock = NULL;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    pthread_t th;
+    int srv;
+    for (int i = 0; i < argc; i++)
+        if (!strncmp(argv[i], "sock=", 5))
+            sock = argv[i] + 5;
+    if (!info->system_emulation || strcmp(info->target_name, "x86_64")) {
+        fprintf(stderr, "sbmtrace: x86_64 system emulation only\n");
+        return -1;
+    }
+    if (!sock || strlen(sock) >= sizeof(sa.sun_path)) {
+        fprintf(stderr, "sbmtrace: need sock=PATH (a unix socket path)\n");
+        return -1;
+    }
+    plugin_id = id;
+    unlink(sock);
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock);
+    srv = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (srv < 0 || bind(srv, (struct sockaddr *)&sa, sizeof(sa)) || listen(srv, 4)) {
+        fprintf(stderr, "sbmtrace: cannot listen on %s: %s\n", sock, strerror(errno));
+        return -1;
+    }
+    if (pthread_create(&th, NULL, control, (void *)(intptr_t)srv)) {
+        fprintf(stderr, "sbmtrace: no control thread\n");
+        return -1;
+    }
+    pthread_detach(th);
+    register_cbs();
+    return 0;
+}

@@ -1,0 +1,130 @@
+"""The no-stop tracer's log parser and event assembly, offline, on a log
+recorded from the reference kernel (fixtures/trace/qemu-int-plugin.log:
+QEMU 7.2 ``-d int,plugin,tid`` with the sbmtrace plugin armed, during
+``repeat 200``, ``write_kernel_data`` and ``noncanonical``)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from sbmdbg.trace.events import EventSink, read_events, validate
+from sbmdbg.trace.fast import Assembler, LogParser
+
+pytestmark = pytest.mark.unit
+
+LOG = Path(__file__).resolve().parents[2] / "fixtures" / "trace" / "qemu-int-plugin.log"
+X86_SBM_RETURN = 0xFFFFFFFF81401740
+GS = {0xFFFF88801F200000: 0, 0xFFFF88801F300000: 1}     # per-CPU bases in the recorded run
+STATE_OFF = {"sbm": 0, "pgd": 8, "stack": 16, "exc_stack": 24, "return_sp": 32, "kernel_cr3": 40,
+             "sbm_cr3": 48}
+
+
+def records(chunks=None) -> list[dict]:
+    data = LOG.read_bytes()
+    p = LogParser()
+    if chunks is None:
+        return p.feed(data)
+    out, i = [], 0
+    while i < len(data):
+        n = chunks()
+        out += p.feed(data[i:i + n])
+        i += n
+    return out
+
+
+def test_parser_reads_exceptions_and_plugin_lines():
+    recs = records()
+    ints = [r for r in recs if r["type"] == "int"]
+    plug = [r for r in recs if r["type"] in ("H", "P")]
+    assert len(ints) == 12 and len(plug) == 23
+    exit_pf = next(r for r in ints if r["vector"] == 14 and r["error"] == 0x15)
+    assert exit_pf["cpl"] == 3 and exit_pf["cs"] == 0x33
+    assert exit_pf["cr2"] == X86_SBM_RETURN == exit_pf["ip"]
+    assert exit_pf["regs"]["RAX"] == 0x7E0            # the sandbox's return value (2016)
+    assert exit_pf["regs"]["CR3"] == 0x65A000 and exit_pf["gs_base"] in GS
+    enter = next(r for r in plug if r["tag"] == "enter")
+    assert enter["vcpu"] == 0 and enter["pid"] == 70 and enter["comm"] == "sh"
+    assert enter["sw"][6] == 0x65A000                 # state->sbm_cr3
+    assert enter["mw"][:2] == [0xFFFFFFFF810BF60B, 0x33]   # IRET frame: RIP, CS (RPL 3)
+    gp = next(r for r in ints if r["vector"] == 13)
+    assert gp["cr2"] is None and gp["regs"]["RAX"] == 0x8000000000000000
+
+
+def test_parser_is_independent_of_chunking():
+    whole = records()
+    rnd = random.Random(7)
+    for sizes in (lambda: 1 + rnd.randrange(40), lambda: 1 + rnd.randrange(5000), lambda: 4096):
+        assert records(sizes) == whole
+
+
+def test_parser_survives_garbage():
+    p = LogParser()
+    out = p.feed(b"@sbm P enter notanumber\n@sbm H\n\xff\xfe   12: v=zz\nRAX=12 \n"
+                 b"@sbm H v14 0 1 2 j=x\n" + b"A" * 100000 + b"\n")
+    assert out == [] and p.bad == 3
+    # a torn last line waits for the rest
+    assert p.feed(b"@sbm H v14 1 5 6") == []
+    assert p.feed(b" j=9\n")[0] == {"type": "H", "tag": "v14", "vcpu": 1, "ns": 5, "tsc": 6,
+                                     "jiffies": 9}
+
+
+class TinyContext:
+    """The four GuestContext questions, answered without a guest."""
+
+    def sym(self, va):
+        return {X86_SBM_RETURN: "x86_sbm_return"}.get(va, f"{va:#x}" if va else None)
+
+    def stack_class(self, rsp, task, st, cpu=None):
+        return "sandbox" if st and st["stack"] <= rsp <= st["stack"] + 0x4000 else "other"
+
+    def cr3_role(self, cr3, st):
+        return "sandbox" if st and cr3 == st["sbm_cr3"] else "kernel"
+
+    def where(self, addr, task=0, st=None, sbm=0, cpu=None):
+        return "kernel half"
+
+
+def assemble(tmp_path) -> list[dict]:
+    path = str(tmp_path / "t.jsonl")
+    sink = EventSink(path)
+    asm = Assembler(TinyContext(), sink, x86_sbm_return=X86_SBM_RETURN, gs_to_cpu=GS,
+                    state_off=STATE_OFF, sites={"enter": 1, "resume": 2, "exit": X86_SBM_RETURN},
+                    clock=lambda: 0)
+    asm._emit({"kind": "trace_start"})
+    for r in records():
+        asm.record(r)
+    asm.flush()
+    asm._emit({"kind": "trace_stop"})
+    sink.close()
+    return read_events(path)
+
+
+def test_assembly_of_calls_irqs_and_aborts(tmp_path):
+    evs = assemble(tmp_path)
+    assert validate(evs) == []
+    kinds = [e["kind"] for e in evs[1:-1]]
+    assert kinds == ["enter", "irq", "irq_return", "return", "exit",
+                     "enter", "return", "exit", "enter", "return", "exit",
+                     "enter", "abort", "exit", "enter", "abort", "exit"]
+    first = evs[1]
+    assert first["func"] == "0xffffffff810bf60b" and first["sbm_cr3"] == "0x65a000"
+    assert first["pid"] == 70 and first["vcpu"] == 0 and first["cr3_role"] == "sandbox"
+    irq = evs[2]
+    assert irq["vector"] == 0xEC and irq["vcpu"] == 0 and irq["cpl"] == 3 and irq["pid"] == 70
+    assert evs[3]["to_rip"] == irq["fault_rip"]          # resumed where it was interrupted
+    ret = evs[4]
+    assert ret["ret"] == 2016 and ret["error_code"] == 0x15 and ret["cr2"] == hex(X86_SBM_RETURN)
+    assert evs[5]["ret"] == 2016 and evs[5]["aborted"] is False and evs[5]["error"] == 0
+    pf, gp = [e for e in evs if e["kind"] == "abort"]
+    assert (pf["vector"], pf["error_code"], pf["cr2"]) == (14, 7, "0xffffffff818aaf60")
+    assert pf["error_bits"] == ["P", "W", "U"] and pf["vcpu"] == 1 and pf["sbm_error"] == -14
+    assert pf["cr2_region"].endswith("sandbox: present (protection fault)")
+    assert (gp["vector"], gp["vector_name"], gp["sbm_error"]) == (13, "#GP", -14)
+    # host time and TSC come from the handler stamp right after QEMU's line
+    assert pf["host_ns"] == 1795917367593902125 and pf["tsc"] == 29395297359372
+    # user-mode faults (the shell's own #PFs) are not sandbox events
+    assert all(e.get("cpl") != 3 or int(e["rip"], 16) >= 1 << 47 for e in evs if "rip" in e)
+    json.dumps(evs)
