@@ -1,0 +1,177 @@
+"""The no-stop tracer (QEMU's exception log + the sbmtrace plugin) live:
+against the demo module's own counters, the scenarios' known faults, the gdb
+tracer (an independent mechanism: breakpoints), and QEMU dying mid-trace.
+Each test boots its own VM and leaves no QEMU behind."""
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from sbmdbg.trace.events import read_events, summarize, validate
+from sbmdbg.trace.export import to_perfetto
+from sbmdbg.trace.fast import PluginTracer, TraceLost
+from sbmdbg.trace.live import TraceRecorder
+
+pytestmark = pytest.mark.live
+
+FAULTS = {   # scenario -> (vector, #PF error bits that must be set, bits that must be clear)
+    "write_ro_input": (14, {"P", "W", "U"}, set()),
+    "read_guard": (14, {"U"}, {"P", "W"}),
+    "write_kernel_data": (14, {"P", "W", "U"}, set()),
+    "write_kernel_bss": (14, {"P", "W", "U"}, set()),
+    "write_stack": (14, {"P", "W", "U"}, set()),
+    "stack_overflow": (14, {"W", "U"}, {"P"}),
+    "noncanonical": (13, set(), set()),
+    "read_null": (14, {"U"}, {"P", "W"}),
+}
+
+
+def _stats(vm):
+    m = re.search(r"calls=(\d+) returns=(\d+) aborts=(\d+)", vm.run("cat /sys/kernel/debug/sbm_demo/stats").output)
+    return tuple(int(x) for x in m.groups())
+
+
+def _scenario(vm, name, timeout=120):
+    out = vm.run(f"echo {name} > /sys/kernel/debug/sbm_demo/run && cat /sys/kernel/debug/sbm_demo/run",
+                 timeout=timeout).output
+    assert "result=PASS" in out, out
+    return out
+
+
+def _per_vcpu_well_formed(events):
+    """enter, then irq/irq_return pairs, then return or abort, then exit: per vCPU."""
+    state = {}
+    for e in events:
+        k, c = e["kind"], e.get("vcpu")
+        if k in ("trace_start", "trace_stop"):
+            continue
+        s = state.get(c, "out")
+        if k == "enter":
+            assert s == "out", (s, e)
+            state[c] = "in"
+        elif k in ("irq", "nmi"):
+            assert s == "in", (s, e)
+            state[c] = "irq"
+        elif k == "irq_return":
+            assert s == "irq", (s, e)
+            state[c] = "in"
+        elif k in ("return", "abort"):
+            assert s == "in", (s, e)
+            state[c] = "ended"
+        elif k == "exit":
+            assert s == "ended", (s, e)
+            state[c] = "out"
+
+
+@pytest.mark.parametrize("pti,kaslr", [("on", True), ("off", False)])
+def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
+    vm = make_vm(smp=2, pti=pti, kaslr=kaslr)
+    path = tmp_path / "t.jsonl"
+    before = _stats(vm)
+    t = PluginTracer(vm, str(path))
+    try:
+        t.start()
+        for sc in ["ok", "io", *FAULTS, "irq_in_sandbox"]:
+            _scenario(vm, sc)
+        _scenario(vm, "repeat 300")
+        # both vCPUs at once
+        out = vm.run("for i in 1 2; do (echo repeat 100 > /sys/kernel/debug/sbm_demo/run) & done; wait; "
+                     "echo done", timeout=120).output
+        assert "done" in out
+        t.poll()
+        st = t.stop()
+    finally:
+        t.close()
+    after = _stats(vm)
+    events = read_events(str(path), strict=True)
+    assert validate(events) == []
+    s = summarize(events)
+    assert s["complete"], s
+    assert (s["calls"], s["returns"], s["aborts"]) == tuple(a - b for a, b in zip(after, before)), s
+    assert set(s["vcpus"]) == {"0", "1"} or set(s["vcpus"]) == {0, 1}, s
+    assert st["plugin"]["bad_reads"] == 0
+    _per_vcpu_well_formed(events)
+    enters = [e for e in events if e["kind"] == "enter"]
+    assert all(e["pid"] and e["comm"] == "sh" and e["cr3_role"] == "sandbox" and e["stack"] == "exception"
+               and (e["func_sym"] or "").startswith("__sbm_thunk_sbm_demo") for e in enters), enters[:2]
+    rets = [e for e in events if e["kind"] == "return"]
+    assert all(e["cpl"] == 3 and e["stack"] == "sandbox" and e["ret"] is not None for e in rets)
+    # the faults, in the order the scenarios ran
+    aborts = [e for e in events if e["kind"] == "abort"]
+    assert len(aborts) == len(FAULTS)
+    for (sc, (vec, must, mustnot)), a in zip(FAULTS.items(), aborts):
+        assert a["vector"] == vec, (sc, a)
+        assert a["sbm_error"] == -14 and "sbm_demo" in (a["fault_sym"] or ""), (sc, a)
+        if vec == 14:
+            bits = set(a["error_bits"])
+            assert must <= bits and not (mustnot & bits), (sc, a)
+            assert a["cr2"] and a["cr2_region"], (sc, a)
+    # timer interrupts arrived inside the sandbox and came back to it
+    irqs = [e for e in events if e["kind"] == "irq"]
+    backs = [e for e in events if e["kind"] == "irq_return"]
+    assert irqs and len(irqs) == len(backs)
+    assert all(i["cpl"] == 3 and i["cr3_role"] == "sandbox" for i in irqs)
+    assert all(b["to_rip"] for b in backs)
+    # clocks move forward per vCPU, and the Perfetto export takes the trace
+    for c in (0, 1):
+        ns = [e["host_ns"] for e in events if e.get("vcpu") == c and e["kind"] != "trace_stop"]
+        assert ns == sorted(ns)
+    assert to_perfetto(events)["traceEvents"]
+
+
+def test_plugin_trace_agrees_with_gdb_tracer(make_vm, tmp_path):
+    """The same scenarios traced by gdb breakpoints and by the QEMU log:
+    the same calls, the same faults (vector, error code, where)."""
+    vm = make_vm(smp=2, pti="on")
+    scen = ["ok", "write_kernel_data", "noncanonical", "write_stack", "irq_in_sandbox"]
+
+    def key(events):
+        out, func = [], None
+        for e in events:
+            if e["kind"] == "enter":
+                func = e["func_sym"]
+                out.append(("enter", func))
+            elif e["kind"] == "abort":
+                out.append(("abort", e["vector"], e.get("error_code"), e["fault_sym"]))
+            elif e["kind"] == "return":
+                # irq_in_sandbox returns the timer ticks it saw: timing, not logic
+                out.append(("return", None if "spin" in (func or "") else e["ret"]))
+        return out
+
+    got = {}
+    for via in ("gdb", "plugin"):
+        path = str(tmp_path / f"{via}.jsonl")
+        rec = TraceRecorder(vm.info, path, "full") if via == "gdb" else PluginTracer(vm, path)
+        try:
+            rec.start()
+            for sc in scen:
+                _scenario(vm, sc)
+            rec.stop()
+        finally:
+            rec.close()
+        got[via] = key(read_events(path))
+    assert got["plugin"] == got["gdb"], got
+    assert len(got["plugin"]) == 2 * len(scen)
+
+
+def test_plugin_trace_qemu_killed(make_vm, tmp_path):
+    vm = make_vm(smp=2, pti="off")
+    path = tmp_path / "t.jsonl"
+    t = PluginTracer(vm, str(path))
+    try:
+        t.start()
+        _scenario(vm, "repeat 20")
+        os.kill(vm.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(TraceLost) as ei:
+            t.wait(10)
+        assert time.monotonic() - t0 < 2.0
+        assert "died" in str(ei.value)
+    finally:
+        t.close()
+    events = read_events(str(path), strict=True)
+    assert validate(events) == []
+    assert events[-1]["kind"] == "trace_stop" and "died" in events[-1]["reason"]
+    assert summarize(events)["calls"] == 20
