@@ -4,11 +4,11 @@ gdb killed mid-trace).  Each test boots one VM (2 vCPUs) and closes every
 gdb and QEMU it started."""
 import json
 import os
-import re
 import signal
 import time
 
 import pytest
+from demo_helpers import demo_stats, run_scenario
 
 from sbmdbg.trace.events import read_events, summarize, validate
 from sbmdbg.trace.export import to_perfetto
@@ -20,38 +20,25 @@ pytestmark = pytest.mark.live
 FAULTS = ["write_ro_input", "read_guard", "write_kernel_data", "write_kernel_bss", "write_stack",
           "stack_overflow", "noncanonical", "read_null"]
 
-
-def _stats(vm):
-    m = re.search(r"calls=(\d+) returns=(\d+) aborts=(\d+)", vm.run("cat /sys/kernel/debug/sbm_demo/stats").output)
-    return tuple(int(x) for x in m.groups())
-
-
-def _scenario(vm, name, timeout=60):
-    out = vm.run(f"echo {name} > /sys/kernel/debug/sbm_demo/run && cat /sys/kernel/debug/sbm_demo/run",
-                 timeout=timeout).output
-    assert "result=PASS" in out, out
-    return out
-
-
 @pytest.mark.parametrize("pti", ["on", "off"])
 def test_trace_matches_qemu_log_and_stats(make_vm, tmp_path, pti):
     qlog = tmp_path / "qemu.log"
     vm = make_vm(smp=2, pti=pti, qemu_log=str(qlog))
     trace = tmp_path / "t.jsonl"
-    before = _stats(vm)
+    before = demo_stats(vm)
     rec = TraceRecorder(vm.info, str(trace), "full")
     try:
         rec.start()
         start_off = os.path.getsize(qlog)
         for sc in ["ok", "io"] + FAULTS + ["irq_in_sandbox"]:
-            _scenario(vm, sc)
-        _scenario(vm, "repeat 10")
+            run_scenario(vm, sc)
+        run_scenario(vm, "repeat 10")
         rec.poll()
         st = rec.stop()
     finally:
         rec.close()
     end_off = os.path.getsize(qlog)
-    after = _stats(vm)
+    after = demo_stats(vm)
     events = read_events(str(trace), strict=True)
     assert validate(events) == []
     s = summarize(events)
@@ -96,7 +83,7 @@ def test_trace_survives_a_dying_peer(make_vm, tmp_path, victim):
     rec = TraceRecorder(vm.info, str(trace), "full")
     try:
         rec.start()
-        _scenario(vm, "repeat 5")
+        run_scenario(vm, "repeat 5")
         # keep the guest busy in sandboxes while the peer dies
         vm.serial.send("echo repeat 100000 > /sys/kernel/debug/sbm_demo/run\n")
         time.sleep(1.0)
@@ -125,18 +112,18 @@ def test_trace_under_kaslr(make_vm, tmp_path):
     guest memory), so every call and abort is still caught, with symbols."""
     vm = make_vm(smp=2, pti="on", kaslr=True)
     trace = tmp_path / "k.jsonl"
-    before = _stats(vm)
+    before = demo_stats(vm)
     rec = TraceRecorder(vm.info, str(trace), "fast")
     try:
         rec.start()
-        _scenario(vm, "ok")
-        _scenario(vm, "write_kernel_data")
-        _scenario(vm, "noncanonical")
+        run_scenario(vm, "ok")
+        run_scenario(vm, "write_kernel_data")
+        run_scenario(vm, "noncanonical")
         rec.poll()
         rec.stop()
     finally:
         rec.close()
-    after = _stats(vm)
+    after = demo_stats(vm)
     events = read_events(str(trace), strict=True)
     assert validate(events) == []
     s = summarize(events)

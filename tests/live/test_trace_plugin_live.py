@@ -3,11 +3,11 @@ against the demo module's own counters, the scenarios' known faults, the gdb
 tracer (an independent mechanism: breakpoints), and QEMU dying mid-trace.
 Each test boots its own VM and leaves no QEMU behind."""
 import os
-import re
 import signal
 import time
 
 import pytest
+from demo_helpers import demo_stats, run_scenario
 
 from sbmdbg.trace.events import read_events, summarize, validate
 from sbmdbg.trace.export import to_perfetto
@@ -26,19 +26,6 @@ FAULTS = {   # scenario -> (vector, #PF error bits that must be set, bits that m
     "noncanonical": (13, set(), set()),
     "read_null": (14, {"U"}, {"P", "W"}),
 }
-
-
-def _stats(vm):
-    m = re.search(r"calls=(\d+) returns=(\d+) aborts=(\d+)", vm.run("cat /sys/kernel/debug/sbm_demo/stats").output)
-    return tuple(int(x) for x in m.groups())
-
-
-def _scenario(vm, name, timeout=120):
-    out = vm.run(f"echo {name} > /sys/kernel/debug/sbm_demo/run && cat /sys/kernel/debug/sbm_demo/run",
-                 timeout=timeout).output
-    assert "result=PASS" in out, out
-    return out
-
 
 def _per_vcpu_well_formed(events):
     """enter, then irq/irq_return pairs, then return or abort, then exit: per vCPU."""
@@ -69,13 +56,13 @@ def _per_vcpu_well_formed(events):
 def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
     vm = make_vm(smp=2, pti=pti, kaslr=kaslr)
     path = tmp_path / "t.jsonl"
-    before = _stats(vm)
+    before = demo_stats(vm)
     t = PluginTracer(vm, str(path))
     try:
         t.start()
         for sc in ["ok", "io", *FAULTS, "irq_in_sandbox"]:
-            _scenario(vm, sc)
-        _scenario(vm, "repeat 300")
+            run_scenario(vm, sc)
+        run_scenario(vm, "repeat 300")
         # both vCPUs at once
         out = vm.run("for i in 1 2; do (echo repeat 100 > /sys/kernel/debug/sbm_demo/run) & done; wait; "
                      "echo done", timeout=120).output
@@ -84,7 +71,7 @@ def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
         st = t.stop()
     finally:
         t.close()
-    after = _stats(vm)
+    after = demo_stats(vm)
     events = read_events(str(path), strict=True)
     assert validate(events) == []
     s = summarize(events)
@@ -147,7 +134,7 @@ def test_plugin_trace_agrees_with_gdb_tracer(make_vm, tmp_path):
         try:
             rec.start()
             for sc in scen:
-                _scenario(vm, sc)
+                run_scenario(vm, sc)
             rec.stop()
         finally:
             rec.close()
@@ -162,7 +149,7 @@ def test_plugin_trace_qemu_killed(make_vm, tmp_path):
     t = PluginTracer(vm, str(path))
     try:
         t.start()
-        _scenario(vm, "repeat 20")
+        run_scenario(vm, "repeat 20")
         os.kill(vm.pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(TraceLost) as ei:
