@@ -37,7 +37,7 @@ def _record(args) -> int:
             via = "plugin" if vm.info.get("trace_plugin") else "gdb"
         if via == "plugin":
             from sbmdbg.trace.fast import PluginTracer
-            rec = PluginTracer(vm, args.file)
+            rec = PluginTracer(vm, args.file, force=args.force)
             what = "QEMU log + sbmtrace plugin, the guest never stops"
         else:
             rec = TraceRecorder(vm.info, args.file, args.level, emulate=args.emulate)
@@ -130,6 +130,7 @@ def add_parser(sub) -> None:
                        help="plugin: QEMU's exception log + the sbmtrace plugin, no stops (default "
                             "when the VM has the plugin); gdb: breakpoints (stops per probe)")
         r.add_argument("--level", choices=["lean", "fast", "full"], default="full", help="gdb probes")
+        r.add_argument("--force", action="store_true", help="plugin: take over a plugin left armed")
         r.add_argument("--emulate", action="store_true", help="emulated step-over (see README)")
         r.add_argument("--run", help="guest shell command to run while tracing")
         r.add_argument("--seconds", type=float, help="how long to trace (or --run's timeout)")

@@ -33,6 +33,7 @@ This module parses that log as it grows and turns it into the same events
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import os
@@ -50,6 +51,13 @@ from sbmdbg.trace.events import (
 
 U64 = (1 << 64) - 1
 IRETQ = b"\x48\xcf"
+PUNCH_BYTES = 64 << 20       # give back the disk blocks of the log read so far, this often
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+except (OSError, AttributeError):
+    _libc = None
 FRAME = ("rip", "cs", "rflags", "rsp", "ss")
 
 _HDR = re.compile(r"^\s*\d+:\s+v=([0-9a-f]+)\s+e=([0-9a-f]+)\s+i=(\d)\s+cpl=(\d)\s+"
@@ -334,7 +342,7 @@ class PluginTracer:
     :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``)."""
 
     def __init__(self, vm, path: str, kernel=None, keep_log: bool = False,
-                 clock=time.time_ns):
+                 clock=time.time_ns, force: bool = False):
         self.vm = vm
         self.info = vm.info
         self.path = os.path.abspath(path)
@@ -345,6 +353,7 @@ class PluginTracer:
         self.sock = sock
         self.k = kernel
         self.keep_log = keep_log
+        self.force = force
         self.clock = clock
         self.logdir = os.path.join(self.info["workdir"], f"tracelog-{os.getpid()}-{int(time.time())}")
         self.sink: EventSink | None = None
@@ -352,10 +361,11 @@ class PluginTracer:
         self.ctl = None
         self.lost: str | None = None
         self._files: dict[str, tuple] = {}        # path -> (fh, LogParser)
+        self._punched: dict[str, int] = {}        # path -> bytes given back
+        self.punched = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.lines = 0
         self.busy_s = 0.0
 
     # ------------------------------------------------------------ setup
@@ -415,6 +425,9 @@ class PluginTracer:
         k = self._kernel()
         lay = k.layouts
         self.ctl = ctl = PluginControl(self.sock)
+        if ctl.status()["probes"] and not self.force:
+            raise SbmdbgError("the sbmtrace plugin of this VM is already armed: another trace is "
+                              "running (stop it, or pass --force to take over)")
         from sbmdbg.target.shm import RamLayout
         below = RamLayout(self.info["ram_size"]).below
         ctl.cmd(f"ram {self.info['ram']} {self.info['ram_size']} {below}")
@@ -501,7 +514,26 @@ class PluginTracer:
                 for rec in parser.feed(data):
                     self.asm.record(rec)
                 self.busy_s += time.perf_counter() - t0
+                if not self.keep_log and fh.tell() - self._punched.get(path, 0) >= PUNCH_BYTES:
+                    self._punch(path, fh.tell())
         return n
+
+    def _punch(self, path: str, upto: int) -> None:
+        """Give back the disk blocks of what was read (QEMU writes ~1.3 KB per
+        interrupt, gigabytes over a long trace).  A hole is punched below our
+        read offset: QEMU keeps writing at its own offset, nothing moves."""
+        upto &= ~0xFFFF
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            if _libc is not None and _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                                     ctypes.c_long(0), ctypes.c_long(upto)) == 0:
+                self.punched += upto - self._punched.get(path, 0)
+                self._punched[path] = upto
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ control
     def poll(self) -> None:
@@ -542,6 +574,7 @@ class PluginTracer:
         self.asm.flush()
         st = {"file": self.path, "counts": dict(self.asm.counts), "busy_s": round(self.busy_s, 3),
               "log_lines": sum(p.lines for _, p in self._files.values()),
+              "log_bytes_given_back": self.punched,
               "plugin": self.ctl.status()}
         self._seal("stopped")
         self.ctl.close()
@@ -567,7 +600,8 @@ class PluginTracer:
         if self.sink is not None and not self.sink.closed:
             try:
                 self.vm.hmp("log none")
-            except Exception:  # noqa: BLE001
+                self.ctl.cmd("disarm")
+            except Exception:  # noqa: BLE001 - QEMU may be gone: nothing to undo then
                 pass
             self._seal("closed")
         if self.ctl is not None:
