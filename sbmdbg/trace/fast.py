@@ -33,7 +33,6 @@ This module parses that log as it grows and turns it into the same events
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import json
 import os
@@ -51,13 +50,6 @@ from sbmdbg.trace.events import (
 
 U64 = (1 << 64) - 1
 IRETQ = b"\x48\xcf"
-PUNCH_BYTES = 64 << 20       # give back the disk blocks of the log read so far, this often
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-except (OSError, AttributeError):
-    _libc = None
 FRAME = ("rip", "cs", "rflags", "rsp", "ss")
 
 _HDR = re.compile(r"^\s*\d+:\s+v=([0-9a-f]+)\s+e=([0-9a-f]+)\s+i=(\d)\s+cpl=(\d)\s+"
@@ -361,8 +353,8 @@ class PluginTracer:
         self.ctl = None
         self.lost: str | None = None
         self._files: dict[str, tuple] = {}        # path -> (fh, LogParser)
-        self._punched: dict[str, int] = {}        # path -> bytes given back
-        self.punched = 0
+        self._fifos: dict[str, int] = {}          # path -> read end of a FIFO QEMU logs into
+        self.log_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -459,6 +451,7 @@ class PluginTracer:
         ctl.cmd("arm")
         ctl.wait_applied()
         os.makedirs(self.logdir, exist_ok=True)
+        self._make_fifos()
         from sbmdbg.trace.context import GuestContext
         self.sink = EventSink(self.path)
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
@@ -498,42 +491,48 @@ class PluginTracer:
     def _alive(self) -> bool:
         return pid_alive(self.info.get("pid"))
 
+    def _make_fifos(self) -> list[int]:
+        """One FIFO per vCPU thread, named as QEMU's per-thread log will be
+        (``%d`` = the thread id, from query-cpus-fast), opened for reading
+        before QEMU opens it for writing: the log never touches the disk,
+        and a slow reader slows the guest instead of losing lines."""
+        tids = sorted({c["thread-id"] for c in self.vm.qmp("query-cpus-fast") if c.get("thread-id")})
+        for tid in tids:
+            path = os.path.join(self.logdir, f"qemu-{tid}.log")
+            os.mkfifo(path, 0o600)
+            self._fifos[path] = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return tids
+
+    def _read(self, path: str, fh) -> bytes:
+        if fh is None:                      # a FIFO
+            try:
+                return os.read(self._fifos[path], 1 << 20)
+            except BlockingIOError:
+                return b""
+        return fh.read(1 << 20)
+
     def drain(self) -> int:
-        """Read and process what the log files gained; the bytes read."""
+        """Read and process what QEMU's log gained; the bytes read.  Threads
+        that are not vCPUs (rarely log) get regular files, read the same way."""
         n = 0
         with self._lock:
             for path in sorted(glob.glob(os.path.join(self.logdir, "qemu-*.log"))):
                 if path not in self._files:
-                    self._files[path] = (open(path, "rb"), LogParser())
+                    self._files[path] = (None if path in self._fifos else open(path, "rb"), LogParser())
                 fh, parser = self._files[path]
-                data = fh.read(1 << 20)
+                data = self._read(path, fh)
                 if not data:
                     continue
                 n += len(data)
+                if self.keep_log:
+                    with open(path.replace("qemu-", "copy-"), "ab") as out:
+                        out.write(data)
                 t0 = time.perf_counter()
                 for rec in parser.feed(data):
                     self.asm.record(rec)
                 self.busy_s += time.perf_counter() - t0
-                if not self.keep_log and fh.tell() - self._punched.get(path, 0) >= PUNCH_BYTES:
-                    self._punch(path, fh.tell())
+        self.log_bytes += n
         return n
-
-    def _punch(self, path: str, upto: int) -> None:
-        """Give back the disk blocks of what was read (QEMU writes ~1.3 KB per
-        interrupt, gigabytes over a long trace).  A hole is punched below our
-        read offset: QEMU keeps writing at its own offset, nothing moves."""
-        upto &= ~0xFFFF
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except OSError:
-            return
-        try:
-            if _libc is not None and _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                                     ctypes.c_long(0), ctypes.c_long(upto)) == 0:
-                self.punched += upto - self._punched.get(path, 0)
-                self._punched[path] = upto
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------ control
     def poll(self) -> None:
@@ -570,11 +569,13 @@ class PluginTracer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.drain()
+        while self.drain():
+            pass
         self.asm.flush()
         st = {"file": self.path, "counts": dict(self.asm.counts), "busy_s": round(self.busy_s, 3),
               "log_lines": sum(p.lines for _, p in self._files.values()),
-              "log_bytes_given_back": self.punched,
+              "log_bad_lines": sum(p.bad for _, p in self._files.values()),
+              "log_bytes": self.log_bytes, "log_fifos": len(self._fifos),
               "plugin": self.ctl.status()}
         self._seal("stopped")
         self.ctl.close()
@@ -590,8 +591,12 @@ class PluginTracer:
 
     def _close_files(self) -> None:
         for fh, _ in self._files.values():
-            fh.close()
+            if fh is not None:
+                fh.close()
         self._files.clear()
+        for fd in self._fifos.values():
+            os.close(fd)
+        self._fifos.clear()
 
     def close(self) -> None:
         self._stop.set()

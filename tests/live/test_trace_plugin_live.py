@@ -11,7 +11,6 @@ from demo_helpers import demo_stats, run_scenario
 
 from sbmdbg.trace.events import read_events, summarize, validate
 from sbmdbg.trace.export import to_perfetto
-from sbmdbg.trace import fast
 from sbmdbg.trace.fast import PluginTracer, TraceLost
 from sbmdbg.trace.live import TraceRecorder
 
@@ -54,9 +53,7 @@ def _per_vcpu_well_formed(events):
 
 
 @pytest.mark.parametrize("pti,kaslr", [("on", True), ("off", False)])
-def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, monkeypatch, pti, kaslr):
-    # give back the log's disk blocks every ~2 MB read: nothing may be lost
-    monkeypatch.setattr(fast, "PUNCH_BYTES", 2 << 20)
+def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
     vm = make_vm(smp=2, pti=pti, kaslr=kaslr)
     path = tmp_path / "t.jsonl"
     before = demo_stats(vm)
@@ -79,10 +76,11 @@ def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, monkeypatch, 
     assert validate(events) == []
     s = summarize(events)
     assert s["complete"], s
-    assert (s["calls"], s["returns"], s["aborts"]) == tuple(a - b for a, b in zip(after, before)), s
+    assert (s["calls"], s["returns"], s["aborts"]) == tuple(a - b for a, b in zip(after, before)), \
+        f"{s['kinds']} plugin={st['plugin']} bad_lines={st['log_bad_lines']}"
     assert set(s["vcpus"]) == {"0", "1"} or set(s["vcpus"]) == {0, 1}, s
     assert st["plugin"]["bad_reads"] == 0
-    assert st["log_bytes_given_back"] >= 2 << 20, st
+    assert st["log_fifos"] >= 1 and st["log_bytes"] > 1 << 20, st   # through the FIFOs, not the disk
     assert not [f for f in os.listdir(vm.info["workdir"]) if f.startswith("tracelog-")]
     _per_vcpu_well_formed(events)
     enters = [e for e in events if e["kind"] == "enter"]

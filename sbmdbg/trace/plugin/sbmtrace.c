@@ -132,7 +132,7 @@ static uint64_t jiffies_phys;
 /* per vCPU: the mem probe whose first access we wait for */
 static const struct probe *want_mem[MAX_VCPUS];
 static char line_buf[MAX_VCPUS][1024];
-static uint64_t hits, snapshots, bad_reads;
+static uint64_t hits, snapshots, bad_reads, mem_armed, mem_lost;
 
 static uint64_t now_ns(void)
 {
@@ -255,6 +255,9 @@ static void on_insn(unsigned int vcpu, void *udata)
     at = put_jiffies(b, at);
     at = put_task(b, at, vcpu);
     if (p->kind == K_MEM && vcpu < MAX_VCPUS) {
+        if (want_mem[vcpu])      /* the last one never saw its access */
+            __atomic_fetch_add(&mem_lost, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&mem_armed, 1, __ATOMIC_RELAXED);
         want_mem[vcpu] = p;      /* the line ends at the first access */
         line_buf[vcpu][at] = 0;
         return;
@@ -478,9 +481,9 @@ static void command(int fd, char *line)
     if (!strcmp(w[0], "status")) {
         pthread_mutex_lock(&lock);
         reply(fd, "ok status armed=%d applied=%d probes=%d hits=%" PRIu64 " snapshots=%" PRIu64
-              " bad_reads=%" PRIu64 " ram=%d",
+              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64,
               reset_want_gen, reset_done_gen, active ? active->n : 0, hits, snapshots, bad_reads,
-              ram != NULL);
+              ram != NULL, mem_armed, mem_lost);
         pthread_mutex_unlock(&lock);
         return;
     }
