@@ -146,14 +146,14 @@ def test_qemu_command_defaults():
     cmd = qemu_command(VMOptions(), _paths(), 1234, "/k/bzImage", "/k/initrd")
     s = " ".join(cmd)
     assert cmd[0] == "qemu-system-x86_64"
-    assert "-accel tcg -cpu max" in s and "-smp 2 -m 512M" in s
+    assert "-accel tcg -cpu max" in s and "-smp 2,sockets=2,cores=1,threads=1 -m 512M" in s
     assert "-gdb tcp:127.0.0.1:1234" in s and " -s " not in f" {s} "
     assert "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/sbmdbg-abc.ram,share=on" in s
     assert "-machine pc,memory-backend=ram0" in s
     assert "-no-reboot" in cmd and "-nographic" in cmd and "vmcoreinfo" in cmd
     assert "logfile=/tmp/w/console.log" in s and "-serial chardev:con0" in s
     append = cmd[cmd.index("-append") + 1]
-    assert append == "console=ttyS0 pti=off nokaslr no5lvl panic=-1"
+    assert append == "console=ttyS0 pti=off nokaslr no5lvl panic=-1 qemu_fw_cfg.ioport=12@0x510:0:1:4"
     assert "-d" not in cmd
 
 
@@ -161,7 +161,7 @@ def test_qemu_command_options():
     o = VMOptions(smp=4, mem="1G", pti="on", kaslr=True, la57=True, append="quiet",
                   qemu_log="/tmp/q.log", extra_args=["-S"])
     cmd = qemu_command(o, _paths(), 1, "k", "i")
-    assert kernel_cmdline(o) == "console=ttyS0 pti=on kaslr panic=-1 quiet"
+    assert kernel_cmdline(o) == "console=ttyS0 pti=on kaslr panic=-1 qemu_fw_cfg.ioport=12@0x510:0:1:4 quiet"
     assert cmd[-3:] == ["-D", "/tmp/q.log", "-S"] and "-smp" in cmd and "1024M" in cmd
 
 

@@ -77,6 +77,10 @@ class LogParser:
         self._cur: dict | None = None
         self.lines = 0
         self.bad = 0
+        self.plugin_lines = 0
+        self.gaps = 0                  # plugin lines missing (their q= numbers skipped)
+        self._q: dict[int, int] = {}
+        self.gap_at: list[tuple] = []
 
     def feed(self, data: bytes) -> list[dict]:
         data = self._rest + data
@@ -90,6 +94,7 @@ class LogParser:
             self.lines += 1
             line = raw.decode("ascii", errors="replace")
             if line.startswith("@sbm "):
+                self.plugin_lines += 1
                 self._close(out)
                 rec = self._plugin(line)
                 if rec is not None:
@@ -133,6 +138,14 @@ class LogParser:
                 k, _, v = kv.partition("=")
                 if k == "j":
                     rec["jiffies"] = int(v)
+                elif k == "q":
+                    q, c = int(v), rec["vcpu"]
+                    last = self._q.get(c)
+                    if last is not None and q > last + 1:
+                        self.gaps += q - last - 1
+                        if len(self.gap_at) < 8:
+                            self.gap_at.append((c, last, q, self.lines))
+                    self._q[c] = q
                 elif k == "pid":
                     rec["pid"] = int(v)
                 elif k == "err":
@@ -333,8 +346,7 @@ class PluginTracer:
     (``VMOptions(trace_plugin=True)``, the default).  ``vm`` is a
     :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``)."""
 
-    def __init__(self, vm, path: str, kernel=None, keep_log: bool = False,
-                 clock=time.time_ns, force: bool = False):
+    def __init__(self, vm, path: str, kernel=None, clock=time.time_ns, force: bool = False):
         self.vm = vm
         self.info = vm.info
         self.path = os.path.abspath(path)
@@ -344,16 +356,16 @@ class PluginTracer:
                               "(VMOptions(trace_plugin=False)): use the gdb tracer (--via gdb)")
         self.sock = sock
         self.k = kernel
-        self.keep_log = keep_log
         self.force = force
         self.clock = clock
-        self.logdir = os.path.join(self.info["workdir"], f"tracelog-{os.getpid()}-{int(time.time())}")
+        if not self.info.get("trace_log"):
+            raise SbmdbgError(f"VM {self.info.get('id')} has no per-thread QEMU log (it was started "
+                              "with qemu_log=...): use the gdb tracer (--via gdb)")
         self.sink: EventSink | None = None
         self.asm: Assembler | None = None
         self.ctl = None
         self.lost: str | None = None
         self._files: dict[str, tuple] = {}        # path -> (fh, LogParser)
-        self._fifos: dict[str, int] = {}          # path -> read end of a FIFO QEMU logs into
         self.log_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -450,8 +462,7 @@ class PluginTracer:
             ctl.cmd(f"probe {addr:#x} {tag} {kind} {words}")
         ctl.cmd("arm")
         ctl.wait_applied()
-        os.makedirs(self.logdir, exist_ok=True)
-        self._make_fifos()
+        self._mark_start()
         from sbmdbg.trace.context import GuestContext
         self.sink = EventSink(self.path)
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
@@ -467,7 +478,6 @@ class PluginTracer:
                           "tsc: host TSC (under TCG the guest TSC is the host TSC plus an offset "
                           "that changes only when the VM is stopped); jiffies: the guest's"}
         self.asm._emit(meta)
-        self.vm.hmp(f"logfile {self.logdir}/qemu-%d.log")
         self.vm.hmp("log int,plugin,tid")
         self._stop.clear()
         self._thread = threading.Thread(target=self._tail, name="sbm-fasttrace", daemon=True)
@@ -491,42 +501,28 @@ class PluginTracer:
     def _alive(self) -> bool:
         return pid_alive(self.info.get("pid"))
 
-    def _make_fifos(self) -> list[int]:
-        """One FIFO per vCPU thread, named as QEMU's per-thread log will be
-        (``%d`` = the thread id, from query-cpus-fast), opened for reading
-        before QEMU opens it for writing: the log never touches the disk,
-        and a slow reader slows the guest instead of losing lines."""
-        tids = sorted({c["thread-id"] for c in self.vm.qmp("query-cpus-fast") if c.get("thread-id")})
-        for tid in tids:
-            path = os.path.join(self.logdir, f"qemu-{tid}.log")
-            os.mkfifo(path, 0o600)
-            self._fifos[path] = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        return tids
+    def _log_glob(self) -> str:
+        return self.info["trace_log"].replace("%d", "*")
 
-    def _read(self, path: str, fh) -> bytes:
-        if fh is None:                      # a FIFO
-            try:
-                return os.read(self._fifos[path], 1 << 20)
-            except BlockingIOError:
-                return b""
-        return fh.read(1 << 20)
+    def _mark_start(self) -> None:
+        """Per-thread log files outlive a trace: read each from where it ends now."""
+        for path in glob.glob(self._log_glob()):
+            fh = open(path, "rb")
+            fh.seek(0, os.SEEK_END)
+            self._files[path] = (fh, LogParser())
 
     def drain(self) -> int:
-        """Read and process what QEMU's log gained; the bytes read.  Threads
-        that are not vCPUs (rarely log) get regular files, read the same way."""
+        """Read and process what QEMU's per-thread logs gained; the bytes read."""
         n = 0
         with self._lock:
-            for path in sorted(glob.glob(os.path.join(self.logdir, "qemu-*.log"))):
+            for path in sorted(glob.glob(self._log_glob())):
                 if path not in self._files:
-                    self._files[path] = (None if path in self._fifos else open(path, "rb"), LogParser())
+                    self._files[path] = (open(path, "rb"), LogParser())
                 fh, parser = self._files[path]
-                data = self._read(path, fh)
+                data = fh.read(1 << 20)
                 if not data:
                     continue
                 n += len(data)
-                if self.keep_log:
-                    with open(path.replace("qemu-", "copy-"), "ab") as out:
-                        out.write(data)
                 t0 = time.perf_counter()
                 for rec in parser.feed(data):
                     self.asm.record(rec)
@@ -555,11 +551,7 @@ class PluginTracer:
         """Switch QEMU's log off, disarm the plugin, read the rest, write trace_stop."""
         self.poll()
         try:
-            self.vm.hmp("log none")
-            # restore the VM's own -d int log if it had one
-            if self.info.get("qemu_log"):
-                self.vm.hmp(f"logfile {self.info['qemu_log']}")
-                self.vm.hmp("log int")
+            self.vm.hmp("log tid")          # per-thread mode stays for the next trace
             self.ctl.cmd("disarm")
         except SbmdbgError as e:
             if not self._alive():
@@ -575,28 +567,20 @@ class PluginTracer:
         st = {"file": self.path, "counts": dict(self.asm.counts), "busy_s": round(self.busy_s, 3),
               "log_lines": sum(p.lines for _, p in self._files.values()),
               "log_bad_lines": sum(p.bad for _, p in self._files.values()),
-              "log_bytes": self.log_bytes, "log_fifos": len(self._fifos),
+              "log_plugin_lines": sum(p.plugin_lines for _, p in self._files.values()),
+              "log_plugin_gaps": sum(p.gaps for _, p in self._files.values()),
+              "log_plugin_gap_at": [g for _, p in self._files.values() for g in p.gap_at],
+              "log_bytes": self.log_bytes, "log_files": len(self._files),
               "plugin": self.ctl.status()}
         self._seal("stopped")
         self.ctl.close()
-        if not self.keep_log:
-            for f in glob.glob(os.path.join(self.logdir, "*")):
-                os.unlink(f)
-            try:
-                os.rmdir(self.logdir)
-            except OSError:
-                pass
         st["summary"] = summarize(read_events(self.path))
         return st
 
     def _close_files(self) -> None:
         for fh, _ in self._files.values():
-            if fh is not None:
-                fh.close()
+            fh.close()
         self._files.clear()
-        for fd in self._fifos.values():
-            os.close(fd)
-        self._fifos.clear()
 
     def close(self) -> None:
         self._stop.set()
@@ -604,7 +588,7 @@ class PluginTracer:
             self._thread.join(timeout=5)
         if self.sink is not None and not self.sink.closed:
             try:
-                self.vm.hmp("log none")
+                self.vm.hmp("log tid")
                 self.ctl.cmd("disarm")
             except Exception:  # noqa: BLE001 - QEMU may be gone: nothing to undo then
                 pass

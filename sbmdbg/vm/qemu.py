@@ -61,6 +61,10 @@ def kernel_cmdline(opts: VMOptions) -> str:
     if not opts.la57:
         parts.append("no5lvl")
     parts.append("panic=-1")
+    # The reference kernel has neither ACPI nor PCI: tell the fw_cfg driver
+    # where QEMU's fw_cfg is (x86 I/O ports 0x510.., DMA at +4) so that
+    # -device vmcoreinfo gets VMCOREINFO (drgn needs it).
+    parts.append("qemu_fw_cfg.ioport=12@0x510:0:1:4")
     if opts.append:
         parts.append(opts.append)
     return " ".join(parts)
@@ -97,7 +101,9 @@ def qemu_command(opts: VMOptions, paths: VMPaths, gdb_port: int, kernel: str, in
     memstr = f"{mem // (1 << 20)}M"
     cmd = [
         QEMU, "-accel", "tcg", "-cpu", opts.cpu,
-        "-smp", str(opts.smp), "-m", memstr,
+        # one vCPU per socket: SeaBIOS's MP table (the kernel has no ACPI) lists
+        # only the first CPU of each socket
+        "-smp", f"{opts.smp},sockets={opts.smp},cores=1,threads=1", "-m", memstr,
         "-object", f"memory-backend-file,id=ram0,size={memstr},mem-path={paths.ram},share=on",
         "-machine", "pc,memory-backend=ram0",
         "-nographic", "-monitor", "none", "-parallel", "none", "-no-reboot",
@@ -115,5 +121,10 @@ def qemu_command(opts: VMOptions, paths: VMPaths, gdb_port: int, kernel: str, in
         cmd += ["-d", "int", "-D", str(opts.qemu_log)]
     if isinstance(opts.trace_plugin, str):
         cmd += ["-plugin", f"{opts.trace_plugin},sock={paths.workdir / 'sbmtrace.sock'}"]
+        if not opts.qemu_log:
+            # Per-thread logs can only be chosen at start (HMP `log ...,tid`
+            # later keeps one shared file, where two vCPU threads' lines
+            # interleave mid-line): nothing is logged until a tracer says so.
+            cmd += ["-d", "tid", "-D", str(paths.workdir / "qemu-%d.log")]
     cmd += list(opts.extra_args)
     return cmd

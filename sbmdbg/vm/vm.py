@@ -184,6 +184,9 @@ class VM:
             "la57": opts.la57,
             "cmdline": kernel_cmdline(opts),
             "trace_plugin": str(workdir / "sbmtrace.sock") if opts.trace_plugin else None,
+            "trace_log": (str(workdir / "qemu-%d.log") if opts.trace_plugin and not opts.qemu_log
+                          else None),
+            "qemu_log": opts.qemu_log,
         }
         self._wait_ready(opts.boot_timeout)
         self.boot_seconds = time.monotonic() - t0

@@ -132,7 +132,8 @@ static uint64_t jiffies_phys;
 /* per vCPU: the mem probe whose first access we wait for */
 static const struct probe *want_mem[MAX_VCPUS];
 static char line_buf[MAX_VCPUS][1024];
-static uint64_t hits, snapshots, bad_reads, mem_armed, mem_lost;
+static uint64_t line_seq[MAX_VCPUS];   /* q= on every line: the reader sees any gap */
+static uint64_t hits, snapshots, bad_reads, mem_armed, mem_lost, lines_out;
 
 static uint64_t now_ns(void)
 {
@@ -236,6 +237,7 @@ static void emit(char *b, int at)
     b[at++] = '\n';
     b[at] = 0;
     qemu_plugin_outs(b);
+    __atomic_fetch_add(&lines_out, 1, __ATOMIC_RELAXED);
 }
 
 static void on_insn(unsigned int vcpu, void *udata)
@@ -245,13 +247,13 @@ static void on_insn(unsigned int vcpu, void *udata)
     int at;
     __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
     if (p->kind == K_STAMP) {
-        at = put(b, 0, "@sbm H %s %u %" PRIu64 " %llu", p->tag, vcpu, now_ns(),
-                 (unsigned long long)__rdtsc());
+        at = put(b, 0, "@sbm H %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
+                 (unsigned long long)__rdtsc(), line_seq[vcpu % MAX_VCPUS]++);
         emit(b, put_jiffies(b, at));
         return;
     }
-    at = put(b, 0, "@sbm P %s %u %" PRIu64 " %llu", p->tag, vcpu, now_ns(),
-             (unsigned long long)__rdtsc());
+    at = put(b, 0, "@sbm P %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
+             (unsigned long long)__rdtsc(), line_seq[vcpu % MAX_VCPUS]++);
     at = put_jiffies(b, at);
     at = put_task(b, at, vcpu);
     if (p->kind == K_MEM && vcpu < MAX_VCPUS) {
@@ -481,9 +483,9 @@ static void command(int fd, char *line)
     if (!strcmp(w[0], "status")) {
         pthread_mutex_lock(&lock);
         reply(fd, "ok status armed=%d applied=%d probes=%d hits=%" PRIu64 " snapshots=%" PRIu64
-              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64,
+              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64 " lines=%" PRIu64,
               reset_want_gen, reset_done_gen, active ? active->n : 0, hits, snapshots, bad_reads,
-              ram != NULL, mem_armed, mem_lost);
+              ram != NULL, mem_armed, mem_lost, lines_out);
         pthread_mutex_unlock(&lock);
         return;
     }
