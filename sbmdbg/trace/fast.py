@@ -34,7 +34,6 @@ This module parses that log as it grows and turns it into the same events
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import struct
@@ -553,7 +552,7 @@ class PluginTracer:
         try:
             self.vm.hmp("log tid")          # per-thread mode stays for the next trace
             self.ctl.cmd("disarm")
-        except SbmdbgError as e:
+        except SbmdbgError:
             if not self._alive():
                 self.lost = f"QEMU (pid {self.info.get('pid')}) died"
                 self.poll()
@@ -605,6 +604,3 @@ class PluginTracer:
     def __exit__(self, *exc):
         self.close()
 
-
-def status_json(st: dict) -> str:
-    return json.dumps(st, indent=2, default=str)
