@@ -386,28 +386,23 @@ class PluginTracer:
                             DwarfLayouts(self.info["vmlinux"]))
         return self.k
 
-    def _code(self, name: str, n: int = 512) -> tuple[int, bytes]:
-        k = self.k
-        a = k.sym(name)
-        return a, k.read_virt(k.root, a, n)
-
     def probes(self) -> list[tuple[int, str, str, int]]:
         """(runtime address, tag, kind, words) of every probe."""
+        from sbmdbg.trace.points import find_sbm_resume, function_code
+
+        # code from vmlinux (link-time addresses, exact function sizes), slid
         k = self.k
-        if "x86_sbm_exec" not in k.symbols:
-            raise SbmdbgError("vmlinux has no x86_sbm_exec (not an SBM kernel?)")
-        a, code = self._code("x86_sbm_exec")
+        a, code = function_code(k.symbols, "x86_sbm_exec")
         i = code.find(IRETQ)
         if i < 0:
             raise SbmdbgError("no iretq in x86_sbm_exec: cannot see the sandbox enter")
-        out = [(a + i, "enter", "mem", 5), (k.sym("x86_sbm_return"), "exit", "ctx", 0)]
-        from sbmdbg.trace.points import find_sbm_resume
-        b, rcode = self._code("restore_regs_and_return_to_kernel", 256)
+        out = [(a + i + k.slide, "enter", "mem", 5), (k.sym("x86_sbm_return"), "exit", "ctx", 0)]
         try:
+            b, rcode = function_code(k.symbols, "restore_regs_and_return_to_kernel", 256)
             lab = find_sbm_resume(b, rcode, k.layouts.offsetof("pt_regs", "cs"))
             j = rcode.find(IRETQ, lab - b)
             if j >= 0:
-                out.append((b + j, "resume", "mem", 5))
+                out.append((b + j + k.slide, "resume", "mem", 5))
         except SbmdbgError:
             pass        # a kernel without the resume label: no irq_return events
         # every IDT handler: a time stamp right after QEMU logged the delivery

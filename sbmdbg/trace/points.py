@@ -108,7 +108,7 @@ def choose_site(probe: Probe, code: bytes) -> Probe:
     return replace(probe, site=probe.addr + off, insn=insn, sp_adjust=adj)
 
 
-def _code(symbols, name: str, default_len: int = 512) -> tuple[int, bytes]:
+def function_code(symbols, name: str, default_len: int = 512) -> tuple[int, bytes]:
     a = symbols.get(name)
     if a is None:
         raise ProbeError(f"vmlinux has no symbol {name} (not an SBM kernel?)")
@@ -185,11 +185,11 @@ def find_probes(symbols, layouts, level: str = "full") -> dict[str, Probe]:
         kcr3 = st + layouts.offsetof("x86_sbm_state", "kernel_cr3")
         for name, fn in (("sbm_entry", "error_entry"), ("sbm_nmi", "asm_exc_nmi")):
             if name in want:
-                base, code = _code(symbols, fn)
+                base, code = function_code(symbols, fn)
                 out[name] = Probe(name, find_sbm_check(base, code, kcr3),
                                   f"jne target of the SBM check in {fn}")
     if "sbm_resume" in want:
-        base, code = _code(symbols, "restore_regs_and_return_to_kernel", 256)
+        base, code = function_code(symbols, "restore_regs_and_return_to_kernel", 256)
         out["sbm_resume"] = Probe(name="sbm_resume",
                                   addr=find_sbm_resume(base, code, layouts.offsetof("pt_regs", "cs")),
                                   how="je target of cmpq $__SBM_CS in restore_regs_and_return_to_kernel")
