@@ -1,12 +1,13 @@
 """``sbmdbg`` command line.
 
-    sbmdbg kernel build [--json] [--patches DIR] [--extra-patch FILE...]
+    sbmdbg kernel build [--source 6.12|6.1] [--patches DIR|none] [--config FRAGMENT]... [--json]
     sbmdbg vm start [--detach] [--json] [VM options]
     sbmdbg vm run [--id ID] [--timeout S] 'CMD'
     sbmdbg vm list [--json]
     sbmdbg vm stop [ID | --all]
     sbmdbg gdb [--gdb HOST:PORT] [--vmlinux V] [--tree T] [--id ID] [-- GDB ARGS...]
     sbmdbg demo
+    sbmdbg gdb-script                      (the path to `source` in any gdb)
     sbmdbg dump (--qmp SOCK | --vm ID) -o FILE
     sbmdbg inspect --vmcore F --vmlinux V [--json] CMD [ARGS]   (status, list, show, stack, audit, ...)
     sbmdbg bench status [--json]
@@ -34,15 +35,23 @@ from sbmdbg.errors import SbmdbgError
 def cmd_kernel_build(args) -> int:
     from sbmdbg.kernel import build
 
-    patches = Path(args.patches) if args.patches else build.PATCHES_DIR
-    if args.patches and not patches.is_dir():
-        raise SbmdbgError(f"patch directory {patches} not found")
-    kb = build.ensure_kernel(args.extra_patch or (), patches_dir=patches)
+    kb = build.build_kernel(args.source, args.patches, args.config, args.extra_patch or ())
     if args.json:
         print(json.dumps(kb.to_json(), indent=2))
     else:
         print(f"vmlinux  {kb.vmlinux}\nbzImage  {kb.bzImage}\ntree     {kb.tree}\n"
-              f"build-id {kb.build_id}\nkey      {kb.key}")
+              f"build-id {kb.build_id}\nkey      {kb.key}\nsource   {kb.source}\n"
+              f"patches  {kb.patches}\nconfig   {' + '.join(kb.config)}")
+    return 0
+
+
+def cmd_gdb_script(args) -> int:
+    from sbmdbg.paths import gdb_script
+
+    path = gdb_script()
+    if not path.is_file():
+        raise SbmdbgError(f"the gdb script {path} is missing from this installation")
+    print(path)
     return 0
 
 
@@ -280,9 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernel", help="the reference kernel").add_subparsers(
         dest="kcmd", required=True, parser_class=_Parser)
-    kb = k.add_parser("build", help="build (or reuse) the reference SBM kernel")
+    kb = k.add_parser("build", help="build (or reuse) a kernel: by default the reference SBM kernel")
     kb.add_argument("--json", action="store_true", help="print result.json")
-    kb.add_argument("--patches", help="patch directory (default fixtures/kernel/patches)")
+    kb.add_argument("--source", metavar="6.12|6.1|TARBALL",
+                    help="Debian's linux-source-VERSION (default 6.12) or a .tar.xz")
+    kb.add_argument("--patches", metavar="DIR|none",
+                    help="patch directory, or none: a kernel without SBM "
+                         "(default: the reference series on 6.12, none on 6.1)")
+    kb.add_argument("--config", action="append", metavar="FRAGMENT",
+                    help="config fragment merged on tinyconfig, repeatable "
+                         "(default fixtures/kernel/config, + config-6.1 on 6.1)")
     kb.add_argument("--extra-patch", action="append", metavar="FILE", help="apply after the patches")
     kb.set_defaults(func=cmd_kernel_build)
 
@@ -313,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--id", help="detached VM id")
     g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="-- extra gdb arguments")
     g.set_defaults(func=cmd_gdb)
+    gs = sub.add_parser("gdb-script", help="print the path of the gdb script to `source` in any gdb")
+    gs.set_defaults(func=cmd_gdb_script)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bcmd", required=True, parser_class=_Parser)

@@ -1,4 +1,12 @@
-"""Where things live: the repo, the build cache, the build lock."""
+"""Where things live: the package data, the build cache, the build lock.
+
+Package data (issue 13: installed anywhere) is found relative to this
+package, never to a git checkout: ``sbmdbg/data/kernel`` (the reference
+kernel's patches and config fragments) and ``sbmdbg/data/gdb/sbmdbg.py`` (the
+gdb script).  In a checkout they are symlinks to ``fixtures/kernel`` and
+``gdb_scripts``; a wheel carries copies.  ``REPO_ROOT`` is only meaningful in
+a checkout (tests, docs).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+DATA_DIR = PACKAGE_DIR / "data"
+KERNEL_FIXTURES = DATA_DIR / "kernel"
+TRACE_PLUGIN_SOURCE = PACKAGE_DIR / "trace" / "plugin" / "sbmtrace.c"
+
+
+def gdb_script() -> Path:
+    """The script any gdb can ``source`` to get the ``sbm`` commands (its real
+    path: ``gdb_scripts/sbmdbg.py`` in a checkout)."""
+    return (DATA_DIR / "gdb" / "sbmdbg.py").resolve()
 
 
 def cache_root() -> Path:

@@ -291,3 +291,62 @@ def test_worktree_rewrites_only_changed_files(tmp_path, monkeypatch):
     assert not (tree / "kernel/n.c").exists()
     assert (tree / "kernel/b.c").read_text() == "int b = 2;\n"
     assert (tree / "Makefile").stat().st_mtime == 1_000_000
+
+
+# ------------------------------------------------------------ the kernel matrix (issue 13)
+
+def test_missing_settings_last_fragment_wins():
+    frag = b"CONFIG_A=y\n# CONFIG_B is not set\n" + b"\n" + b"# CONFIG_A is not set\nCONFIG_B=y\n"
+    assert build.effective_settings(frag) == {"CONFIG_A": None, "CONFIG_B": "y"}
+    assert build.missing_settings(frag, "CONFIG_A=y\n") == ["# CONFIG_A is not set", "CONFIG_B=y"]
+
+
+def test_key_one_fragment_list_equals_bytes():
+    """The reference kernel keeps its key when fragments became a list."""
+    assert build.compute_key("s", [b"p"], [b"c"]) == build.compute_key("s", [b"p"], b"c")
+    assert build.compute_key("s", [b"p"], [b"c", b"d"]) != build.compute_key("s", [b"p"], b"c\nd")
+
+
+def test_kconfig_symbols(tmp_path):
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "Kconfig").write_text("config FOO\n\tbool\nmenuconfig BAR\n\tbool\n# config NOT\n")
+    (tmp_path / "arch" / "Kconfig.debug").write_text("  config BAZ_2\n")
+    assert build.kconfig_symbols(tmp_path) == {"CONFIG_FOO", "CONFIG_BAR", "CONFIG_BAZ_2"}
+    assert build.setting_symbol("# CONFIG_X_Y is not set") == "CONFIG_X_Y"
+    assert build.setting_symbol("CONFIG_Z=8") == "CONFIG_Z"
+
+
+def test_kernel_spec_defaults_and_errors(tmp_path):
+    ref = build.kernel_spec()
+    assert ref.patches_dir == build.PATCHES_DIR and ref.fragments == (build.CONFIG_FRAGMENT,)
+    assert build.kernel_spec("6.12", "none").patches_dir is None
+    old = build.kernel_spec("6.1")
+    assert old.patches_dir is None and old.tarball.name == "linux-source-6.1.tar.xz"
+    assert [f.name for f in old.fragments] == ["config", "config-6.1"]
+    assert all(f.is_file() for f in old.fragments)
+    frag = tmp_path / "frag"
+    frag.write_text("CONFIG_X=y\n")
+    assert build.kernel_spec("6.1", config=[frag]).fragments == (frag,)
+    with pytest.raises(SbmdbgError, match="unknown kernel source '5.10'"):
+        build.kernel_spec("5.10")
+    with pytest.raises(SbmdbgError, match="patch directory .* not found"):
+        build.kernel_spec(patches=tmp_path / "nope")
+    with pytest.raises(SbmdbgError, match="has no \\*.patch"):
+        build.kernel_spec(patches=tmp_path)
+    with pytest.raises(SbmdbgError, match="config fragment .* not found"):
+        build.kernel_spec(config=[tmp_path / "nope"])
+
+
+def test_package_data_paths():
+    """Fixtures and the gdb script are found through the package, not the checkout."""
+    from sbmdbg import paths
+    assert (paths.KERNEL_FIXTURES / "config").is_file()
+    assert build.PATCHES_DIR.parent == paths.KERNEL_FIXTURES and build.list_patches(build.PATCHES_DIR)
+    assert paths.gdb_script().is_file() and paths.gdb_script().name == "sbmdbg.py"
+    assert paths.TRACE_PLUGIN_SOURCE.is_file()
+
+
+def test_cli_gdb_script(capsys):
+    from sbmdbg import cli, paths
+    assert cli.main(["gdb-script"]) == 0
+    assert capsys.readouterr().out.strip() == str(paths.gdb_script())

@@ -1,15 +1,24 @@
-"""The reference kernel pipeline: Debian's 6.12 source + SBM patches -> vmlinux.
+"""The kernel pipeline: a Debian kernel source + a patch series -> vmlinux.
 
-    unpack /usr/src/linux-source-6.12.tar.xz -> work/<source>/linux (once)
-    patch -p1 --forward --batch < fixtures/kernel/patches/*.patch (sorted), extras,
+    unpack /usr/src/linux-source-<6.12|6.1>.tar.xz -> work/<source>/linux (once)
+    patch -p1 --forward --batch < <patches>/*.patch (sorted), extras,
         applied to pristine copies of the touched files; only files whose
-        content changes are rewritten in the work tree (make stays incremental)
-    make tinyconfig; merge_config.sh -m .config fixtures/kernel/config; olddefconfig
+        content changes are rewritten in the work tree (make stays incremental;
+        files a previous patch set touched are restored, files it created removed)
+    make tinyconfig; merge_config.sh -m .config <fragments>; olddefconfig
     make bzImage scripts_gdb   (ccache, reproducible timestamp/user/host)
     export vmlinux, bzImage, .config, System.map, scripts/gdb -> builds/<key>/tree
 
+The default is the reference SBM kernel: 6.12 + fixtures/kernel/patches +
+fixtures/kernel/config.  ``kernel_spec()`` names the others (the matrix):
+``--source 6.1`` (no patches by default; fragment + config-6.1),
+``--patches none`` (a kernel without SBM), ``--config FRAGMENT`` (repeatable).
+A fragment line for a symbol no Kconfig of the tree defines (SBM's, without
+the SBM patches; a newer kernel's name on 6.1) is skipped and reported in
+result.json's ``skipped_settings``; any other line .config lacks is an error.
+
 Every ``make`` runs under the machine-wide build lock.  The key hashes the
-source identity, the patches' bytes in order, the config fragment and the
+source identity, the patches' bytes in order, the config fragments and the
 extra patches, so a result is reused only for exactly the same inputs.
 """
 
@@ -29,11 +38,18 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.paths import REPO_ROOT, build_lock_path, cache_root, file_lock
+from sbmdbg.paths import KERNEL_FIXTURES, build_lock_path, cache_root, file_lock
 
 SOURCE_TARBALL = Path(os.environ.get("SBMDBG_KERNEL_SOURCE", "/usr/src/linux-source-6.12.tar.xz"))
-PATCHES_DIR = REPO_ROOT / "fixtures" / "kernel" / "patches"
-CONFIG_FRAGMENT = REPO_ROOT / "fixtures" / "kernel" / "config"
+PATCHES_DIR = KERNEL_FIXTURES / "patches"
+CONFIG_FRAGMENT = KERNEL_FIXTURES / "config"
+#: ``--source VERSION``: Debian's linux-source-VERSION package (apt-get install).
+SOURCES = {"6.12": SOURCE_TARBALL, "6.1": Path("/usr/src/linux-source-6.1.tar.xz")}
+DEFAULT_SOURCE = "6.12"
+#: Per source: the reference patches apply to 6.12 only; 6.1 needs its names
+#: of a few settings (fixtures/kernel/config-6.1, merged after config).
+DEFAULT_PATCHES = {"6.12": PATCHES_DIR}
+EXTRA_FRAGMENTS = {"6.1": (KERNEL_FIXTURES / "config-6.1",)}
 #: Bumped when the pipeline itself changes in a way that changes the output.
 PIPELINE_VERSION = "2"
 #: About how many CC/LD/AR/... lines a tinyconfig + fragment build prints.
@@ -58,6 +74,11 @@ class KernelBuild:
     bzImage: Path
     build_id: str
     seconds: float
+    #: What was built (absent in results written before the matrix existed).
+    source: str = ""
+    patches: str = ""          # the patch directory, or "none"
+    config: tuple = ()         # the fragments, in merge order
+    skipped_settings: tuple = ()
 
     def to_json(self) -> dict:
         return {
@@ -67,6 +88,10 @@ class KernelBuild:
             "build_id": self.build_id,
             "key": self.key,
             "seconds": round(self.seconds, 1),
+            "source": self.source,
+            "patches": self.patches,
+            "config": list(self.config),
+            "skipped_settings": list(self.skipped_settings),
         }
 
     @classmethod
@@ -78,6 +103,10 @@ class KernelBuild:
             bzImage=Path(data["bzImage"]),
             build_id=data["build_id"],
             seconds=float(data["seconds"]),
+            source=str(data.get("source", "")),
+            patches=str(data.get("patches", "")),
+            config=tuple(data.get("config", ())),
+            skipped_settings=tuple(data.get("skipped_settings", ())),
         )
 
     def exists(self) -> bool:
@@ -95,9 +124,11 @@ def source_identity(tarball: Path = SOURCE_TARBALL) -> str:
     return f"{tarball.name}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def compute_key(source_id: str, patches: Sequence[bytes], config: bytes,
+def compute_key(source_id: str, patches: Sequence[bytes], config: bytes | Sequence[bytes],
                 extra_patches: Sequence[bytes] = ()) -> str:
-    """sha256 over the inputs, each length-prefixed so no two lists collide."""
+    """sha256 over the inputs, each length-prefixed so no two lists collide.
+    ``config``: one fragment (bytes) or several in merge order (one fragment
+    in a list hashes as that fragment alone)."""
     h = hashlib.sha256()
 
     def put(tag: str, data: bytes) -> None:
@@ -107,7 +138,8 @@ def compute_key(source_id: str, patches: Sequence[bytes], config: bytes,
     put("source", source_id.encode())
     for blob in patches:
         put("patch", blob)
-    put("config", config)
+    for blob in ([config] if isinstance(config, bytes) else config):
+        put("config", blob)
     for blob in extra_patches:
         put("extra", blob)
     return h.hexdigest()[:24]
@@ -137,16 +169,57 @@ def fragment_settings(config: bytes) -> dict[str, str]:
     return out
 
 
-def missing_settings(fragment: bytes, dotconfig: str) -> list[str]:
-    """Fragment lines ``CONFIG_X=v`` that are not in the final .config."""
-    have = set(line.strip() for line in dotconfig.splitlines())
-    out = [f"{k}={v}" for k, v in fragment_settings(fragment).items() if f"{k}={v}" not in have]
-    enabled = {line.split("=", 1)[0] for line in have if line.startswith("CONFIG_")}
+def effective_settings(fragment: bytes) -> dict[str, str | None]:
+    """Every symbol a fragment sets, the last line winning (as merge_config.sh
+    does with several fragments): ``value``, or None for ``is not set``."""
+    out: dict[str, str | None] = {}
     for line in fragment.decode(errors="replace").splitlines():
+        m = _CONFIG_LINE_RE.match(line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+            continue
         m = re.fullmatch(r"#\s*(CONFIG_\w+) is not set", line.strip())
-        if m and m.group(1) in enabled:
-            out.append(f"# {m.group(1)} is not set")
+        if m:
+            out[m.group(1)] = None
     return out
+
+
+def missing_settings(fragment: bytes, dotconfig: str) -> list[str]:
+    """Fragment lines ``CONFIG_X=v`` that are not in the final .config (and
+    ``# CONFIG_X is not set`` lines whose symbol .config enables)."""
+    have = set(line.strip() for line in dotconfig.splitlines())
+    enabled = {line.split("=", 1)[0] for line in have if line.startswith("CONFIG_")}
+    out = []
+    for k, v in effective_settings(fragment).items():
+        if v is not None and f"{k}={v}" not in have:
+            out.append(f"{k}={v}")
+        elif v is None and k in enabled:
+            out.append(f"# {k} is not set")
+    return out
+
+
+_KCONFIG_DEF_RE = re.compile(rb"^[ \t]*(?:menu)?config[ \t]+([A-Za-z0-9_]+)", re.M)
+
+
+def kconfig_symbols(tree: Path) -> set[str]:
+    """``CONFIG_<name>`` for every symbol a Kconfig file of *tree* defines."""
+    out: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fn in filenames:
+            if fn.startswith("Kconfig"):
+                try:
+                    data = Path(dirpath, fn).read_bytes()
+                except OSError:
+                    continue
+                out.update("CONFIG_" + m.decode() for m in _KCONFIG_DEF_RE.findall(data))
+    return out
+
+
+def setting_symbol(setting: str) -> str:
+    """``CONFIG_X=v`` or ``# CONFIG_X is not set`` -> ``CONFIG_X``."""
+    m = re.search(r"CONFIG_\w+", setting)
+    return m.group(0) if m else setting
 
 
 # ---------------------------------------------------------------- ELF
@@ -307,12 +380,73 @@ def cached_build(key: str) -> KernelBuild | None:
     return kb if kb.exists() else None
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One kernel of the matrix: ``ensure_kernel(**spec.kwargs())``."""
+
+    source: str                    # "6.12", "6.1" or a tarball path
+    tarball: Path
+    patches_dir: Path | None       # None: no patches (a kernel without SBM)
+    fragments: tuple[Path, ...]
+
+    def kwargs(self) -> dict:
+        return {"tarball": self.tarball, "patches_dir": self.patches_dir,
+                "config_fragments": self.fragments, "source_label": self.source}
+
+
+def kernel_spec(source: str | None = None, patches: str | os.PathLike | None = None,
+                config: Sequence[str | os.PathLike] | None = None) -> KernelSpec:
+    """``--source 6.12|6.1|TARBALL``, ``--patches DIR|none``, ``--config FRAGMENT...``.
+
+    Defaults per source: 6.12 gets the reference SBM series and
+    fixtures/kernel/config (= the reference kernel, same key as ever); 6.1
+    gets no patches and config + config-6.1."""
+    label = source or DEFAULT_SOURCE
+    if label in SOURCES:
+        tarball = SOURCES[label]
+    elif label.endswith((".tar.xz", ".tar.gz", ".tar.bz2", ".tar")):
+        tarball = Path(label).expanduser().resolve()
+        if not tarball.is_file():
+            raise SbmdbgError(f"kernel source tarball {label} not found")
+    else:
+        raise SbmdbgError(f"unknown kernel source {label!r}: {' or '.join(SOURCES)} "
+                          "(Debian's linux-source-VERSION) or a .tar.xz path")
+    if patches is None:
+        pdir = DEFAULT_PATCHES.get(label)
+    elif str(patches) == "none":
+        pdir = None
+    else:
+        pdir = Path(patches).expanduser().resolve()
+        if not pdir.is_dir():
+            raise SbmdbgError(f"patch directory {patches} not found")
+        if not list_patches(pdir):
+            raise SbmdbgError(f"patch directory {patches} has no *.patch (use --patches none)")
+    if config:
+        frags = tuple(Path(c).expanduser().resolve() for c in config)
+    else:
+        frags = (CONFIG_FRAGMENT, *EXTRA_FRAGMENTS.get(label, ()))
+    for f in frags:
+        if not f.is_file():
+            raise SbmdbgError(f"config fragment {f} not found")
+    return KernelSpec(label, tarball, pdir, frags)
+
+
+def build_kernel(source: str | None = None, patches: str | os.PathLike | None = None,
+                 config: Sequence[str | os.PathLike] | None = None,
+                 extra_patches: Sequence[str | os.PathLike] = (), quiet: bool = False) -> KernelBuild:
+    """``sbmdbg kernel build [--source] [--patches] [--config] [--extra-patch]``."""
+    return ensure_kernel(extra_patches, quiet=quiet, **kernel_spec(source, patches, config).kwargs())
+
+
 def ensure_kernel(extra_patches: Sequence[str | os.PathLike] = (), *,
                   patches_dir: Path | None = PATCHES_DIR,
                   config_fragment: Path = CONFIG_FRAGMENT,
                   tarball: Path = SOURCE_TARBALL,
-                  quiet: bool = False) -> KernelBuild:
-    """Build (or reuse) the reference kernel and return where it is.
+                  quiet: bool = False,
+                  config_fragments: Sequence[Path] | None = None,
+                  source_label: str = "") -> KernelBuild:
+    """Build (or reuse) a kernel (by default the reference one) and return
+    where it is.  ``config_fragments`` (merge order) replaces ``config_fragment``.
 
     A cache hit reads one JSON file and stats three paths: no make, no lock.
     """
@@ -323,8 +457,12 @@ def ensure_kernel(extra_patches: Sequence[str | os.PathLike] = (), *,
             raise SbmdbgError(f"extra patch {p} not found")
     patch_blobs = [_read(p, "patch") for p in patches]
     extra_blobs = [_read(p, "extra patch") for p in extras]
-    config = _read(config_fragment, "config fragment")
-    key = compute_key(source_identity(tarball), patch_blobs, config, extra_blobs)
+    fragments = [Path(f) for f in (config_fragments or [config_fragment])]
+    configs = [_read(f, "config fragment") for f in fragments]
+    key = compute_key(source_identity(tarball), patch_blobs, configs, extra_blobs)
+    meta = {"source": source_label or tarball.name,
+            "patches": str(patches_dir) if patches else "none",
+            "config": tuple(str(f) for f in fragments)}
 
     hit = cached_build(key)
     if hit is not None:
@@ -337,7 +475,7 @@ def ensure_kernel(extra_patches: Sequence[str | os.PathLike] = (), *,
         hit = cached_build(key)  # someone else finished it while we waited
         if hit is not None:
             return hit
-        kb = _build(key, bdir, tarball, patches + extras, config_fragment, config, quiet)
+        kb = _build(key, bdir, tarball, patches + extras, fragments, configs, quiet, meta)
     prune_builds(keep=KEEP_BUILDS, protect=key, quiet=quiet)
     return kb
 
@@ -499,10 +637,12 @@ def _export(work: Path, tree: Path) -> None:
             (tree / entry.name).symlink_to(entry)
 
 
-def _configure(work: Path, bdir: Path, fragment: bytes, fragment_path: Path, log, env: dict,
-               quiet: bool) -> None:
-    """tinyconfig + fragment + olddefconfig, skipped when the fragment, the
-    Kconfig files the patches touched and .config are what the last run left."""
+def _configure(work: Path, bdir: Path, fragments: list[bytes], fragment_paths: list[Path], log,
+               env: dict, quiet: bool) -> list[str]:
+    """tinyconfig + fragments + olddefconfig, skipped when the fragments, the
+    Kconfig files the patches touched and .config are what the last run left.
+    Returns the fragment lines skipped because no Kconfig defines their symbol."""
+    fragment = b"\n".join(fragments)
     stamp = work.parent / "config.stamp"
     try:
         applied = json.loads((work.parent / "applied.json").read_text())
@@ -517,26 +657,40 @@ def _configure(work: Path, bdir: Path, fragment: bytes, fragment_path: Path, log
         have = {}
     if have.get("inputs") == want and have.get("config") == _sha(work / ".config"):
         _say("configuration unchanged", quiet)
-        return
-    _say("configuring (tinyconfig + fixtures/kernel/config)", quiet)
+        return list(have.get("skipped", []))
+    names = " + ".join(p.name for p in fragment_paths)
+    _say(f"configuring (tinyconfig + {names})", quiet)
     _run(["make", *MAKE_VARS, "tinyconfig"], cwd=work, log=log, env=env, what="make tinyconfig")
-    frag_copy = bdir / "config.fragment"
-    frag_copy.write_bytes(fragment)
-    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(frag_copy)],
+    copies = []
+    for i, frag in enumerate(fragments):
+        frag_copy = bdir / ("config.fragment" if i == 0 else f"config.fragment.{i}")
+        frag_copy.write_bytes(frag)
+        copies.append(str(frag_copy))
+    _run(["scripts/kconfig/merge_config.sh", "-m", ".config", *copies],
          cwd=work, log=log, env=env, what="merge_config.sh")
     _run(["make", *MAKE_VARS, "olddefconfig"], cwd=work, log=log, env=env,
          what="make olddefconfig")
     missing = missing_settings(fragment, (work / ".config").read_text())
+    skipped: list[str] = []
+    if missing:
+        known = kconfig_symbols(work)
+        skipped = [m for m in missing if setting_symbol(m) not in known]
+        missing = [m for m in missing if setting_symbol(m) in known]
     if missing:
         stamp.unlink(missing_ok=True)
         raise SbmdbgError(
-            f"config fragment {fragment_path} not honoured: "
+            f"config fragment {names} not honoured: "
             f"{len(missing)} setting(s) missing from .config: {' '.join(missing)}")
-    stamp.write_text(json.dumps({"inputs": want, "config": _sha(work / ".config")}) + "\n")
+    if skipped:
+        _say(f"skipped {len(skipped)} setting(s) this kernel does not define: {' '.join(skipped)}",
+             quiet)
+    stamp.write_text(json.dumps({"inputs": want, "config": _sha(work / ".config"),
+                                 "skipped": skipped}) + "\n")
+    return skipped
 
 
-def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_path: Path,
-           fragment: bytes, quiet: bool) -> KernelBuild:
+def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_paths: list[Path],
+           fragments: list[bytes], quiet: bool, meta: dict) -> KernelBuild:
     """Build in the persistent work tree (incremental: only files whose content
     changed are rewritten, ccache serves the rest), then export the outputs to
     builds/<key>/tree."""
@@ -549,7 +703,7 @@ def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_pa
         log.write(f"\n===== sbmdbg kernel build {key} {time.ctime()} =====\n")
         work = _update_worktree(worktree_dir(tarball), tarball, patches, log, quiet)
         env = _make_env(work)
-        _configure(work, bdir, fragment, fragment_path, log, env, quiet)
+        skipped = _configure(work, bdir, fragments, fragment_paths, log, env, quiet)
         _say(f"make bzImage scripts_gdb (-j{os.cpu_count()})", quiet)
         with _Progress("kernel build", EXPECTED_STEPS, quiet=quiet) as progress:
             _run(make_command(["bzImage", "scripts_gdb"]), cwd=work, log=log, env=env,
@@ -561,7 +715,8 @@ def _build(key: str, bdir: Path, tarball: Path, patches: list[Path], fragment_pa
     vmlinux = tree / "vmlinux"
     bzimage = tree / "bzImage"
     kb = KernelBuild(key=key, tree=tree, vmlinux=vmlinux, bzImage=bzimage,
-                     build_id=read_build_id(vmlinux), seconds=time.monotonic() - t0)
+                     build_id=read_build_id(vmlinux), seconds=time.monotonic() - t0,
+                     skipped_settings=tuple(skipped), **meta)
     tmp = bdir / "result.json.tmp"
     tmp.write_text(json.dumps(kb.to_json(), indent=2) + "\n")
     tmp.rename(bdir / "result.json")

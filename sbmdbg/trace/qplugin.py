@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.paths import TRACE_PLUGIN_SOURCE
 
-SOURCE = Path(__file__).with_name("plugin") / "sbmtrace.c"
+SOURCE = TRACE_PLUGIN_SOURCE
 SOCKET_NAME = "sbmtrace.sock"
 
 

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.paths import REPO_ROOT
+from sbmdbg.paths import gdb_script
 
-GDB_SCRIPT = REPO_ROOT / "gdb_scripts" / "sbmdbg.py"
+GDB_SCRIPT = gdb_script()
 
 
 def mi_quote(text: str) -> str:
