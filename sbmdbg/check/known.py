@@ -37,7 +37,7 @@ SBM_COMMANDS: dict[str, frozenset[str] | None] = {
     "stack": frozenset({"cpus"}),
     "audit": frozenset({"worst", "above_info", "audits"}),
     "diff": None,
-    "pcpu": frozenset({"cpus", "root", "slide"}),
+    "pcpu": frozenset({"layout", "layout_description", "cpus", "root", "slide"}),
     "vtop": frozenset({"va", "root", "levels", "entries", "pa", "page_size", "perms", "global",
                        "pkey", "cache_index", "fault", "findings", "root_label"}),
     "pt": frozenset({"root", "root_label", "mappings", "findings", "stats"}),

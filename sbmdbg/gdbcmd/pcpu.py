@@ -1,13 +1,13 @@
-"""sbm pcpu: pcpu_hot of every CPU, read through the kernel root."""
+"""sbm pcpu: the hot per-CPU fields of every CPU (pcpu_hot or separate per-CPU
+variables, whichever the kernel has), read through the kernel root."""
 from __future__ import annotations
 
 from rich.markup import escape
 from rich.table import Table
 
-from sbmdbg.errors import SbmdbgError
 from sbmdbg.gdbcmd.base import SbmCommand
 from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.model.percpu import pcpu_hot, vcpu_state
+from sbmdbg.sbm import commands as C
 
 
 def _hex(v) -> str:
@@ -15,11 +15,15 @@ def _hex(v) -> str:
 
 
 class PcpuCommand(SbmCommand):
-    """Decode pcpu_hot (current task, preempt count, stacks, softirqs) of each CPU.
+    """Decode the hot per-CPU fields (current task, preempt count, stacks, softirqs)
+of each CPU: struct pcpu_hot (Linux 6.2-6.14) or the separate per-CPU
+variables (current_task, __preempt_count, cpu_current_top_of_stack, ...:
+Linux 6.1 and 6.15+), whichever the kernel has; the title says which.
 
 Usage: sbm pcpu [CPU|all] [--json]
-The layout comes from DWARF; memory is read physically through the kernel
-root, so this works with a vCPU stopped in user mode under PTI."""
+The layout comes from DWARF and the symbol table; memory is read physically
+through the kernel root, so this works with a vCPU stopped in user mode
+under PTI.  "vCPU mode" is the SBM model's (sandbox, transition, ...)."""
 
     name = "pcpu"
 
@@ -35,25 +39,13 @@ root, so this works with a vCPU stopped in user mode under PTI."""
 
     def run(self, args):
         k = STATE.get_kernel()
-        n = k.target.ncpus
-        if args.cpu == "all":
-            cpus = list(range(n))
-        else:
-            try:
-                cpus = [int(args.cpu, 0)]
-            except ValueError:
-                raise SbmdbgError(f"bad CPU {args.cpu!r}: a number or 'all'") from None
-            if not 0 <= cpus[0] < n:
-                raise SbmdbgError(f"no CPU {cpus[0]} (the guest has {n})")
-        rows = []
-        for c in cpus:
-            d = pcpu_hot(k, c)
-            d["vcpu"] = vcpu_state(k, c)
-            rows.append(d)
+        out = C.pcpu(k, args)
         if args.json:
-            self.emit_json({"cpus": rows, "root": k.root, "slide": k.slide})
+            self.emit_json(out)
             return
-        t = Table(title=f"pcpu_hot (kernel root {k.root:#x})", title_justify="left")
+        rows = out["cpus"]
+        t = Table(title=f"{out['layout_description']}, kernel root {k.root:#x}",
+                  title_justify="left")
         t.add_column("field")
         for d in rows:
             t.add_column(f"cpu {d['cpu']}", no_wrap=True)
@@ -61,10 +53,7 @@ root, so this works with a vCPU stopped in user mode under PTI."""
         for d in rows:
             names += [n for n in d["fields"] if n not in names]
 
-        def mode(d):
-            cpl = d["vcpu"]["cpl"]
-            return "user" if cpl == 3 else "kernel" if cpl == 0 else f"cpl{cpl}"
-        t.add_row("vCPU mode", *[mode(d) for d in rows])
+        t.add_row("vCPU mode", *[escape(str(d["vcpu"].get("mode") or "?")) for d in rows])
         for name in names:
             vals = []
             for d in rows:

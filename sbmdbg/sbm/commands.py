@@ -110,13 +110,24 @@ def diff(kernel, args) -> dict:
 
 # --- generic commands, same JSON as the gdb face's sbm pcpu / vtop / pt
 def pcpu(kernel, args=None) -> dict:
-    from sbmdbg.model.percpu import pcpu_hot, vcpu_state
+    """`sbm pcpu`: the hot per-CPU fields in the kernel's layout (pcpu_hot or
+    separate per-CPU variables: ``layout``), and each vCPU's mode as the SBM
+    model sees it (sandbox at CPL 3 is not "user")."""
+    from sbmdbg.model.percpu import pcpu_hot, percpu_layout, vcpu_state
     rows = []
+    sbs = m.sandboxes(kernel, all_tasks_walk=False) if m.has_sbm(kernel) else []
     for c in _cpus(kernel, _a(args, "cpu")):
         d = pcpu_hot(kernel, c)
         d["vcpu"] = vcpu_state(kernel, c)
+        try:
+            st = m.vcpu_status(kernel, c, sbs)
+            d["vcpu"].update(mode=st["mode"], cr3_role=st["cr3_role"], sandbox=st["sandbox"])
+        except m.ReadErrors as e:
+            d["vcpu"].update(mode=None, mode_error=str(e))
         rows.append(d)
-    return jsonable({"cpus": rows, "root": kernel.root, "slide": kernel.slide})
+    lay = percpu_layout(kernel)
+    return jsonable({"layout": lay.kind, "layout_description": lay.describe(), "cpus": rows,
+                     "root": kernel.root, "slide": kernel.slide})
 
 
 def vtop(kernel, args) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.model import percpu
 from sbmdbg.model.kernel import ROOT_FIXUPS, SANDBOX_ROOT_PROVIDERS, RootSpec
 from sbmdbg.model.layout import LayoutError, cstring, decode_field, decode_struct
 from sbmdbg.target.base import TargetError
@@ -208,19 +209,16 @@ def all_tasks(kernel) -> list[int]:
 
 
 def cpu_current(kernel, cpu: int) -> int:
-    """pcpu_hot.current_task of ``cpu`` (through the kernel root)."""
-    def get():
-        va = kernel.per_cpu_addr("pcpu_hot", cpu)
-        return kernel.read_field("pcpu_hot", va, "current_task")
-    return _cached(kernel, ("current", cpu), get)
+    """The current task of ``cpu`` (pcpu_hot.current_task or the per-CPU
+    current_task, whichever the kernel has; through the kernel root)."""
+    return _cached(kernel, ("current", cpu), lambda: percpu.current_task(kernel, cpu))
 
 
 def pcpu_fields(kernel, cpu: int) -> dict:
+    """The hot per-CPU fields of ``cpu`` by logical name (model.percpu)."""
     def get():
-        lay = kernel.layouts.layout("pcpu_hot")
-        va = kernel.per_cpu_addr("pcpu_hot", cpu)
-        d = decode_struct(lay, kernel.read_virt(kernel.root, va, lay.size))
-        d["_address"] = va
+        d, addrs = percpu.read_fields(kernel, cpu)
+        d["_address"] = addrs["current_task"]
         return d
     return _cached(kernel, ("pcpu", cpu), get)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 
+from sbmdbg.model import percpu
 from sbmdbg.model.kernel import START_KERNEL_MAP
 from sbmdbg.model.layout import cstring
 from sbmdbg.x86 import paging as pg
@@ -40,10 +41,12 @@ class GuestContext:
         self.text = k.sym("_text")
         self.end = k.sym("_end")
         self._pcpu_off: dict[int, int] = {}
-        self.off_current = lay.offsetof("pcpu_hot", "current_task")
-        self.pcpu_hot = k.symbols.addr("pcpu_hot")
-        self.off_hardirq = (lay.offsetof("pcpu_hot", "hardirq_stack_ptr")
-                            if lay.layout("pcpu_hot").has("hardirq_stack_ptr") else None)
+        # zero-based per-CPU addresses of current_task / hardirq_stack_ptr, in
+        # whichever layout the kernel has (pcpu_hot or separate variables)
+        slots = percpu.percpu_layout(k).slots
+        self.pcpu_current = k.symbols.addr(slots["current_task"].symbol) + slots["current_task"].offset
+        hs = slots.get("hardirq_stack_ptr")
+        self.pcpu_hardirq = k.symbols.addr(hs.symbol) + hs.offset if hs else None
         self.off_pid = lay.offsetof("task_struct", "pid")
         self.off_comm = lay.offsetof("task_struct", "comm")
         self.off_stack = lay.offsetof("task_struct", "stack")
@@ -102,7 +105,7 @@ class GuestContext:
         return off
 
     def current_task(self, cpu: int) -> int:
-        return self.u64(self.pcpu_hot + self.per_cpu(cpu) + self.off_current)
+        return self.u64(self.pcpu_current + self.per_cpu(cpu))
 
     def task_brief(self, task: int) -> tuple[int | None, str | None]:
         if not task:
@@ -161,9 +164,9 @@ class GuestContext:
                 pass
         if CPU_ENTRY_AREA[0] <= rsp < CPU_ENTRY_AREA[1]:
             return "entry"
-        if cpu is not None and self.off_hardirq is not None:
+        if cpu is not None and self.pcpu_hardirq is not None:
             try:
-                top = self.u64(self.pcpu_hot + self.per_cpu(cpu) + self.off_hardirq)
+                top = self.u64(self.pcpu_hardirq + self.per_cpu(cpu))
                 if top - ts <= rsp <= top + 8:
                     return "irq"
             except Exception:  # noqa: BLE001

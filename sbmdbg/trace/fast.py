@@ -435,16 +435,16 @@ class PluginTracer:
                 f"{lay.offsetof('task_struct', 'thread_info.sbm_state')} {min(st_size // 8, 24)} "
                 f"{lay.offsetof('x86_sbm_state', 'sbm')} {lay.offsetof('sbm', 'error')}")
         state_off = {n: f.offset for n, f in lay.layout("x86_sbm_state").fields.items()}
-        cur_off = lay.offsetof("pcpu_hot", "current_task")
+        from sbmdbg.model.percpu import field_addr
         ncpus = k.target.ncpus
         gs_to_cpu = {}
         for c in range(ncpus):
             off = k.per_cpu_offset(c)
             gs_to_cpu[off & U64] = c
-            va = (k.symbols.addr("pcpu_hot") + off + cur_off) & U64
+            va = field_addr(k, "current_task", c)
             pa = k.translate(k.root, va).pa
             if pa is None:
-                raise SbmdbgError(f"cannot translate pcpu_hot of cpu {c}")
+                raise SbmdbgError(f"cannot translate the per-CPU current_task of cpu {c}")
             ctl.cmd(f"cpu {c} {pa:#x}")
         jname = "jiffies" if "jiffies" in k.symbols else "jiffies_64"
         jpa = k.translate(k.root, k.sym(jname)).pa

@@ -33,6 +33,10 @@ def test_pcpu_from_snapshot(snap):
     t, syms, lays, exp = snap
     k = Kernel(t, syms, lays)
     got = [pcpu_hot(k, c) for c in range(t.ncpus)]
+    assert [g.pop("layout") for g in got] == ["pcpu_hot", "pcpu_hot"]
+    for g in got:  # every field's address: inside struct pcpu_hot of that CPU
+        addrs = g.pop("addresses")
+        assert set(addrs) == set(g["fields"]) and addrs["current_task"] == g["address"]
     assert json.loads(json.dumps(got)) == exp["pcpu"]
     assert [g["fields"]["cpu_number"] for g in got] == [0, 1]
 
