@@ -131,6 +131,8 @@ def start_trace(path: str, level: str = "full", emulate: bool = False) -> dict:
 
     if ACTIVE.tracer is not None:
         raise SbmdbgError(f"a trace is already running (to {ACTIVE.tracer.sink.path}); sbm trace stop first")
+    from sbmdbg.sbm.model import require_sbm
+    require_sbm(STATE.get_kernel())  # a kernel without SBM: the one "no SandBox Mode" line
     _autodetect_ram()
     if not STATE.ram_file:
         raise SbmdbgError("tracing reads guest RAM from QEMU's memory-backend file: "

@@ -65,8 +65,13 @@ def _cached(kernel, key, fn, static=False):
 
 
 # ---------------------------------------------------------------- detection
+NO_SBM = "this kernel has no SandBox Mode: no x86_sbm_state, no thread_info.sbm_state"
+
+
 def no_sbm_reason(kernel) -> str | None:
-    """None on an SBM kernel, else "no SandBox Mode in this kernel: <missing>"."""
+    """None on an SBM kernel, else the one line every SBM command (and the
+    tracer) says: ``NO_SBM`` for a kernel without SBM at all, or "this kernel
+    has no SandBox Mode: no <what is missing>" for a partial one."""
     def check():
         missing = [s for s in SBM_SYMBOLS if s not in kernel.symbols]
         for t in SBM_TYPES:
@@ -78,7 +83,9 @@ def no_sbm_reason(kernel) -> str | None:
             missing.append("thread_info.sbm_state")
         if not missing:
             return None
-        return "no SandBox Mode in this kernel: missing " + ", ".join(missing)
+        if {"x86_sbm_state", "struct x86_sbm_state", "thread_info.sbm_state"} <= set(missing):
+            return NO_SBM
+        return "this kernel has no SandBox Mode: " + ", ".join(f"no {x}" for x in missing)
     return _cached(kernel, "no_sbm", check, static=True)
 
 

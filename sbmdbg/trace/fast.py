@@ -421,6 +421,8 @@ class PluginTracer:
         from sbmdbg.trace.qplugin import PluginControl
 
         k = self._kernel()
+        from sbmdbg.sbm.model import require_sbm
+        require_sbm(k)  # a kernel without SBM: the one "no SandBox Mode" line
         lay = k.layouts
         self.ctl = ctl = PluginControl(self.sock)
         if ctl.status()["probes"] and not self.force:
