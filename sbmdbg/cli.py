@@ -65,9 +65,13 @@ def _vm_options(args):
     for p in (args.kernel, args.vmlinux):
         if p is not None and not Path(p).is_file():
             raise SbmdbgError(f"{p} not found")
+    # a pipeline build's tree (vmlinux-gdb.py beside vmlinux): `sbmdbg gdb --id` gets lx-*
+    tree = None
+    if args.vmlinux and (Path(args.vmlinux).resolve().parent / "vmlinux-gdb.py").exists():
+        tree = str(Path(args.vmlinux).resolve().parent)
     return VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
                      append=args.append, kernel=args.kernel, vmlinux=args.vmlinux,
-                     qemu_log=args.qemu_log, boot_timeout=args.timeout)
+                     qemu_log=args.qemu_log, boot_timeout=args.timeout, tree=tree)
 
 
 def cmd_vm_start(args) -> int:
