@@ -350,3 +350,41 @@ def test_cli_gdb_script(capsys):
     from sbmdbg import cli, paths
     assert cli.main(["gdb-script"]) == 0
     assert capsys.readouterr().out.strip() == str(paths.gdb_script())
+
+
+def test_worktree_switch_between_patch_sets_leaves_no_stale_file(tmp_path, monkeypatch):
+    """SBM patches -> none -> SBM again in one work tree (what 6.12 and 6.12
+    without SBM do): every touched file is back to pristine, every created file
+    is gone, and the second application gives the same tree as the first."""
+    import io
+    import tarfile
+
+    monkeypatch.setenv("SBMDBG_CACHE", str(tmp_path / "cache"))
+    src = {"linux/Makefile": b"all:\n", "linux/kernel/a.c": b"int a;\n", "linux/kernel/Kconfig": b"config A\n"}
+    tarball = tmp_path / "linux-source-9.9.tar.xz"
+    with tarfile.open(tarball, "w:xz") as tf:
+        for name, data in src.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    pdir = tmp_path / "patches"
+    pdir.mkdir()
+    (pdir / "0001-x.patch").write_text(
+        "--- a/kernel/a.c\n+++ b/kernel/a.c\n@@ -1 +1,2 @@\n int a;\n+int sbm_state;\n"
+        "--- /dev/null\n+++ b/kernel/sbm.c\n@@ -0,0 +1 @@\n+int sbm;\n"
+        "--- a/kernel/Kconfig\n+++ b/kernel/Kconfig\n@@ -1 +1,2 @@\n config A\n+config SANDBOX_MODE\n")
+    wdir = build.worktree_dir(tarball)
+
+    def tree_files():
+        t = wdir / "linux"
+        return {str(p.relative_to(t)): p.read_bytes() for p in t.rglob("*") if p.is_file()}
+
+    log = open(tmp_path / "log", "w")
+    patches = build.list_patches(pdir)
+    build._update_worktree(wdir, tarball, patches, log, quiet=True)
+    with_sbm = tree_files()
+    assert with_sbm["kernel/sbm.c"] == b"int sbm;\n" and b"sbm_state" in with_sbm["kernel/a.c"]
+    build._update_worktree(wdir, tarball, [], log, quiet=True)
+    assert tree_files() == {k.removeprefix("linux/"): v for k, v in src.items()}
+    build._update_worktree(wdir, tarball, patches, log, quiet=True)
+    assert tree_files() == with_sbm
