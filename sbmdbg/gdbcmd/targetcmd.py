@@ -52,7 +52,8 @@ def _memory_line(info: dict) -> str:
 
 
 class KernelCommand(SbmCommand):
-    """Show what the kernel model found: root, paging levels, KASLR slide, bases.
+    """Show what the kernel model found: root, paging levels, KASLR slide, bases,
+the per-CPU layout (pcpu_hot or per-cpu variables), whether it has SandBox Mode.
 
 Usage: sbm kernel [--json]"""
 
@@ -62,6 +63,10 @@ Usage: sbm kernel [--json]"""
         k = STATE.get_kernel()
         s = k.summary()
         s["pti"] = k.pti_enabled()
+        from sbmdbg.model.percpu import percpu_layout
+        from sbmdbg.sbm.model import no_sbm_reason
+        s["percpu_layout"] = percpu_layout(k).kind   # pcpu_hot | per-cpu variables
+        s["sbm"] = no_sbm_reason(k) is None
         s["memory"] = STATE.memory_source()
         if args.json:
             self.emit_json(s)

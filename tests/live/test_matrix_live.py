@@ -174,7 +174,8 @@ def test_generic_commands(booted):
         assert c["backtrace"]["frames"] and c["backtrace"]["frames"][0]["symbol"]
         assert c["top_of_intr_stack"] == c["top_of_stack"] and not c["intr_stack_is_sbm"]
     assert gdb_int(g, "$top_of_intr_stack(0)") == stk["cpus"][0]["top_of_stack"] & U64
-    assert sbm_json(g, "sbm kernel")["pti"] is True
+    kern = sbm_json(g, "sbm kernel")
+    assert kern["pti"] is True and kern["percpu_layout"] == layout and kern["sbm"] is has_sbm
     # the dashboard's vCPU panel (before gdb attached)
     snap = before["dashboard"]["snapshot"]
     assert snap["sbm"] is has_sbm and "cpus_error" not in snap, snap.get("cpus_error")
