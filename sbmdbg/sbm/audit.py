@@ -56,9 +56,77 @@ def _rules_for(r: dict) -> list[tuple[str, str, str]]:
             out.append(("state_page_global", "high",
                         "global bit on the state page: a stale TLB entry would make the kernel read "
                         "the sandbox's state at x86_sbm_state"))
+        elif p["u"]:
+            out.append(("global", "medium", "global user-accessible sandbox PTE: the translation "
+                        "outlives the sandbox CR3 in the TLB and stays reachable at CPL 3 "
+                        "after the switch back"))
+        else:  # the design's concern is user access; the consistency rule checks the frame
+            out.append(("global_supervisor", "info", "global supervisor-only sandbox PTE (a stale "
+                        "TLB entry is reachable only at CPL 0, where the kernel maps the same "
+                        "page: see the consistency rule)"))
+    return out
+
+
+#: Regions whose sandbox pages are the instance's own (not the kernel's page
+#: at that VA): the consistency rule skips them.
+PRIVATE = {"sandbox_stack", "exception_stack", "state_page", "input_buffer", "output_buffer",
+           "io_buffer"}
+MAX_CONSISTENCY_PAGES = 65536
+
+
+def consistency(kernel, sandbox_root: int, ranges: list[dict],
+                max_pages: int = MAX_CONSISTENCY_PAGES) -> list[dict]:
+    """The design's sandbox table reuses kernel VAs: every sandbox translation
+    of a non-private region must map the physical page the kernel's own table
+    maps there.  Findings: ``not_mapped_by_kernel`` (a VA the kernel does not
+    map, e.g. an unused IST stack), ``pa_zero`` (a mapping onto physical page
+    0, any region), ``pa_differs``.  Bounded to *max_pages* pages."""
+    agg: dict[tuple, dict] = {}
+    budget = max_pages
+
+    def add(rule, sev, msg, r, va):
+        f = agg.get((rule, r["kind"]))
+        if f is None:
+            f = agg[(rule, r["kind"])] = {"rule": rule, "severity": sev, "region": r["kind"],
+                                          "message": msg, "ranges": [], "pages": 0}
+        last = f["ranges"][-1] if f["ranges"] else None
+        if last and last["end"] == va:
+            last["end"] = va + PAGE
         else:
-            out.append(("global", "medium", "global sandbox PTE (outlives the sandbox CR3 in the TLB; "
-                        "the reference kernel makes every sandbox PTE non-global)"))
+            f["ranges"].append({"va": va, "end": va + PAGE, "perms": perm_str(r["perms"]),
+                                "global": r["global"], "name": r["name"]})
+        f["pages"] += 1
+
+    for r in ranges:
+        for va in range(r["va"], r["end"], PAGE):
+            if budget <= 0:
+                break
+            budget -= 1
+            spa = kernel.translate(sandbox_root, va).pa
+            if spa is None:
+                continue
+            if spa >> 12 == 0:
+                add("pa_zero", "high", "mapped onto physical page 0 (a translation of an absent "
+                    "kernel mapping?)", r, va)
+                continue
+            if r["kind"] in PRIVATE:
+                continue
+            ktr = kernel.translate(kernel.root, va)
+            kpa = ktr.pa
+            if kpa is None and "not readable" in (ktr.fault or ""):
+                add("consistency_unreadable", "info", "the kernel's table could not be read here "
+                    "(a partial memory image): not compared", r, va)
+            elif kpa is None:
+                add("not_mapped_by_kernel", "high", "the sandbox maps a VA the kernel's own table "
+                    "does not map", r, va)
+            elif kpa >> 12 != spa >> 12:
+                add("pa_differs", "high", "the sandbox maps another physical page than the "
+                    "kernel's own table at this VA", r, va)
+    out = list(agg.values())
+    if budget <= 0:
+        out.append({"rule": "consistency_truncated", "severity": "low", "region": None,
+                    "message": f"consistency checked on the first {max_pages} pages only",
+                    "ranges": [], "pages": 0})
     return out
 
 

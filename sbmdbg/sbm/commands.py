@@ -84,6 +84,8 @@ def audit(kernel, args=None) -> dict:
     for sb in sbs:
         lm = rg.labeled_map(kernel, sb)
         findings = au.audit_ranges(lm["ranges"], m.state_page_views(kernel, sb), sb.sbm)
+        findings += au.consistency(kernel, sb.pgd_pa, lm["ranges"])
+        findings.sort(key=lambda f: -au.severity_rank(f["severity"]))
         for f in lm["walk"]["findings"]:
             findings.append({"rule": f"walk_{f['kind']}", "severity": "high", "region": None,
                              "message": f["message"], "ranges": [], "pages": 0})

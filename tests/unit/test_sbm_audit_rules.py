@@ -72,3 +72,63 @@ def test_diff_mappings():
     assert [(r["va"], r["end"]) for r in d["only_b"]] == [(K + 0x20000, K + 0x21000)]
     assert d["perms_differ"] == [{"va": K + 0x1000, "end": K + 0x2000, "a": "r-- supv", "b": "r-- user"}]
     assert d["same"] == 0x2000 and d["pa_differ"] == []
+
+
+# ---------------------------------------------------------------- issue 13: the design, not our choices
+def test_global_supervisor_pte_is_info_global_user_pte_is_medium():
+    """v1 maps its exception stack, cpu_entry_area and entry text with global
+    supervisor-only PTEs: not a finding above info.  Global + user is."""
+    sup = audit_ranges([rng("exception_stack", False, True, False, g=True),
+                        rng("entry_text", False, False, True, K + 0x5000, g=True),
+                        rng("tss", False, False, False, K + 0x6000, g=True)], VIEW)
+    assert above_info(sup) == []
+    assert {f["region"] for f in sup if f["rule"] == "global_supervisor"} == {"exception_stack",
+                                                                             "entry_text", "tss"}
+    assert ("global", "medium") in above_info(audit_ranges([rng("kernel_text", True, False, True, g=True)], VIEW))
+
+
+class _Tr:
+    def __init__(self, pa):
+        self.pa = pa
+        self.fault = None if pa is not None else "PTE not present"
+
+
+class TwoRoots:
+    """kernel.translate over two hand-written tables: page VA -> PA."""
+    root = 0x1000
+
+    def __init__(self, kernel_map, sandbox_map):
+        self.maps = {0x1000: kernel_map, 0x2000: sandbox_map}
+
+    def translate(self, root, va):
+        return _Tr(self.maps[root].get(va & ~0xFFF))
+
+
+def test_consistency_rule():
+    from sbmdbg.sbm.audit import consistency
+    ranges = [rng("kernel_text", True, False, True, K, 2), rng("ist_stack", False, True, False, K + 0x4000, 2),
+              rng("state_page", False, True, False, K + 0x8000), rng("sandbox_stack", True, True, False, K + 0x9000),
+              rng("percpu", True, False, False, K + 0xA000)]
+    kmap = {K: 0x100000, K + 0x1000: 0x101000, K + 0x8000: 0x200000, K + 0xA000: 0x300000}
+    smap = {K: 0x100000, K + 0x1000: 0x101000,          # kernel text: same frames
+            K + 0x4000: 0x0, K + 0x5000: 0x0,            # v1's #VC stack: not mapped by the kernel, PA 0
+            K + 0x8000: 0x777000,                        # the state page: private, another frame is right
+            K + 0x9000: 0x888000,                        # the sandbox stack: private
+            K + 0xA000: 0x301000}                        # a per-CPU page onto another frame
+    f = {(x["rule"], x["region"]): x for x in consistency(TwoRoots(kmap, smap), 0x2000, ranges)}
+    assert set(f) == {("pa_zero", "ist_stack"), ("pa_differs", "percpu")}
+    assert f[("pa_zero", "ist_stack")]["pages"] == 2 and f[("pa_zero", "ist_stack")]["severity"] == "high"
+    assert f[("pa_zero", "ist_stack")]["ranges"] == [{"va": K + 0x4000, "end": K + 0x6000, "perms": "rw- supv",
+                                                      "global": False, "name": "ist_stack"}]
+    smap[K + 0x4000] = smap[K + 0x5000] = 0x400000   # mapped somewhere, still not by the kernel
+    f = {(x["rule"], x["region"]) for x in consistency(TwoRoots(kmap, smap), 0x2000, ranges)}
+    assert ("not_mapped_by_kernel", "ist_stack") in f
+    assert consistency(TwoRoots(kmap, {K: 0x100000, K + 0x1000: 0x101000}), 0x2000, ranges[:1]) == []
+    trunc = consistency(TwoRoots(kmap, smap), 0x2000, ranges, max_pages=1)
+    assert [x["rule"] for x in trunc] == ["consistency_truncated"]
+    # the kernel's table unreadable (a partial image): "not compared", info only
+    unread = TwoRoots(kmap, smap)
+    unread.translate = lambda root, va: (_Tr(smap.get(va)) if root == 0x2000 else
+                                         type("T", (), {"pa": None, "fault": "PT table at 0x5000 is not readable"})())
+    got = consistency(unread, 0x2000, ranges[:1])
+    assert [(x["rule"], x["severity"], x["pages"]) for x in got] == [("consistency_unreadable", "info", 2)]

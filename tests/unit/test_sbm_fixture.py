@@ -30,7 +30,18 @@ def kernel(name):
 def test_commands_replay(name):
     k, exp = kernel(name)
     for cmd, args in ARGS.items():
-        assert json.loads(json.dumps(C.COMMANDS[cmd](k, args))) == exp[cmd], cmd
+        got = json.loads(json.dumps(C.COMMANDS[cmd](k, args)))
+        if cmd == "audit":
+            # The consistency rule (issue 13) reads the kernel's own table at every
+            # sandbox VA; the snapshot lacks the kernel's cpu_entry_area tables
+            # (recorded before the rule): those pages are "not compared", info only.
+            # Everything else compared equal (no pa_differs / not_mapped_by_kernel).
+            for a in got["audits"]:
+                skipped = [f for f in a["findings"] if f["rule"] == "consistency_unreadable"]
+                assert {f["region"] for f in skipped} <= {"idt", "gdt", "entry_stack", "tss", "ist_stack"}
+                assert all(f["severity"] == "info" for f in skipped)
+                a["findings"] = [f for f in a["findings"] if f["rule"] != "consistency_unreadable"]
+        assert got == exp[cmd], cmd
 
 
 def test_in_sandbox_facts():
