@@ -95,4 +95,5 @@ def test_demo_from_anywhere(installed, kernel_build):
     assert "stopped at the first sandbox instruction" in out
     assert re.search(r"│ \d+\s+│ sandbox\s+│ 3 ", out), out[-3000:]
     assert "--- sandbox boundary: [tos-8]" in out and "result=PASS" in out
+    assert "worst = info" in out  # sbm audit on the reference kernel: clean
     assert "demo done" in out
