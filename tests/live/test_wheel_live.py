@@ -97,3 +97,20 @@ def test_demo_from_anywhere(installed, kernel_build):
     assert "--- sandbox boundary: [tos-8]" in out and "result=PASS" in out
     assert "worst = info" in out  # sbm audit on the reference kernel: clean
     assert "demo done" in out
+
+
+def test_gdb_from_anywhere(installed, make_vm):
+    """`sbmdbg gdb` of the installed tool on a running VM: scripts/gdb and the
+    sbm commands (from the venv) are loaded, gdb attached."""
+    venv, elsewhere = installed
+    vm = make_vm(smp=2, pti="on")
+    info = vm.info
+    r = _run(venv, elsewhere, "gdb", "--gdb", info["gdb"], "--vmlinux", info["vmlinux"],
+             "--tree", info["tree"], "--", "-batch", "-ex", "sbm pcpu all --json",
+             "-ex", "python import sbmdbg; print('AT', sbmdbg.__file__)", "-ex", "lx-ps", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    d = json.loads(out[out.index('{"layout"'):].splitlines()[0])
+    assert d["layout"] == "pcpu_hot" and [c["fields"]["cpu_number"] for c in d["cpus"]] == [0, 1]
+    assert f"AT {next((venv / 'lib').glob('python3*/site-packages'))}/sbmdbg/__init__.py" in out
+    assert re.search(r"^\s*0x[0-9a-f]+\s+1\s+\S+", out, re.M), out[-2000:]  # lx-ps: pid 1
