@@ -191,7 +191,7 @@ def _fn_pcpu_hot(k, cpu):
     from sbmdbg.model.percpu import PCPU_HOT, percpu_layout
     if percpu_layout(k).kind != PCPU_HOT:
         raise SbmdbgError("this kernel has no struct pcpu_hot (it keeps separate per-CPU "
-                          "variables: see sbm pcpu, or $lx_per_cpu(current_task, N))")
+                          "variables: see sbm pcpu, or $lx_per_cpu(\"current_task\", N) on 6.1)")
     t = gdb.lookup_type("struct pcpu_hot")
     data = k.read_virt(k.root, k.per_cpu_addr("pcpu_hot", cpu), t.sizeof)
     return gdb.Value(data, t)
