@@ -216,6 +216,30 @@ def test_sbm_commands_say_one_line(booted):
         assert rc == 1 and err.strip() == f"sbmdbg: error: {NO_SBM}", (cmd, err)
 
 
+def test_stopped_in_sandbox_pcpu_mode(booted):
+    """SBM kernels: stopped at the first sandbox instruction, `sbm pcpu` says
+    "sandbox" for that vCPU (the SBM model's mode, not "user" from CPL 3),
+    `sbm` agrees, and `sbm audit` finds nothing above info."""
+    name, kb, vm, g, _ = booted
+    if not MATRIX[name][1]:
+        pytest.skip("no SandBox Mode in this kernel: test_sbm_commands_say_one_line")
+    g.mi("-break-insert -t *__sbm_thunk_sbm_demo_compute")
+    g.cont()
+    vm.serial.send("echo ok > /sys/kernel/debug/sbm_demo/run\n")
+    stop = g.wait_stopped(120)
+    cpu = int(stop.get("thread-id", "1")) - 1
+    pc = sbm_json(g, "sbm pcpu all")
+    row = pc["cpus"][cpu]
+    assert row["vcpu"]["cpl"] == 3 and row["vcpu"]["mode"] == "sandbox", row["vcpu"]
+    assert row["vcpu"]["cr3_role"].startswith("sandbox:") and row["vcpu"]["sandbox"]
+    st = sbm_json(g, "sbm")
+    assert st["cpus"][cpu]["mode"] == "sandbox" and st["sandboxes"] == 1
+    assert sbm_json(g, "sbm audit")["above_info"] is False
+    g.cont()
+    assert "result=PASS" in vm.run("cat /sys/kernel/debug/sbm_demo/run").output
+    g.interrupt()
+
+
 def test_plugin_tracer_refuses(booted, tmp_path):
     name, kb, vm, g, _ = booted
     if MATRIX[name][1]:
