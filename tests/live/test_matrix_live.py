@@ -28,17 +28,21 @@ import sys
 import pytest
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.paths import KERNEL_FIXTURES
 from sbmdbg.sbm.model import NO_SBM
 from sbmdbg.target.qmp import info_tlb_flags as qemu_flags, parse_info_tlb
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(3600)]
 U64 = (1 << 64) - 1
 
-# name -> (build_kernel kwargs, has SBM, per-CPU layout, uname prefix)
+BIG = {"config": [KERNEL_FIXTURES / "config", KERNEL_FIXTURES / "config-big"]}
+# name -> (build_kernel kwargs, has SBM, per-CPU layout, uname prefix, vCPUs, RAM)
 MATRIX = {
-    "6.12-sbm": ({}, True, "pcpu_hot", "6.12"),
-    "6.12-nosbm": ({"patches": "none"}, False, "pcpu_hot", "6.12"),
-    "6.1-nosbm": ({"source": "6.1"}, False, "per-cpu variables", "6.1"),
+    "6.12-sbm": ({}, True, "pcpu_hot", "6.12", 2, "512M"),
+    "6.12-nosbm": ({"patches": "none"}, False, "pcpu_hot", "6.12", 2, "512M"),
+    "6.1-nosbm": ({"source": "6.1"}, False, "per-cpu variables", "6.1", 2, "512M"),
+    # the reference series on a bigger config: ACPI + PCI + modules + -O2
+    "6.12-sbm-big": (BIG, True, "pcpu_hot", "6.12", 4, "2G"),
 }
 # The logical fields on both layouts (the reference config has no call-depth tracking).
 LOGICAL = {"current_task", "preempt_count", "cpu_number", "top_of_stack", "hardirq_stack_ptr",
@@ -74,10 +78,10 @@ def booted(request, tmp_path_factory):
     from sbmdbg.vm.gdbmi import GdbSession
 
     name = request.param
-    kwargs, has_sbm, layout, release = MATRIX[name]
+    kwargs, has_sbm, layout, release, smp, mem = MATRIX[name]
     kb = build_kernel(**kwargs)
     vm = VM(VMOptions(kernel=str(kb.bzImage), vmlinux=str(kb.vmlinux), tree=str(kb.tree),
-                      smp=2, pti="on"))
+                      smp=smp, mem=mem, pti="on"))
     g = None
     try:
         assert vm.run("uname -r").output.strip().startswith(release)
@@ -117,9 +121,9 @@ def _inspect_vmcore(vm, kb, tmp_path_factory) -> dict:
 
 def test_pcpu_equals_plain_gdb(booted):
     name, kb, vm, g, _ = booted
-    _, has_sbm, layout, _ = MATRIX[name]
+    _, has_sbm, layout, _, ncpus, _ = MATRIX[name]
     got = sbm_json(g, "sbm pcpu all")
-    assert got["layout"] == layout and len(got["cpus"]) == 2
+    assert got["layout"] == layout and len(got["cpus"]) == ncpus
     for row in got["cpus"]:
         cpu, f = row["cpu"], row["fields"]
         assert set(f) == LOGICAL, sorted(f)
@@ -143,7 +147,7 @@ def test_pt_vtop_ptov_match_qemu(booted):
     name, kb, vm, g, _ = booted
     pc = sbm_json(g, "sbm pcpu")
     k = sbm_json(g, "sbm kernel")
-    for cpu in range(2):
+    for cpu in range(len(pc["cpus"])):
         cr3 = pc["cpus"][cpu]["vcpu"]["cr3"]
         mine = sbm_json(g, f"sbm pt {cr3:#x} --raw")
         assert not mine["stats"]["truncated"]
@@ -163,7 +167,7 @@ def test_pt_vtop_ptov_match_qemu(booted):
 
 def test_generic_commands(booted):
     name, kb, vm, g, before = booted
-    _, has_sbm, layout, _ = MATRIX[name]
+    _, has_sbm, layout, _, ncpus, _ = MATRIX[name]
     st = sbm_json(g, "sbm")
     assert st["sbm"] is has_sbm
     assert st["note"] == (None if has_sbm else NO_SBM)
@@ -174,12 +178,17 @@ def test_generic_commands(booted):
         assert c["backtrace"]["frames"] and c["backtrace"]["frames"][0]["symbol"]
         assert c["top_of_intr_stack"] == c["top_of_stack"] and not c["intr_stack_is_sbm"]
     assert gdb_int(g, "$top_of_intr_stack(0)") == stk["cpus"][0]["top_of_stack"] & U64
+    # a clean boot: no warning, bug or oops (checked while the guest runs)
+    g.cont()
+    dmesg = vm.run("dmesg").output
+    g.interrupt()
+    assert not re.search(r"WARNING:|BUG:|Oops|Call Trace", dmesg), dmesg[-3000:]
     kern = sbm_json(g, "sbm kernel")
     assert kern["pti"] is True and kern["percpu_layout"] == layout and kern["sbm"] is has_sbm
     # the dashboard's vCPU panel (before gdb attached)
     snap = before["dashboard"]["snapshot"]
     assert snap["sbm"] is has_sbm and "cpus_error" not in snap, snap.get("cpus_error")
-    assert len(snap["cpus"]) == 2
+    assert len(snap["cpus"]) == ncpus
     for v in snap["cpus"]:
         assert v["mode"] in ("kernel", "user") and v["task"].get("comm"), v
         assert "stack_error" not in v and v["top_of_stack"] and v["top_of_intr_stack"] == v["top_of_stack"]
@@ -187,7 +196,7 @@ def test_generic_commands(booted):
     rc, out, err = before["vmcore"]["pcpu"]
     assert rc == 0, err
     d = json.loads(out)
-    assert d["layout"] == layout and [c["fields"]["cpu_number"] for c in d["cpus"]] == [0, 1]
+    assert d["layout"] == layout and [c["fields"]["cpu_number"] for c in d["cpus"]] == list(range(ncpus))
     rc, out, err = before["vmcore"]["stack"]
     assert rc == 0 and all(c["backtrace"]["frames"] for c in json.loads(out)["cpus"]), err
     rc, out, err = before["vmcore"]["status"]
@@ -196,7 +205,7 @@ def test_generic_commands(booted):
 
 def test_sbm_commands_say_one_line(booted):
     name, kb, vm, g, before = booted
-    _, has_sbm, _, _ = MATRIX[name]
+    has_sbm = MATRIX[name][1]
     if has_sbm:  # the reference kernel: the same commands answer (no sandbox is active now)
         assert sbm_json(g, "sbm list")["sandboxes"] == []
         assert "x86_sbm_state" in g.console("output $sbm_state(0)")
