@@ -203,12 +203,15 @@ def test_generic_commands(booted):
     assert rc == 0 and json.loads(out)["sbm"] is has_sbm, err
 
 
-def test_sbm_commands_say_one_line(booted):
+def test_sbm_commands(booted, tmp_path):
+    """Kernels without SBM: every SBM command, `$sbm_state`, `sbmdbg inspect
+    list/audit` and the plugin tracer say the one line.  SBM kernels: the same
+    commands answer; stopped at the first sandbox instruction, `sbm pcpu` says
+    "sandbox" for that vCPU (the SBM model's mode, not "user" from CPL 3),
+    `sbm` agrees, and `sbm audit` finds nothing above info."""
     name, kb, vm, g, before = booted
-    has_sbm = MATRIX[name][1]
-    if has_sbm:  # the reference kernel: the same commands answer (no sandbox is active now)
-        assert sbm_json(g, "sbm list")["sandboxes"] == []
-        assert "x86_sbm_state" in g.console("output $sbm_state(0)")
+    if MATRIX[name][1]:
+        _sbm_kernel(vm, g)
         return
     for cmd in SBM_COMMANDS:
         with pytest.raises(SbmdbgError) as e:
@@ -223,15 +226,15 @@ def test_sbm_commands_say_one_line(booted):
     for cmd in ("list", "audit"):  # sbmdbg inspect on a vmcore: one line, exit 1
         rc, out, err = before["vmcore"][cmd]
         assert rc == 1 and err.strip() == f"sbmdbg: error: {NO_SBM}", (cmd, err)
+    from sbmdbg.trace.fast import PluginTracer
+    with pytest.raises(SbmdbgError) as e:
+        PluginTracer(vm, str(tmp_path / "t.jsonl")).start()
+    assert str(e.value) == NO_SBM
 
 
-def test_stopped_in_sandbox_pcpu_mode(booted):
-    """SBM kernels: stopped at the first sandbox instruction, `sbm pcpu` says
-    "sandbox" for that vCPU (the SBM model's mode, not "user" from CPL 3),
-    `sbm` agrees, and `sbm audit` finds nothing above info."""
-    name, kb, vm, g, _ = booted
-    if not MATRIX[name][1]:
-        pytest.skip("no SandBox Mode in this kernel: test_sbm_commands_say_one_line")
+def _sbm_kernel(vm, g) -> None:
+    assert sbm_json(g, "sbm list")["sandboxes"] == []   # no sandbox is active now
+    assert "x86_sbm_state" in g.console("output $sbm_state(0)")
     g.mi("-break-insert -t *__sbm_thunk_sbm_demo_compute")
     g.cont()
     vm.serial.send("echo ok > /sys/kernel/debug/sbm_demo/run\n")
@@ -247,13 +250,3 @@ def test_stopped_in_sandbox_pcpu_mode(booted):
     g.cont()
     assert "result=PASS" in vm.run("cat /sys/kernel/debug/sbm_demo/run").output
     g.interrupt()
-
-
-def test_plugin_tracer_refuses(booted, tmp_path):
-    name, kb, vm, g, _ = booted
-    if MATRIX[name][1]:
-        pytest.skip("the tracers on the reference kernel: test_trace_plugin_live.py")
-    from sbmdbg.trace.fast import PluginTracer
-    with pytest.raises(SbmdbgError) as e:
-        PluginTracer(vm, str(tmp_path / "t.jsonl")).start()
-    assert str(e.value) == NO_SBM
