@@ -388,3 +388,16 @@ def test_worktree_switch_between_patch_sets_leaves_no_stale_file(tmp_path, monke
     assert tree_files() == {k.removeprefix("linux/"): v for k, v in src.items()}
     build._update_worktree(wdir, tarball, patches, log, quiet=True)
     assert tree_files() == with_sbm
+
+
+def test_vm_start_takes_the_tree_of_a_pipeline_build(tmp_path):
+    """`vm start --kernel BZ --vmlinux V`: V's folder is the tree when it has
+    vmlinux-gdb.py (a pipeline build), so `sbmdbg gdb --id` loads lx-*."""
+    from sbmdbg import cli
+    for name in ("bzImage", "vmlinux"):
+        (tmp_path / name).write_bytes(b"x")
+    args = cli.build_parser().parse_args(["vm", "start", "--kernel", str(tmp_path / "bzImage"),
+                                          "--vmlinux", str(tmp_path / "vmlinux")])
+    assert cli._vm_options(args).tree is None
+    (tmp_path / "vmlinux-gdb.py").write_text("")
+    assert cli._vm_options(args).tree == str(tmp_path.resolve())
