@@ -206,7 +206,7 @@ def cmd_gdb(args) -> int:
 def cmd_bench_pt(args) -> int:
     import json as _json
 
-    from sbmdbg.benchpt import bench_pt, render
+    from sbmdbg.bench.pt import bench_pt, render
     from sbmdbg.vm import VMOptions
 
     opts = VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
@@ -218,7 +218,7 @@ def cmd_bench_pt(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from sbmdbg.sbm.offline import dump
+    from sbmdbg.inspect.offline import dump
 
     if bool(args.qmp) == bool(args.vm):
         raise SbmdbgError("give exactly one of --qmp SOCK or --vm ID")
@@ -228,7 +228,7 @@ def cmd_dump(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from sbmdbg.sbm.offline import inspect
+    from sbmdbg.inspect.offline import inspect
 
     if not args.cmd:
         raise SbmdbgError("inspect needs a command: status, list, show, stack, audit, diff, pcpu, vtop, pt")
@@ -237,7 +237,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench_status(args) -> int:
-    from sbmdbg.sbm.bench import bench_status, render
+    from sbmdbg.bench.status import bench_status, render
     from sbmdbg.vm import VMOptions
 
     opts = VMOptions(smp=args.smp, pti=args.pti)  # kernel=None: the VM builds/uses the reference one

@@ -14,7 +14,7 @@ import threading
 TIMING = r'''
 import time, json, statistics
 from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.sbm import commands as C
+from sbmdbg.commands import compute as C
 k = STATE.get_kernel()
 C.status(k)
 ts = []

@@ -293,7 +293,7 @@ class Backend:
         from sbmdbg.model.kernel import Kernel
         from sbmdbg.model.layout import DwarfLayouts
         from sbmdbg.model.symbols import Symbols
-        from sbmdbg.sbm.offline import PREFETCH
+        from sbmdbg.inspect.offline import PREFETCH
         from sbmdbg.target.qmp import QmpTarget
         from sbmdbg.target.shm import ShmTarget
 
@@ -331,7 +331,7 @@ class Backend:
             return self._snapshot(full)
 
     def _snapshot(self, full: bool) -> dict:
-        from sbmdbg.sbm import commands as C
+        from sbmdbg.commands import compute as C
         from sbmdbg.sbm import model as M
         from sbmdbg.sbm import stacks as S
 
@@ -381,7 +381,7 @@ class Backend:
 
     def _sandboxes(self, full: bool) -> list[dict]:
         from sbmdbg.sbm import audit as AU
-        from sbmdbg.sbm import commands as C
+        from sbmdbg.commands import compute as C
         from sbmdbg.sbm import model as M
         from sbmdbg.sbm import regions as RG
 

@@ -9,9 +9,9 @@ from sbmdbg.errors import SbmdbgError
 from sbmdbg.gdbcmd.base import SbmCommand
 from sbmdbg.gdbcmd.pcpu import PcpuCommand
 from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.sbm import commands as C
+from sbmdbg.commands import compute as C
 from sbmdbg.sbm import model as M
-from sbmdbg.sbm import render as R
+from sbmdbg.commands import render as R
 from sbmdbg.sbm import stacks as S
 from sbmdbg.sbm.audit import severity_rank
 

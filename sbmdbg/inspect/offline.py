@@ -93,8 +93,8 @@ def command_parser() -> argparse.ArgumentParser:
 
 
 def inspect(vmcore: str, vmlinux: str, argv: list[str], as_json: bool) -> int:
-    from sbmdbg.sbm import commands as C
-    from sbmdbg.sbm import render as R
+    from sbmdbg.commands import compute as C
+    from sbmdbg.commands import render as R
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if "--json" in argv:

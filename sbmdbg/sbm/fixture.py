@@ -54,8 +54,8 @@ def record(target, vmlinux: str, path: str, commands) -> dict:
     import sbmdbg.sbm  # noqa: F401
     from sbmdbg.model.kernel import Kernel
     from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.sbm import commands as C
-    from sbmdbg.sbm.offline import PREFETCH
+    from sbmdbg.commands import compute as C
+    from sbmdbg.inspect.offline import PREFETCH
     rec = RecordingTarget(target)
     dl = DwarfLayouts(vmlinux)
     dl.prefetch(PREFETCH)

@@ -108,7 +108,7 @@ def _check(args) -> int:
 
 
 def _bench(args) -> int:
-    from sbmdbg.trace.bench import bench_trace, render
+    from sbmdbg.bench.trace import bench_trace, render
 
     r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels.split(","))
     print(json.dumps(r, indent=2) if args.json else render(r))

@@ -34,7 +34,7 @@ def test_audit_finds_user_executable_entry_text():
         with pytest.raises(Exception, match="finding.*above info.*critical"):
             g.console("sbm audit")
         # the JSON, through the shared function (the gdb error drops MI's console text)
-        raw = g.console('python exec("from sbmdbg.gdbcmd.state import STATE\\nfrom sbmdbg.sbm import commands as C\\n'
+        raw = g.console('python exec("from sbmdbg.gdbcmd.state import STATE\\nfrom sbmdbg.commands import compute as C\\n'
                         'import json\\nprint(\'AUDIT\' + json.dumps(C.audit(STATE.get_kernel())))")')
         d = json.loads(raw[raw.index("AUDIT") + 5:].strip())
         above = [f for a in d["audits"] for f in a["findings"] if f["severity"] != "info"]

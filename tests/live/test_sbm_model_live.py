@@ -153,8 +153,8 @@ def test_stopped_in_sandbox(guest, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == want["status"]
-        from sbmdbg.sbm import commands as C
-        from sbmdbg.sbm.offline import open_vmcore
+        from sbmdbg.commands import compute as C
+        from sbmdbg.inspect.offline import open_vmcore
         k = open_vmcore(str(core), vm.info["vmlinux"])
         try:
             ns = types.SimpleNamespace

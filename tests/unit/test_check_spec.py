@@ -234,7 +234,7 @@ def test_known_json_keys_match_the_commands():
     """The top-level keys the validator accepts are those the commands print
     (the offline commands on the recorded snapshot, no SBM state needed)."""
     from sbmdbg.model.kernel import Kernel
-    from sbmdbg.sbm import commands as C
+    from sbmdbg.commands import compute as C
     from sbmdbg.target.fixture import load_snapshot
 
     t, syms, lays, _ = load_snapshot(str(REPO / "fixtures" / "pt" / "kaslr-pti-smp2.json.gz"))

@@ -10,7 +10,7 @@ import pytest
 
 import sbmdbg.sbm  # noqa: F401  (hooks)
 from sbmdbg.model.kernel import Kernel
-from sbmdbg.sbm import commands as C
+from sbmdbg.commands import compute as C
 from sbmdbg.sbm import model as M
 from sbmdbg.target.fixture import load_snapshot
 

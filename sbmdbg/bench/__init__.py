@@ -1,0 +1,1 @@
+"""``sbmdbg bench pt|status|trace``: the benchmarks (each boots a VM)."""
