@@ -137,18 +137,6 @@ def cmd_vm_stop(args) -> int:
 
 # ---------------------------------------------------------------- gdb
 
-def _check_vmlinux(path: str) -> Path:
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise SbmdbgError(f"--vmlinux {path}: {exc.strerror}") from None
-    if magic != b"\x7fELF":
-        raise SbmdbgError(f"--vmlinux {path} is not an ELF file")
-    return p
-
-
 def gdb_argv(vmlinux: Path, gdb_addr: str | None, tree: Path | None, extra=()) -> list[str]:
     """The gdb command line of ``sbmdbg gdb``."""
     from sbmdbg.vm.gdbmi import GDB_SCRIPT
@@ -188,7 +176,9 @@ def cmd_gdb(args) -> int:
             raise SbmdbgError("--gdb needs --vmlinux (the kernel the stub runs)")
     if vmlinux is None:
         raise SbmdbgError("no vmlinux known for this VM; pass --vmlinux")
-    vml = _check_vmlinux(vmlinux)
+    from sbmdbg.paths import check_vmlinux
+
+    vml = check_vmlinux(vmlinux)
     tree_p = Path(tree) if tree else None
     if tree_p is not None and not tree_p.is_dir():
         raise SbmdbgError(f"--tree {tree} is not a directory")
@@ -217,25 +207,6 @@ def cmd_bench_pt(args) -> int:
     return 0
 
 
-def cmd_dump(args) -> int:
-    from sbmdbg.inspect.offline import dump
-
-    if bool(args.qmp) == bool(args.vm):
-        raise SbmdbgError("give exactly one of --qmp SOCK or --vm ID")
-    r = dump(args.output, qmp_sock=args.qmp, vm_id=args.vm)
-    print(json.dumps(r) if args.json else f"wrote {r['vmcore']} ({r['bytes']} bytes)")
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from sbmdbg.inspect.offline import inspect
-
-    if not args.cmd:
-        raise SbmdbgError("inspect needs a command: status, list, show, stack, audit, diff, pcpu, vtop, pt")
-    _check_vmlinux(args.vmlinux)
-    return inspect(args.vmcore, args.vmlinux, args.cmd, args.json)
-
-
 def cmd_bench_status(args) -> int:
     from sbmdbg.bench.status import bench_status, render
     from sbmdbg.vm import VMOptions
@@ -254,13 +225,6 @@ def cmd_demo(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's convention)
-        self.print_usage(sys.stderr)
-        print(f"sbmdbg: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _add_vm_options(p) -> None:
     p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
     p.add_argument("--mem", default="512M", help="guest RAM (default 512M)")
@@ -275,11 +239,13 @@ def _add_vm_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="sbmdbg", description="Debugger for Linux SandBox Mode (SBM) kernels")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from sbmdbg.commands.parser import Parser
+
+    ap = Parser(prog="sbmdbg", description="Debugger for Linux SandBox Mode (SBM) kernels")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     k = sub.add_parser("kernel", help="the reference kernel").add_subparsers(
-        dest="kcmd", required=True, parser_class=_Parser)
+        dest="kcmd", required=True, parser_class=Parser)
     kb = k.add_parser("build", help="build (or reuse) the reference SBM kernel")
     kb.add_argument("--json", action="store_true", help="print result.json")
     kb.add_argument("--patches", help="patch directory (default fixtures/kernel/patches)")
@@ -287,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb.set_defaults(func=cmd_kernel_build)
 
     v = sub.add_parser("vm", help="the QEMU test VM").add_subparsers(
-        dest="vcmd", required=True, parser_class=_Parser)
+        dest="vcmd", required=True, parser_class=Parser)
     vs = v.add_parser("start", help="boot a VM (foreground, or --detach)")
     vs.add_argument("--detach", action="store_true", help="leave it running and return")
     vs.add_argument("--json", action="store_true", help="print the VM's info as JSON")
@@ -315,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gdb)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="bcmd", required=True, parser_class=_Parser)
+        dest="bcmd", required=True, parser_class=Parser)
     bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
     bp.add_argument("--json", action="store_true")
     bp.add_argument("--repeat", type=int, default=3)
@@ -330,19 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--pti", choices=["on", "off"], default="on")
     bs.set_defaults(func=cmd_bench_status)
 
-    du = sub.add_parser("dump", help="QMP dump-guest-memory (ELF vmcore, paging=false)")
-    du.add_argument("--qmp", metavar="SOCK", help="QEMU QMP socket")
-    du.add_argument("--vm", metavar="ID", help="a detached VM")
-    du.add_argument("-o", "--output", required=True, metavar="FILE")
-    du.add_argument("--json", action="store_true")
-    du.set_defaults(func=cmd_dump)
-
-    ins = sub.add_parser("inspect", help="run status/list/show/stack/audit/diff/pcpu/vtop/pt on a vmcore")
-    ins.add_argument("--vmcore", required=True)
-    ins.add_argument("--vmlinux", required=True)
-    ins.add_argument("--json", action="store_true")
-    ins.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD [ARGS] (as the gdb `sbm` commands)")
-    ins.set_defaults(func=cmd_inspect)
+    from sbmdbg.inspect import add_parsers as _add_inspect_parsers
+    _add_inspect_parsers(sub)  # sbmdbg dump, sbmdbg inspect (the command table on a vmcore)
 
     from sbmdbg.trace.cli import add_bench_parser as _add_bench_trace, add_parser as _add_trace_parser
     _add_bench_trace(b)  # sbmdbg bench trace
@@ -362,7 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from sbmdbg.commands.parser import ArgError, HelpShown
+
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except ArgError as exc:  # one line, exit 2 (argparse's convention)
+        exc.parser.print_usage(sys.stderr)
+        print(f"sbmdbg: error: {exc}", file=sys.stderr)
+        return 2
+    except HelpShown as exc:
+        return exc.status
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except SbmdbgError as exc:

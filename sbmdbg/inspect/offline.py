@@ -2,7 +2,6 @@
 (the non-live commands on a vmcore, same JSON as in gdb)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -39,16 +38,11 @@ def dump(out: str, qmp_sock: str | None = None, vm_id: str | None = None) -> dic
     return {"vmcore": path, "bytes": os.path.getsize(path)}
 
 
-PREFETCH = ["pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
-            "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
-            "mm_struct", "signal_struct", "cpuinfo_x86", "list_head"]
-
-
 def open_vmcore(vmcore: str, vmlinux: str):
-    import sbmdbg.sbm  # noqa: F401  (registers the sandbox root hooks)
     from sbmdbg.model.kernel import Kernel
     from sbmdbg.model.layout import DwarfLayouts
     from sbmdbg.model.symbols import Symbols
+    from sbmdbg.sbm import PREFETCH  # (importing sbmdbg.sbm registers the sandbox root hooks)
     from sbmdbg.target.vmcore import VmcoreTarget
     t = VmcoreTarget(vmcore)
     try:
@@ -60,60 +54,34 @@ def open_vmcore(vmcore: str, vmlinux: str):
         raise
 
 
-def command_parser() -> argparse.ArgumentParser:
-    """The CMD part of ``sbmdbg inspect``: the same options as the gdb commands."""
-    from sbmdbg.cli import _Parser
-    p = _Parser(prog="sbmdbg inspect ... CMD")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    for name in ("status", "list"):
-        sub.add_parser(name)
-    s = sub.add_parser("show")
-    s.add_argument("sandbox", nargs="?")
-    s.add_argument("--no-map", action="store_true")
-    s = sub.add_parser("stack")
-    s.add_argument("cpu", nargs="?", default="all")
-    s = sub.add_parser("audit")
-    s.add_argument("sandbox", nargs="?")
-    s = sub.add_parser("diff")
-    s.add_argument("root_a")
-    s.add_argument("root_b")
-    s.add_argument("--range")
-    s = sub.add_parser("pcpu")
-    s.add_argument("cpu", nargs="?", default="all")
-    s = sub.add_parser("vtop")
-    s.add_argument("va")
-    s.add_argument("--root", default="kernel")
-    s = sub.add_parser("pt")
-    s.add_argument("root", nargs="?", default="kernel")
-    s.add_argument("--range")
-    s.add_argument("--flags")
-    s.add_argument("--raw", action="store_true")
-    s.add_argument("--max-entries", type=int, default=4_000_000)
-    return p
-
-
 def inspect(vmcore: str, vmlinux: str, argv: list[str], as_json: bool) -> int:
-    from sbmdbg.commands import compute as C
-    from sbmdbg.commands import render as R
+    """``CMD [ARGS]`` of the command table on a vmcore: the JSON of gdb's
+    ``sbm CMD --json`` (with --json), else the same text."""
+    from sbmdbg.commands import TABLE, command_parser
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    if "--json" in argv:
-        as_json = True
-        argv = [a for a in argv if a != "--json"]
-    args = command_parser().parse_args(argv)
-    args.cpu = getattr(args, "cpu", 0) if args.cmd not in ("diff", "vtop", "pt") else 0
+    args = command_parser("sbmdbg inspect --vmcore F --vmlinux V").parse_args(argv)
+    cmd = TABLE[args.cmd]
     k = open_vmcore(vmcore, vmlinux)
     try:
-        d = C.COMMANDS[args.cmd](k, args)
+        d = cmd.compute(k, args)   # user / sandbox roots: vCPU 0's (no selected vCPU offline)
     finally:
         k.target.close()
-    if as_json:
+    if cmd.name == "kernel":
+        d["memory"] = {"memory": "vmcore", "vmcore": os.path.abspath(vmcore)}
+    if as_json or args.json:
         print(json.dumps(d))
-    elif args.cmd in R.RENDER:
-        from rich.console import Console
-        con = Console(file=sys.stdout, width=160, highlight=False)
-        for r in R.RENDER[args.cmd](d):
-            con.print(r)
     else:
-        print(json.dumps(d, indent=1))
-    return 1 if d.get("above_info") else 0
+        from rich.console import Console
+        from sbmdbg.commands.render import Plain
+        con = Console(file=sys.stdout, width=160, highlight=False)
+        for r in cmd.render(d):
+            if isinstance(r, Plain):
+                con.file.write(r + "\n")
+            else:
+                con.print(r)
+    msg = cmd.fails(d) if cmd.fails else None
+    if msg:
+        print(f"sbmdbg: {cmd.name}: {msg}", file=sys.stderr)
+        return 1
+    return 0

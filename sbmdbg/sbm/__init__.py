@@ -19,9 +19,10 @@ API for other faces (tracer, dashboard); every function takes a
     backtrace(kernel, cpu) -> dict     frames across the sandbox boundary
     labeled_map(kernel, sb) -> dict    every mapped range of the sandbox table, labeled
     sandbox_regions(kernel, sb) -> [dict]  the design's regions for a sandbox
-    audit_ranges(ranges, ...) -> [finding];  commands.audit(kernel, args) -> dict
-    commands.COMMANDS[name](kernel, args) -> dict  (status, list, show, stack, audit,
-                                       diff, pcpu, vtop, pt: the JSON of both faces)
+    audit_ranges(ranges, ...) -> [finding]
+    PREFETCH                           the structs the model reads (DwarfLayouts.prefetch)
+
+The commands built on it (status, list, show, ...) are in sbmdbg.commands.
 """
 from sbmdbg.sbm.model import (  # noqa: F401
     NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
@@ -30,3 +31,9 @@ from sbmdbg.sbm.stacks import (  # noqa: F401
     backtrace, classify_address, cpu_stack, pt_regs_on_exc_stack, top_of_intr_stack)
 from sbmdbg.sbm.regions import labeled_map, sandbox_regions  # noqa: F401
 from sbmdbg.sbm.audit import audit_ranges, diff_mappings, diff_roots  # noqa: F401
+
+#: The structs the SBM model reads: one DWARF pass over the CUs for all of them
+#: (``DwarfLayouts.prefetch``) instead of one per struct.
+PREFETCH = ["pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
+            "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
+            "mm_struct", "signal_struct", "cpuinfo_x86", "list_head"]

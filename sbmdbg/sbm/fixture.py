@@ -54,14 +54,14 @@ def record(target, vmlinux: str, path: str, commands) -> dict:
     import sbmdbg.sbm  # noqa: F401
     from sbmdbg.model.kernel import Kernel
     from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.commands import compute as C
-    from sbmdbg.inspect.offline import PREFETCH
+    from sbmdbg.commands import COMMANDS
+    from sbmdbg.sbm import PREFETCH
     rec = RecordingTarget(target)
     dl = DwarfLayouts(vmlinux)
     dl.prefetch(PREFETCH)
     syms, lays = RecSymbols(Symbols.from_elf(vmlinux)), RecLayouts(dl)
     k = Kernel(rec, syms, lays)
-    expected = {name: json.loads(json.dumps(C.COMMANDS[name](k, args))) for name, args in commands}
+    expected = {name: json.loads(json.dumps(COMMANDS[name](k, args))) for name, args in commands}
     expected["summary"] = k.summary()
     table = {n: syms.table[n] for n in sorted(syms.used) if n in syms.table}
     blobs = {}

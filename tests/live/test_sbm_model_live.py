@@ -153,14 +153,14 @@ def test_stopped_in_sandbox(guest, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == want["status"]
-        from sbmdbg.commands import compute as C
+        from sbmdbg.commands import COMMANDS
         from sbmdbg.inspect.offline import open_vmcore
         k = open_vmcore(str(core), vm.info["vmlinux"])
         try:
             ns = types.SimpleNamespace
             for name, args in (("list", ns()), ("show", ns(sandbox=None, no_map=False)),
                                ("stack", ns(cpu="all")), ("audit", ns(sandbox=None)), ("pcpu", ns(cpu="all"))):
-                assert json.loads(json.dumps(C.COMMANDS[name](k, args))) == want[name], name
+                assert json.loads(json.dumps(COMMANDS[name](k, args))) == want[name], name
         finally:
             k.target.close()
     finally:

@@ -10,6 +10,7 @@ import pytest
 
 import sbmdbg.sbm  # noqa: F401  (hooks)
 from sbmdbg.model.kernel import Kernel
+from sbmdbg.commands import COMMANDS
 from sbmdbg.commands import compute as C
 from sbmdbg.sbm import model as M
 from sbmdbg.target.fixture import load_snapshot
@@ -30,7 +31,7 @@ def kernel(name):
 def test_commands_replay(name):
     k, exp = kernel(name)
     for cmd, args in ARGS.items():
-        assert json.loads(json.dumps(C.COMMANDS[cmd](k, args))) == exp[cmd], cmd
+        assert json.loads(json.dumps(COMMANDS[cmd](k, args))) == exp[cmd], cmd
 
 
 def test_in_sandbox_facts():
