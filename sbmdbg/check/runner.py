@@ -495,7 +495,7 @@ class Runner:
         # event, but the first stop after a resume was seen to read stale
         # per-stop state now and then (see docs/checks.md, "Known issues").
         try:
-            g.console("python import sbmdbg.gdbcmd.state as _s; _s.STATE.invalidate()")
+            g.console("sbm target flush")
         except SbmdbgError:
             pass
         cache: dict[str, tuple] = {}
@@ -514,7 +514,7 @@ class Runner:
                 # Re-read once on a model rebuilt from scratch: a failure must
                 # not be a stale cache (seen under heavy host load).
                 try:
-                    g.console("python import sbmdbg.gdbcmd.state as _s; _s.STATE.forget()")
+                    g.console("sbm target reload")
                     doc2, err2, _ = gdb_json(g, a.argv)
                 except SbmdbgError:
                     doc2 = None

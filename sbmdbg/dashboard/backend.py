@@ -293,7 +293,7 @@ class Backend:
         from sbmdbg.model.kernel import Kernel
         from sbmdbg.model.layout import DwarfLayouts
         from sbmdbg.model.symbols import Symbols
-        from sbmdbg.inspect.offline import PREFETCH
+        from sbmdbg.sbm import PREFETCH
         from sbmdbg.target.qmp import QmpTarget
         from sbmdbg.target.shm import ShmTarget
 
@@ -331,7 +331,8 @@ class Backend:
             return self._snapshot(full)
 
     def _snapshot(self, full: bool) -> dict:
-        from sbmdbg.commands import compute as C
+        from sbmdbg.commands import TABLE
+        from sbmdbg.jsonutil import jsonable
         from sbmdbg.sbm import model as M
         from sbmdbg.sbm import stacks as S
 
@@ -343,7 +344,7 @@ class Backend:
         snap: dict = {"running": not self.paused, "tracing": self.tracing, "selected": self.selected,
                       "label": self.conn.label, "trace_level": self.trace_level}
         try:
-            st = C.status(k)
+            st = TABLE["status"].compute(k)   # the vCPUs panel: `sbm --json`
             snap["sbm"], snap["note"] = st["sbm"], st["note"]
             cpus = st["cpus"]
         except Exception as e:  # noqa: BLE001 - a running guest moved under us
@@ -362,7 +363,7 @@ class Backend:
         if self.paused and 0 <= self.selected < len(cpus):
             try:
                 bt = S.backtrace(k, self.selected, max_frames=12)
-                snap["backtrace"] = C.jsonable(bt)
+                snap["backtrace"] = jsonable(bt)
             except Exception as e:  # noqa: BLE001
                 snap["backtrace"] = {"error": str(e)}
         t = tm.lap("stacks", t)
@@ -381,7 +382,7 @@ class Backend:
 
     def _sandboxes(self, full: bool) -> list[dict]:
         from sbmdbg.sbm import audit as AU
-        from sbmdbg.commands import compute as C
+        from sbmdbg.jsonutil import jsonable
         from sbmdbg.sbm import model as M
         from sbmdbg.sbm import regions as RG
 
@@ -394,7 +395,7 @@ class Backend:
         except Exception as e:  # noqa: BLE001
             return [{"error": f"{type(e).__name__}: {e}"}]
         for sb in sbs:
-            d = C.jsonable(sb.to_json())
+            d = jsonable(sb.to_json())
             if full:
                 try:
                     lm = RG.labeled_map(k, sb)
@@ -570,7 +571,7 @@ class Backend:
     def _run_guest(self) -> None:
         g = self._need_gdb()
         if self.tracing:
-            g.console("python __import__('sbmdbg.gdbcmd.trace', fromlist=['ACTIVE']).ACTIVE.hold = False")
+            g.console("sbm trace release")
         g.cont()
 
     def pause(self) -> None:
