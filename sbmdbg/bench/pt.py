@@ -23,16 +23,10 @@ def _json(out: str):
 
 
 def _in_gdb_time(g, cmd: str, n: int, cold: bool = False) -> float:
-    """Mean seconds of ``cmd`` run ``n`` times by gdb's Python (no MI round
-    trip); ``cold``: drop the memory caches before each run (not timed)."""
-    code = ("import gdb, time\nfrom sbmdbg.gdbcmd.state import STATE\nT = 0.0\n"
-            f"for _ in range({n}):\n"
-            + ("    STATE.invalidate()\n" if cold else "")
-            + f"    t0 = time.perf_counter(); gdb.execute({cmd!r}, to_string=True)\n"
-            "    T += time.perf_counter() - t0\n"
-            f"print('SBMDBG-T=%r' % (T / {n}))")
-    out = g.console(f"python exec({code!r})", timeout=600)
-    return float(out[out.index("SBMDBG-T=") + 9:].split()[0])
+    """Mean seconds of ``cmd`` run ``n`` times inside gdb (``sbm time``: no MI
+    round trip); ``cold``: drop the memory caches before each run (not timed)."""
+    out = g.console(f"sbm time --json --repeat {n} {'--cold ' if cold else ''}{cmd}", timeout=600)
+    return _json(out)["mean_ms"] / 1e3
 
 
 def bench_pt(opts, repeat: int = 3) -> dict:
