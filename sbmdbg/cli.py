@@ -193,30 +193,6 @@ def cmd_gdb(args) -> int:
     return 0  # not reached
 
 
-def cmd_bench_pt(args) -> int:
-    import json as _json
-
-    from sbmdbg.bench.pt import bench_pt, render
-    from sbmdbg.vm import VMOptions
-
-    opts = VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
-                     append=args.append, kernel=args.kernel, vmlinux=args.vmlinux,
-                     qemu_log=args.qemu_log, boot_timeout=args.timeout, tree=args.tree)
-    r = bench_pt(opts, repeat=args.repeat)  # VM boots the reference kernel when opts.kernel is None
-    print(_json.dumps(r, indent=2) if args.json else render(r))
-    return 0
-
-
-def cmd_bench_status(args) -> int:
-    from sbmdbg.bench.status import bench_status, render
-    from sbmdbg.vm import VMOptions
-
-    opts = VMOptions(smp=args.smp, pti=args.pti)  # kernel=None: the VM builds/uses the reference one
-    r = bench_status(opts, repeat=args.repeat)
-    print(json.dumps(r, indent=2) if args.json else render(r))
-    return 0
-
-
 def cmd_demo(args) -> int:
     from sbmdbg.demo import demo
 
@@ -280,27 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="-- extra gdb arguments")
     g.set_defaults(func=cmd_gdb)
 
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="bcmd", required=True, parser_class=Parser)
-    bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
-    bp.add_argument("--json", action="store_true")
-    bp.add_argument("--repeat", type=int, default=3)
-    bp.add_argument("--tree", help="kernel tree with scripts/gdb (for translate-vm)")
-    _add_vm_options(bp)
-    bp.set_defaults(func=cmd_bench_pt)
-
-    bs = b.add_parser("status", help="per-stop refresh of `sbm` (all vCPUs) in gdb, shm target")
-    bs.add_argument("--json", action="store_true")
-    bs.add_argument("--repeat", type=int, default=50)
-    bs.add_argument("--smp", type=int, default=2)
-    bs.add_argument("--pti", choices=["on", "off"], default="on")
-    bs.set_defaults(func=cmd_bench_status)
+    from sbmdbg.bench import add_parser as _add_bench_parser
+    _add_bench_parser(sub, _add_vm_options)  # sbmdbg bench pt|status|trace
 
     from sbmdbg.inspect import add_parsers as _add_inspect_parsers
     _add_inspect_parsers(sub)  # sbmdbg dump, sbmdbg inspect (the command table on a vmcore)
 
-    from sbmdbg.trace.cli import add_bench_parser as _add_bench_trace, add_parser as _add_trace_parser
-    _add_bench_trace(b)  # sbmdbg bench trace
+    from sbmdbg.trace.cli import add_parser as _add_trace_parser
     _add_trace_parser(sub)  # sbmdbg trace record|show|export|check
 
     from sbmdbg.check import add_parser as _add_check_parser
