@@ -263,8 +263,8 @@ class Backend:
         self.qmp = QmpLink(conn.qmp)
         self.kernel = None
         self.g = None
+        self.tracer = None       # GdbTracer over self.g: the in-gdb transition tracer
         self.paused = False
-        self.tracing = False
         self.selected = 0
         self.trace = TraceTail()
         self.tmpdir = tempfile.mkdtemp(prefix="sbmdbg-dash-")
@@ -310,12 +310,19 @@ class Backend:
     def _open_gdb(self) -> None:
         from sbmdbg.vm.gdbmi import GdbSession
 
+        from sbmdbg.trace.live import GdbTracer
+
         g = GdbSession(self.conn.vmlinux, self.conn.tree, self.conn.gdb)
         self.g = g
+        self.tracer = GdbTracer(g)
         g.console("set scheduler-locking step")
         if self.conn.ram:
             g.console(f"sbm target shm {self.conn.ram} {self.conn.ram_size or ''}".strip())
         g.cont()   # target remote stopped the guest
+
+    @property
+    def tracing(self) -> bool:
+        return self.tracer is not None and self.tracer.on
 
     @property
     def ncpus(self) -> int:
@@ -498,14 +505,13 @@ class Backend:
         deadline = time.monotonic() + timeout
         with self.gdb_lock:
             while time.monotonic() < deadline:
-                g._poll(0.05)
+                g.poll(0.05)
                 st = g.last_stop or {}
                 if not g.running and st.get("bkptno") == bkpt:
                     break
             else:
                 raise SbmdbgError(f"{symbol} was not reached in {timeout:g} s")
-            if self.tracing:
-                g.console("sbm trace hold", timeout=10)
+            self.tracer.hold()
             self.paused = True
             tid = str(st.get("thread-id") or "")
             if tid.isdigit():
@@ -526,53 +532,20 @@ class Backend:
             return
         with self.gdb_lock:
             try:
-                self.g._poll(0)
+                self.g.poll(0)
             except SbmdbgError as e:
                 self.note(f"gdb: {e}")
                 self.g = None
 
-    def _gdb_alive(self) -> bool:
-        proc = getattr(getattr(self.g, "_gdb", None), "gdb_process", None)
-        return proc is not None and proc.poll() is None
-
     def _stop_guest(self, step: float = 5.0) -> None:
         """All vCPUs stopped (holding the tracer's own resumes first); ``step``
         bounds each wait for gdb."""
-        g = self._need_gdb()
-        if not self._gdb_alive():
-            raise SbmdbgError("gdb exited")
-        if self.tracing:
-            g.console("sbm trace hold", timeout=2 * step)
-        quiet = 0
-        deadline = time.monotonic() + 6 * step
-        for _ in range(100):
-            if time.monotonic() > deadline:
-                break
-            if not self._gdb_alive():
-                raise SbmdbgError("gdb exited")
-            g._poll(0.02)
-            if g.running:
-                quiet = 0
-                try:
-                    g.mi("-exec-interrupt --all", timeout=step)
-                except SbmdbgError:
-                    if not self._gdb_alive():
-                        raise SbmdbgError("gdb exited") from None
-                try:
-                    g.wait_stopped(timeout=step)
-                except SbmdbgError:
-                    pass
-            else:
-                quiet += 1
-                if quiet >= 3:   # no *running for 60 ms: a posted tracer resume would have shown
-                    return
-        raise SbmdbgError("the guest did not stop")
+        self._need_gdb()
+        self.tracer.stop_guest(step)
 
     def _run_guest(self) -> None:
-        g = self._need_gdb()
-        if self.tracing:
-            g.console("sbm trace release")
-        g.cont()
+        self._need_gdb()
+        self.tracer.resume()
 
     def pause(self) -> None:
         with self.gdb_lock:
@@ -612,20 +585,15 @@ class Backend:
 
     def trace_on(self) -> dict:
         with self.gdb_lock:
-            g = self._need_gdb()
+            self._need_gdb()
             if self.tracing:
                 return {}
             if not self.conn.ram:
                 raise SbmdbgError("the tracer needs the guest RAM file (--ram)")
             path = os.path.join(self.tmpdir, f"trace-{int(time.time())}.jsonl")
             was_running = not self.paused
-            if was_running:
-                self._stop_guest()
             try:
-                out = g.console(f"sbm trace start --json --file {path} --level {self.trace_level}",
-                                timeout=120)
-                info = json.loads(out[out.index("{"):])
-                self.tracing = True
+                info = self.tracer.start(path, self.trace_level)   # `sbm target shm` was set at attach
                 self.trace.follow(path)
             finally:
                 if was_running:
@@ -639,12 +607,9 @@ class Backend:
             if not self.tracing:
                 return {}
             was_running = not self.paused
-            self._stop_guest()
             try:
-                out = g.console("sbm trace stop --json", timeout=60)
-                st = json.loads(out[out.index("{"):])
+                st = self.tracer.stop()
             finally:
-                self.tracing = False
                 if was_running:
                     g.cont()
         self.trace.poll()
@@ -708,9 +673,7 @@ class Backend:
                     # detach needs a stopped target; QEMU's gdbstub resumes the VM on detach
                     self._stop_guest(step=1.0)
                     if self.tracing:
-                        st = g.console("sbm trace stop --json", timeout=60)
-                        self.tracing = False
-                        out["trace_events"] = json.loads(st[st.index("{"):]).get("events")
+                        out["trace_events"] = self.tracer.stop(step=1.0).get("events")
                     g.mi("-target-detach", timeout=5)
                     out["detached"] = True
                 except SbmdbgError as e:
