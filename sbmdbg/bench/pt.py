@@ -2,7 +2,6 @@
 vs the gdbstub-only path; one ``sbm vtop`` vs scripts/gdb ``translate-vm``."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -18,15 +17,10 @@ def _t(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _json(out: str):
-    return json.loads(out[out.index("{"):])
-
-
 def _in_gdb_time(g, cmd: str, n: int, cold: bool = False) -> float:
     """Mean seconds of ``cmd`` run ``n`` times inside gdb (``sbm time``: no MI
     round trip); ``cold``: drop the memory caches before each run (not timed)."""
-    out = g.console(f"sbm time --json --repeat {n} {'--cold ' if cold else ''}{cmd}", timeout=600)
-    return _json(out)["mean_ms"] / 1e3
+    return g.sbm_json(f"sbm time --json --repeat {n} {'--cold ' if cold else ''}{cmd}", timeout=600)["mean_ms"] / 1e3
 
 
 def bench_pt(opts, repeat: int = 3) -> dict:
@@ -65,15 +59,14 @@ def bench_pt(opts, repeat: int = 3) -> dict:
             res["qmp_info_tlb_s"], res["info_tlb_lines"] = _t(tlb, repeat)
 
             # in gdb: the RAM file is found by itself (sbm target auto)
-            res["gdb_memory_auto"] = _json(g.console("sbm target --json"))["memory"]
+            res["gdb_memory_auto"] = g.sbm_json("sbm target --json")["memory"]
             shm_cmd = f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}"
 
             def in_gdb(source_cmd):
                 g.console(source_cmd)
 
                 def run():
-                    out = g.console(f"sbm pt {cr3:#x} --raw --json", timeout=600)
-                    return len(_json(out)["mappings"])
+                    return len(g.sbm_json(f"sbm pt {cr3:#x} --raw --json", timeout=600)["mappings"])
                 return run
             res["gdbstub_walk_s"], n_gdb = _t(in_gdb("sbm target gdb"), 1)
             res["gdb_shm_walk_s"], n_gshm = _t(in_gdb(shm_cmd), repeat)

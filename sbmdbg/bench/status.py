@@ -8,19 +8,14 @@ inside a sandbox (breakpoint on the demo's sandboxed function) and with the
 guest idle."""
 from __future__ import annotations
 
-import json
 import threading
-
-
-def _json(out: str) -> dict:
-    return json.loads(out[out.index("{"):])
 
 
 def _in_gdb(g, n: int) -> dict:
     """``sbm time``: the status compute, caches dropped before each run."""
-    t = _json(g.console(f"sbm time --json --cold --compute --repeat {n} sbm status", timeout=120))
-    cold = _json(g.console("sbm time --json --cold --compute --repeat 1 sbm status", timeout=120))
-    modes = [c["mode"] for c in _json(g.console("sbm --json", timeout=120))["cpus"]]
+    t = g.sbm_json(f"sbm time --json --cold --compute --repeat {n} sbm status")
+    cold = g.sbm_json("sbm time --json --cold --compute --repeat 1 sbm status")
+    modes = [c["mode"] for c in g.sbm_json("sbm --json")["cpus"]]
     return {"median_ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"],
             "regs_refetch_ms": cold["median_ms"], "modes": modes}
 

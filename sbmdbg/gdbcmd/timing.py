@@ -36,7 +36,14 @@ Usage: sbm time [--repeat N] [--cold] [--compute] [--json] COMMAND [ARGS...]
         if not 1 <= args.repeat <= 100_000:
             raise SbmdbgError(f"--repeat {args.repeat}: want 1..100000")
         line = " ".join(args.command)
-        once = self._compute(args.command) if args.compute else (lambda: gdb.execute(line, to_string=True))
+        if args.compute:
+            once = self._compute(args.command)
+        else:
+            def once():
+                try:
+                    gdb.execute(line, to_string=True)
+                except gdb.error as e:
+                    raise SbmdbgError(f"{line}: {e}") from None
         ts = []
         for _ in range(args.repeat):
             if args.cold:

@@ -26,9 +26,8 @@ pytestmark = pytest.mark.live
 U64 = (1 << 64) - 1
 
 
-def sbm_json(g, cmd: str):
-    out = g.console(cmd + " --json", timeout=120)
-    return json.loads(out[out.index("{"):])
+def sbm_json(g, cmd: str) -> dict:
+    return g.sbm_json(cmd)
 
 
 def gdb_int(g, expr: str) -> int:
