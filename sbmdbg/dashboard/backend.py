@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.vm.qmp import QmpClient
 
 SCENARIOS = ("ok", "io", "write_ro_input", "read_guard", "write_kernel_data", "write_kernel_bss",
              "write_stack", "stack_overflow", "noncanonical", "read_null", "irq_in_sandbox", "repeat 20")
@@ -101,61 +102,6 @@ def explicit_conn(gdb: str, qmp: str, vmlinux: str, ram: str | None = None, ram_
             ram, ram_size = found["path"], found["size"]
     return Conn(gdb=gdb, qmp=qmp, vmlinux=vmlinux, tree=tree, ram=ram, ram_size=ram_size, serial=serial,
                 label=f"gdb {gdb}, qmp {qmp}")
-
-
-# ---------------------------------------------------------------- QMP
-class QmpLink:
-    """One QMP connection, reopened if it drops; ``hmp(cmdline, cpu_index)``."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._q = None
-        self._lock = threading.Lock()
-
-    def _open(self):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        q = QEMUMonitorProtocol(self.path)
-        try:
-            q.connect(negotiate=True)
-            q.settimeout(10)
-        except Exception as e:  # noqa: BLE001 - qemu.qmp raises its own types
-            raise SbmdbgError(f"cannot connect to QMP at {self.path}: {e}") from None
-        return q
-
-    def cmd(self, name: str, **args):
-        with self._lock:
-            for attempt in (0, 1):
-                if self._q is None:
-                    self._q = self._open()
-                try:
-                    r = self._q.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
-                    break
-                except Exception as e:  # noqa: BLE001
-                    self.close_locked()
-                    if attempt:
-                        raise SbmdbgError(f"QMP {name}: {e}") from None
-            if "error" in r:
-                raise SbmdbgError(f"QMP {name}: {r['error'].get('desc', r['error'])}")
-            return r.get("return")
-
-    def hmp(self, cmdline: str, cpu_index: int | None = None) -> str:
-        args = {"command-line": cmdline}
-        if cpu_index is not None:
-            args["cpu-index"] = cpu_index
-        return self.cmd("human-monitor-command", **args)
-
-    def close_locked(self):
-        if self._q is not None:
-            try:
-                self._q.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._q = None
-
-    def close(self):
-        with self._lock:
-            self.close_locked()
 
 
 # ---------------------------------------------------------------- trace tail
@@ -260,7 +206,7 @@ class Backend:
         self.conn = conn
         self.trace_level = trace_level
         self.use_gdb = use_gdb
-        self.qmp = QmpLink(conn.qmp)
+        self.qmp = QmpClient(conn.qmp, timeout=10)
         self.kernel = None
         self.g = None
         self.tracer = None       # GdbTracer over self.g: the in-gdb transition tracer

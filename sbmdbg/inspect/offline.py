@@ -1,5 +1,5 @@
-"""Offline faces: ``sbmdbg dump`` (QMP dump-guest-memory) and ``sbmdbg inspect``
-(the non-live commands on a vmcore, same JSON as in gdb)."""
+"""The offline face: ``dump`` (QMP dump-guest-memory through the one QMP
+client) and ``inspect`` (the command table on a vmcore: gdb's JSON and text)."""
 from __future__ import annotations
 
 import json
@@ -14,21 +14,9 @@ def dump(out: str, qmp_sock: str | None = None, vm_id: str | None = None) -> dic
     path = os.path.abspath(out)
     args = {"paging": False, "protocol": f"file:{path}"}
     if qmp_sock:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        mon = QEMUMonitorProtocol(qmp_sock)
-        try:
-            mon.connect(negotiate=True)
-            mon.settimeout(300)
-            resp = mon.cmd_obj({"execute": "dump-guest-memory", "arguments": args})
-        except Exception as e:  # noqa: BLE001 - qemu.qmp raises its own types
-            raise SbmdbgError(f"QMP at {qmp_sock}: {e}") from None
-        finally:
-            try:
-                mon.close()
-            except Exception:  # noqa: BLE001
-                pass
-        if "error" in resp:
-            raise SbmdbgError(f"dump-guest-memory: {resp['error'].get('desc')}")
+        from sbmdbg.vm.qmp import QmpClient
+        mon = QmpClient(qmp_sock, keep_open=False)
+        mon.cmd("dump-guest-memory", timeout=300, **args)
     else:
         from sbmdbg.vm import VM
         vm = VM.attach(vm_id)
