@@ -115,6 +115,7 @@ def test_stopped_in_sandbox(guest, tmp_path):
         assert "unknown" not in kinds
         # the sandbox root through the foundation commands (SANDBOX_ROOT_PROVIDERS)
         st_va = show["state_page"]["va"]
+        assert sbm_json(g, "sbm vtop &linux_banner")["va"] == gdb_int(g, "&linux_banner")  # a gdb expression
         v = sbm_json(g, f"sbm vtop {st_va:#x} --root sandbox={sb['pid']}")
         assert v["pa"] == show["state_pa"] and v["root_label"] == sb["label"]
         assert sbm_json(g, f"sbm vtop {st_va:#x}")["pa"] != show["state_pa"]
