@@ -107,7 +107,7 @@ def gdb_face(monkeypatch, kernel):
                                                          "ram_size": 1 << 29, "how": "test"})
     yield sbmcmds, out, _FakeCommand.registered
     for m in [m for m in sys.modules if m.startswith(("sbmdbg.gdbcmd", "sbmdbg.target.gdbtarget"))]:
-        monkeypatch.delitem(sys.modules, m)
+        del sys.modules[m]   # built on the stand-in: never left for another test
 
 
 def _text(renderables) -> str:
