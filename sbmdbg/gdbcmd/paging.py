@@ -29,7 +29,7 @@ def _int(s: str, what: str) -> int:
 
 
 def _root(k, spec):
-    from sbmdbg.target.gdbtarget import _cpu_of
+    from sbmdbg.gdbcmd.gdbtarget import _cpu_of
     import gdb
     th = gdb.selected_thread()
     return k.resolve_root(spec, cpu=_cpu_of(th) if th else 0)

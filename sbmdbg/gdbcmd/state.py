@@ -15,7 +15,7 @@ import os
 import gdb
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.target.gdbtarget import GdbTarget
+from sbmdbg.gdbcmd.gdbtarget import GdbTarget
 
 
 class State:

@@ -1,4 +1,4 @@
-"""Record a small SBM snapshot (the format of sbmdbg.target.fixture: pages read,
+"""Record a small SBM snapshot (the format of sbmdbg.model.fixture: pages read,
 registers, layouts, symbols) by running the SBM commands on a kernel, so
 offline tests replay them: ``record(kernel_factory, path, commands)``."""
 from __future__ import annotations

@@ -17,7 +17,7 @@ from sbmdbg.model.kernel import ROOT_FIXUPS, SANDBOX_ROOT_PROVIDERS, RootSpec
 from sbmdbg.model.layout import LayoutError, cstring, decode_field, decode_struct
 from sbmdbg.target.base import TargetError
 from sbmdbg.x86.regs import decode_cr3
-from sbmdbg.x86.stacks import kernel_cache
+from sbmdbg.model.stacks import kernel_cache
 
 U64 = (1 << 64) - 1
 USER_CS = 0x33                 # GDT_ENTRY_DEFAULT_USER_CS * 8 + 3 (x86_64 ABI)

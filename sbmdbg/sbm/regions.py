@@ -10,7 +10,7 @@ import bisect
 from sbmdbg.model.layout import LayoutError
 from sbmdbg.sbm import model as m
 from sbmdbg.x86 import paging as pg
-from sbmdbg.x86 import stacks as xs
+from sbmdbg.model import stacks as xs
 
 PAGE = 0x1000
 

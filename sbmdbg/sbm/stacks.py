@@ -5,7 +5,7 @@ x86_sbm_exec's saved registers -> the caller's kernel frames)."""
 from __future__ import annotations
 
 from sbmdbg.sbm import model as m
-from sbmdbg.x86 import stacks as xs
+from sbmdbg.model import stacks as xs
 
 U64 = m.U64
 

@@ -7,7 +7,7 @@ gdbstub makes that 7-15 ms a stop.  This tracer never stops the guest:
   error code, CPL, CS:RIP, SS:RSP, CR2 and a full register dump (RAX = the
   sandbox's return value at the exit #PF, CR3, GS base).  Switched on at
   ``start`` through the monitor (``logfile``/``log int,plugin,tid``).
-* The sbmtrace plugin (``plugin/sbmtrace.c``) writes lines into the same log,
+* The sbmtrace plugin (``sbmdbg/vm/plugin/sbmtrace.c``) writes lines into the same log,
   in execution order, for what the exception log does not show: the enter
   (the ``iretq`` of x86_sbm_exec: the IRET frame = first sandbox instruction
   and stack, plus the current task and its x86_sbm_state words), the resume

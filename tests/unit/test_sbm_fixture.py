@@ -12,7 +12,7 @@ import sbmdbg.sbm  # noqa: F401  (hooks)
 from sbmdbg.model.kernel import Kernel
 from sbmdbg.sbm import commands as C
 from sbmdbg.sbm import model as M
-from sbmdbg.target.fixture import load_snapshot
+from sbmdbg.model.fixture import load_snapshot
 
 pytestmark = pytest.mark.unit
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "pt"
