@@ -75,7 +75,7 @@ Usage: sbm vtop VA [--root kernel|user|sandbox[=N]|CR3] [--json]"""
         k = STATE.get_kernel()
         root = _root(k, args.root)
         va = _int(args.va, "address")
-        tr = pg.translate(k._reader, root.pgd_pa, va, la57=k.la57, nxe=k.nxe)
+        tr = k.translate(root.pgd_pa, va)
         if args.json:
             d = tr.to_json()
             d["root_label"] = root.label
@@ -120,9 +120,9 @@ Usage: sbm pt [ROOT] [--range A-B] [--flags w,x,u,s,ro,nx,g,ng] [--raw] [--json]
     def run(self, args):
         k = STATE.get_kernel()
         root = _root(k, args.root)
-        maps, w = pg.walk(k._reader, root.pgd_pa, la57=k.la57, nxe=k.nxe, range=_range(args.range),
-                          flags=pg.parse_flags(args.flags), merge_runs=not args.raw,
-                          max_entries=args.max_entries)
+        maps, w = k.walk(root.pgd_pa, range=_range(args.range),
+                         flags=pg.parse_flags(args.flags), merge_runs=not args.raw,
+                         max_entries=args.max_entries)
         if args.json:
             self.emit_json({"root": root.pgd_pa, "root_label": root.label,
                             "mappings": [m.to_json() for m in maps],
@@ -155,7 +155,7 @@ Usage: sbm ptov PA [--root kernel|user|sandbox[=N]|CR3] [--json]"""
         k = STATE.get_kernel()
         root = _root(k, args.root)
         pa = _int(args.pa, "physical address")
-        hits, w = pg.ptov(k._reader, root.pgd_pa, pa, la57=k.la57, nxe=k.nxe)
+        hits, w = k.ptov(root.pgd_pa, pa)
         if args.json:
             self.emit_json({"pa": pa, "root": root.pgd_pa, "vas": [
                 {"va": va, "perms": m.to_json()["perms"], "page_size": m.page_size} for va, m in hits]})

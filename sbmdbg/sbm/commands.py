@@ -122,7 +122,7 @@ def pcpu(kernel, args=None) -> dict:
 def vtop(kernel, args) -> dict:
     root = resolve(kernel, _a(args, "root", "kernel"), _a(args, "cpu", 0) or 0)
     va = int(args.va, 0) & m.U64
-    tr = pg.translate(kernel._reader, root.pgd_pa, va, la57=kernel.la57, nxe=kernel.nxe)
+    tr = kernel.translate(root.pgd_pa, va)
     d = tr.to_json()
     d["root_label"] = root.label
     return jsonable(d)
@@ -134,9 +134,9 @@ def pt(kernel, args) -> dict:
     if _a(args, "range"):
         lo, _, hi = args.range.partition("-")
         rng = (int(lo, 0), int(hi, 0))
-    maps, w = pg.walk(kernel._reader, root.pgd_pa, la57=kernel.la57, nxe=kernel.nxe, range=rng,
-                      flags=pg.parse_flags(_a(args, "flags")), merge_runs=not _a(args, "raw", False),
-                      max_entries=_a(args, "max_entries", 4_000_000))
+    maps, w = kernel.walk(root.pgd_pa, range=rng,
+                          flags=pg.parse_flags(_a(args, "flags")), merge_runs=not _a(args, "raw", False),
+                          max_entries=_a(args, "max_entries", 4_000_000))
     return jsonable({"root": root.pgd_pa, "root_label": root.label,
                      "mappings": [mp.to_json() for mp in maps],
                      "findings": [f.to_json() for f in w.findings], "stats": vars(w.stats)})

@@ -51,16 +51,14 @@ class RecLayouts(LayoutSource):
 def record(target, vmlinux: str, path: str, commands) -> dict:
     """Run ``commands`` [(name, args)] on a Kernel over ``target`` while
     recording; write the snapshot with the outputs as "expected"."""
-    import sbmdbg.sbm  # noqa: F401
-    from sbmdbg.model.kernel import Kernel
     from sbmdbg.model.layout import DwarfLayouts
     from sbmdbg.sbm import commands as C
-    from sbmdbg.sbm.offline import PREFETCH
+    from sbmdbg.sbm.model import STRUCTS, open_kernel
     rec = RecordingTarget(target)
     dl = DwarfLayouts(vmlinux)
-    dl.prefetch(PREFETCH)
+    dl.prefetch(list(STRUCTS))
     syms, lays = RecSymbols(Symbols.from_elf(vmlinux)), RecLayouts(dl)
-    k = Kernel(rec, syms, lays)
+    k = open_kernel(rec, symbols=syms, layouts=lays)
     expected = {name: json.loads(json.dumps(C.COMMANDS[name](k, args))) for name, args in commands}
     expected["summary"] = k.summary()
     table = {n: syms.table[n] for n in sorted(syms.used) if n in syms.table}

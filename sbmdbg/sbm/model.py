@@ -4,20 +4,24 @@ Everything is read physically through an explicit root (no gdb import):
 kernel structures through the kernel root, the sandbox's own view through
 its ``sbm_cr3``.  Struct layouts come from DWARF (``kernel.layouts``).
 
-Per-stop caching: results are cached on the Kernel object and dropped when
-``kernel.invalidate()`` ran (it replaces ``kernel._reader``), so a refresh
+Per-stop caching: results live in the kernel model's caches
+(``kernel.cache(...)``), emptied when ``kernel.invalidate()`` ran, so a refresh
 after a stop costs one pass over the few pages involved.
+
+``open_kernel(target, vmlinux, ...)`` opens the kernel model with the SBM
+extension attached (``--root sandbox[=N]``, the sandbox-CR3 -> kernel-root
+fixup): the one constructor every face calls.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.model.kernel import ROOT_FIXUPS, SANDBOX_ROOT_PROVIDERS, RootSpec
+from sbmdbg.model import kernel as km
+from sbmdbg.model.kernel import Extension, RootSpec
 from sbmdbg.model.layout import LayoutError, cstring, decode_field, decode_struct
 from sbmdbg.target.base import TargetError
 from sbmdbg.x86.regs import decode_cr3
-from sbmdbg.model.stacks import kernel_cache
 
 U64 = (1 << 64) - 1
 USER_CS = 0x33                 # GDT_ENTRY_DEFAULT_USER_CS * 8 + 3 (x86_64 ABI)
@@ -27,6 +31,11 @@ MAX_TASKS = 4096               # bound on the init_task.tasks walk
 MAX_THREADS = 1024             # bound per thread group
 MAX_BUFS = 256                 # bound per sbm_buf list
 BUF_LISTS = ("input", "output", "io")
+
+# The structs the SBM model reads (read from DWARF in one pass by open_kernel).
+STRUCTS = ("pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
+           "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
+           "mm_struct", "signal_struct", "cpuinfo_x86", "list_head")
 
 # What a kernel needs to count as an SBM kernel (see no_sbm_reason()).
 SBM_SYMBOLS = ("x86_sbm_state", "x86_sbm_exec")
@@ -41,23 +50,13 @@ ReadErrors = (SbmdbgError, TargetError)
 
 
 # ---------------------------------------------------------------- caching
-def _static(kernel) -> dict:
-    """Per-kernel cache of things that never change (symbols, layouts)."""
-    return kernel_cache(kernel, "_sbm_static")
-
-
 def stop_cache(kernel) -> dict:
-    """Per-stop cache: dropped whenever kernel.invalidate() ran (it replaces
-    kernel._reader, which serves as the generation token)."""
-    d = kernel_cache(kernel, "_sbm_stop")
-    if d.get("_gen") is not kernel._reader:
-        d.clear()
-        d["_gen"] = kernel._reader
-    return d
+    """The SBM model's per-stop cache (emptied by kernel.invalidate())."""
+    return kernel.cache("sbm")
 
 
 def _cached(kernel, key, fn, static=False):
-    c = _static(kernel) if static else stop_cache(kernel)
+    c = kernel.cache("sbm", per_stop=not static)
     if key not in c:
         c[key] = fn()
     return c[key]
@@ -525,7 +524,7 @@ def vcpus_status(kernel) -> list[dict]:
 
 # ---------------------------------------------------------------- hooks
 def sandbox_roots(kernel) -> list[RootSpec]:
-    """SANDBOX_ROOT_PROVIDERS hook: ``--root sandbox[=N]`` in vtop/pt/ptov."""
+    """The extension's sandbox roots: ``--root sandbox[=N]`` in vtop/pt/ptov."""
     if not has_sbm(kernel):
         raise NoSandboxMode(no_sbm_reason(kernel))
     return [RootSpec(s.label, s.pgd_pa, s.sbm_cr3,
@@ -533,7 +532,7 @@ def sandbox_roots(kernel) -> list[RootSpec]:
 
 
 def kernel_root_fixup(kernel) -> int | None:
-    """ROOT_FIXUPS hook: if the discovered root is a sandbox's (the vCPU was
+    """The extension's root fixup: if the discovered root is a sandbox's (the vCPU was
     stopped in a sandbox), x86_sbm_state.kernel_cr3 under it is non-zero --
     the same test the entry code does -- and names the kernel root."""
     if "x86_sbm_state" not in kernel.symbols:
@@ -548,7 +547,12 @@ def kernel_root_fixup(kernel) -> int | None:
     return decode_cr3(kcr3, kernel.cr4).kernel_pgd_pa
 
 
-if sandbox_roots not in SANDBOX_ROOT_PROVIDERS:
-    SANDBOX_ROOT_PROVIDERS.append(sandbox_roots)
-if kernel_root_fixup not in ROOT_FIXUPS:
-    ROOT_FIXUPS.append(kernel_root_fixup)
+EXTENSION = Extension("sbm", sandbox_roots=sandbox_roots, root_fixup=kernel_root_fixup)
+
+
+def open_kernel(target, vmlinux: str | None = None, **kw):
+    """The kernel model with the SBM model attached: what every face opens
+    (``kw`` as sbmdbg.model.kernel.open_kernel: symbols, layouts, cpu, verify)."""
+    ext = tuple(kw.pop("extensions", ()))
+    kw.setdefault("prefetch", STRUCTS)
+    return km.open_kernel(target, vmlinux, extensions=ext + (EXTENSION,), **kw)

@@ -39,22 +39,12 @@ def dump(out: str, qmp_sock: str | None = None, vm_id: str | None = None) -> dic
     return {"vmcore": path, "bytes": os.path.getsize(path)}
 
 
-PREFETCH = ["pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
-            "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
-            "mm_struct", "signal_struct", "cpuinfo_x86", "list_head"]
-
-
 def open_vmcore(vmcore: str, vmlinux: str):
-    import sbmdbg.sbm  # noqa: F401  (registers the sandbox root hooks)
-    from sbmdbg.model.kernel import Kernel
-    from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.model.symbols import Symbols
+    from sbmdbg.sbm import open_kernel
     from sbmdbg.target.vmcore import VmcoreTarget
     t = VmcoreTarget(vmcore)
     try:
-        lays = DwarfLayouts(vmlinux)
-        lays.prefetch(PREFETCH)   # one pass over the CUs instead of one per struct
-        return Kernel(t, Symbols.from_elf(vmlinux), lays)
+        return open_kernel(t, vmlinux)
     except BaseException:
         t.close()
         raise

@@ -9,7 +9,6 @@ import bisect
 
 from sbmdbg.model.layout import LayoutError
 from sbmdbg.sbm import model as m
-from sbmdbg.x86 import paging as pg
 from sbmdbg.model import stacks as xs
 
 PAGE = 0x1000
@@ -166,8 +165,7 @@ def labeled_map(kernel, sb, max_entries: int = 200_000) -> dict:
     contiguous VAs with the same region, permissions and global bit."""
     regs = sandbox_regions(kernel, sb)
     rmap = RegionMap(regs)
-    maps, w = pg.walk(kernel._reader, sb.pgd_pa, la57=kernel.la57, nxe=kernel.nxe,
-                      merge_runs=False, max_entries=max_entries)
+    maps, w = kernel.walk(sb.pgd_pa, merge_runs=False, max_entries=max_entries)
     out: list[dict] = []
     for mp in maps:
         va = mp.va

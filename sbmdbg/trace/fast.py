@@ -374,16 +374,13 @@ class PluginTracer:
     # ------------------------------------------------------------ setup
     def _kernel(self):
         if self.k is None:
-            from sbmdbg.model.kernel import Kernel
-            from sbmdbg.model.layout import DwarfLayouts
-            from sbmdbg.model.symbols import Symbols
+            from sbmdbg.sbm import open_kernel
             from sbmdbg.target.qmp import QmpTarget
             from sbmdbg.target.shm import ShmTarget
 
             regs = QmpTarget(self.vm.hmp, self.vm.qmp)
             shm = ShmTarget(self.info["ram"], self.info["ram_size"], regs_source=regs)
-            self.k = Kernel(shm, Symbols.from_elf(self.info["vmlinux"]),
-                            DwarfLayouts(self.info["vmlinux"]))
+            self.k = open_kernel(shm, self.info["vmlinux"])
         return self.k
 
     def probes(self) -> list[tuple[int, str, str, int]]:
