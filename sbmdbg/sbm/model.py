@@ -37,6 +37,13 @@ STRUCTS = ("pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sb
            "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
            "mm_struct", "signal_struct", "cpuinfo_x86", "list_head")
 
+# The one vocabulary of every face (`sbm --json`, both tracers' events, the
+# dashboard): CR3 roles (role_of_cr3) and vCPU modes (mode_of); stack classes
+# are sbmdbg.sbm.stacks.STACK_KINDS.
+CR3_ROLES = ("kernel", "kernel (other mm)", "user (PTI)", "sandbox:<pid>")
+MODES = ("kernel", "user", "sandbox", "sandbox (in kernel handler)", "transition", "cpl<N>")
+PA_MASK = ((1 << 52) - 1) & ~0xFFF
+
 # What a kernel needs to count as an SBM kernel (see no_sbm_reason()).
 SBM_SYMBOLS = ("x86_sbm_state", "x86_sbm_exec")
 SBM_TYPES = ("x86_sbm_state", "sbm")
@@ -249,7 +256,7 @@ class Sandbox:
 
     @property
     def label(self) -> str:
-        return f"sandbox:{self.pid}"
+        return sandbox_label(self.pid)
 
     def to_json(self) -> dict:
         return {"index": self.index, "label": self.label, "state": self.state,
@@ -446,16 +453,49 @@ def _kernel_pgds(kernel, task: int) -> set[int]:
     return out
 
 
-def cr3_role(kernel, cr3: int, task: int | None, sbs: list[Sandbox]) -> tuple[str, Sandbox | None]:
-    d = decode_cr3(cr3, kernel.cr4)
-    for s in sbs:
-        if s.sbm_cr3 and (cr3 & ~0xFFF) & ((1 << 52) - 1) == s.pgd_pa:
-            return s.label, s
+def sandbox_label(pid) -> str:
+    return f"sandbox:{pid}"
+
+
+def is_sandbox_role(role: str | None) -> bool:
+    return bool(role) and role.startswith("sandbox:")
+
+
+def role_of_cr3(cr3: int, cr4: int, sandboxes, kernel_pgds) -> tuple[str, object]:
+    """The role of ``cr3`` (a word of CR3_ROLES) and the matching sandbox.
+    ``sandboxes``: [(sbm_cr3, label, obj)]; ``kernel_pgds()``: the PGD
+    physical addresses that count as the kernel's (called only when needed)."""
+    for sbm_cr3, label, obj in sandboxes:
+        if sbm_cr3 and cr3 & PA_MASK == sbm_cr3 & PA_MASK:
+            return label, obj
+    d = decode_cr3(cr3, cr4)
     if d.pti_user:
         return "user (PTI)", None
-    if d.pgd_pa in (_kernel_pgds(kernel, task) if task else {kernel.root}):
+    if d.pgd_pa in kernel_pgds():
         return "kernel", None
     return "kernel (other mm)", None
+
+
+def cr3_role(kernel, cr3: int, task: int | None, sbs: list[Sandbox]) -> tuple[str, Sandbox | None]:
+    return role_of_cr3(cr3, kernel.cr4, [(s.sbm_cr3, s.label, s) for s in sbs],
+                       lambda: _kernel_pgds(kernel, task) if task else {kernel.root})
+
+
+def mode_of(cpl: int, in_sandbox: bool, own_sandbox: bool, rip_symbol: str | None,
+            stack_kind: str | None) -> str:
+    """The vCPU mode (a word of MODES): ``in_sandbox`` = CR3 is a sandbox's,
+    ``own_sandbox`` = the current task has thread_info.sbm_state set."""
+    if cpl == 3:
+        return "sandbox" if in_sandbox else "user"
+    if cpl == 0 and own_sandbox:
+        if in_sandbox or rip_symbol in ("x86_sbm_exec", "x86_sbm_return"):
+            return "transition"
+        if stack_kind == "sbm_exception_stack":
+            return "sandbox (in kernel handler)"
+        return "transition"
+    if cpl == 0:
+        return "kernel"
+    return f"cpl{cpl}"
 
 
 def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
@@ -489,21 +529,8 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     out["cr3_role"] = role
     stack = classify_address(kernel, rsp, cpu=cpu)
     out["stack"] = stack
-    if cpl == 3:
-        mode = "sandbox" if sb is not None else "user"
-    elif cpl == 0 and own is not None:
-        rip_sym = (out["rip_symbol"] or {}).get("symbol")
-        if sb is not None or rip_sym in ("x86_sbm_exec", "x86_sbm_return"):
-            mode = "transition"
-        elif stack.get("kind") == "sbm_exception_stack":
-            mode = "sandbox (in kernel handler)"
-        else:
-            mode = "transition"
-    elif cpl == 0:
-        mode = "kernel"
-    else:
-        mode = f"cpl{cpl}"
-    out["mode"] = mode
+    out["mode"] = mode_of(cpl, sb is not None, own is not None,
+                          (out["rip_symbol"] or {}).get("symbol"), stack.get("kind"))
     sbx = sb or own
     out["sandbox"] = sbx.label if sbx else None
     out["sandbox_state"] = sbx.state if sbx else None

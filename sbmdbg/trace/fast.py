@@ -41,6 +41,7 @@ import threading
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
 from sbmdbg.trace.events import (
     PF_EXIT_ERROR, SCHEMA, EventSink, decode_pf_error, describe_pf_error, hx, read_events,
@@ -48,6 +49,7 @@ from sbmdbg.trace.events import (
 )
 
 U64 = (1 << 64) - 1
+EXCEPTION_STACK = "sbm_exception_stack"     # a word of sbm.stacks.STACK_KINDS
 IRETQ = b"\x48\xcf"
 FRAME = ("rip", "cs", "rflags", "rsp", "ss")
 
@@ -226,10 +228,11 @@ class Assembler:
     def _where(self, ev: dict, rip: int, rsp: int, cr3: int | None, cpl: int, vcpu: int) -> None:
         c = self._vcpu_ctx.get(vcpu) or {}
         st = c.get("st")
-        ctx = self.ctx
+        ctx, task = self.ctx, c.get("task_va") or 0
         ev.update({"cpl": cpl, "rip": hx(rip), "sym": ctx.sym(rip), "rsp": hx(rsp),
-                   "stack": ctx.stack_class(rsp, c.get("task_va") or 0, st, vcpu),
-                   "cr3": hx(cr3), "cr3_role": ctx.cr3_role(cr3, st) if cr3 is not None else None})
+                   "stack": ctx.stack_class(rsp, task, st, vcpu), "cr3": hx(cr3),
+                   "cr3_role": ctx.cr3_role(cr3, st, task, c.get("pid")) if cr3 is not None else None})
+        ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"])
 
     def _sandbox_int(self, rec: dict, stamp: dict) -> None:
         vcpu = stamp["vcpu"]
@@ -308,7 +311,7 @@ class Assembler:
         ev["vector"] = stack.pop() if stack else None
         to = frame.get("rip")
         ev.update(to_rip=hx(to), to_sym=self.ctx.sym(to) if to else None, cpl=0,
-                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack="exception",
+                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack=EXCEPTION_STACK,
                   sandbox_rsp=hx(frame.get("rsp")))
         self._emit(ev)
 
@@ -454,7 +457,6 @@ class PluginTracer:
         ctl.cmd("arm")
         ctl.wait_applied()
         self._mark_start()
-        from sbmdbg.trace.context import GuestContext
         self.sink = EventSink(self.path)
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
