@@ -47,8 +47,8 @@ class GuestContext:
             return k.sym(name) if name in sym else None
         self.text = k.sym("_text")
         self.end = opt("_end") or self.text
-        self._pcpu_off: dict[int, int] = {}
-        self._cea: dict[int, list] = {}
+        self._pcpu_off = k.cache("trace.per_cpu_offset", per_stop=False)   # cpu -> offset
+        self._cea = k.cache("trace.cea_stacks", per_stop=False)            # cpu -> [ranges]
         self.off_current = lay.offsetof("pcpu_hot", "current_task")
         self.pcpu_hot = sym.addr("pcpu_hot")
         self.off_hardirq = (lay.offsetof("pcpu_hot", "hardirq_stack_ptr")

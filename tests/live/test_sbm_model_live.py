@@ -114,7 +114,7 @@ def test_stopped_in_sandbox(guest, tmp_path):
                 "input_buffer", "output_buffer", "task_struct", "task_stack", "percpu",
                 "tss", "gdt", "idt", "entry_stack", "ist_stack"} <= kinds
         assert "unknown" not in kinds
-        # the sandbox root through the foundation commands (SANDBOX_ROOT_PROVIDERS)
+        # the sandbox root through the foundation commands (the SBM extension sbm.open_kernel attaches)
         st_va = show["state_page"]["va"]
         v = sbm_json(g, f"sbm vtop {st_va:#x} --root sandbox={sb['pid']}")
         assert v["pa"] == show["state_pa"] and v["root_label"] == sb["label"]
