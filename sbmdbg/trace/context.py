@@ -148,12 +148,14 @@ class GuestContext:
         return self.u64(self.jiffies) if self.jiffies else None
 
     def sbm_buffers(self, sbm: int, limit: int = M.MAX_BUFS) -> list[tuple[str, int, int, int]]:
-        """(list name, index, sbm_ptr, size) of the sandbox's buffers (bounded walk)."""
+        """(list name, index, sbm_ptr, size) of the sandbox's buffers (bounded
+        walk, as the SBM model's read_bufs: a loop ends the list)."""
         out = []
         for lst in M.BUF_LISTS:
             p = self.u64(sbm + self.sbm_off[lst])
-            i = 0
-            while p and i < limit:
+            i, seen = 0, set()
+            while p and p not in seen and i < limit:
+                seen.add(p)
                 d = self.read(p, max(self.buf_off.values()) + 8)
                 nxt, sptr, size = (struct.unpack_from("<Q", d, self.buf_off[f])[0]
                                    for f in ("next", "sbm_ptr", "size"))

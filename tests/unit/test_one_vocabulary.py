@@ -62,3 +62,13 @@ def test_schema_1_traces_read_in_todays_words(tmp_path):
     new = [dict(old[0], schema=SCHEMA), dict(old[1], cr3_role="sandbox:70", stack="sbm_sandbox_stack")]
     p.write_text("".join(json.dumps(e) + "\n" for e in new))
     assert read_events(str(p)) == new
+
+
+def test_tracer_buffers_are_the_models():
+    t, syms, lays, _ = load_snapshot(str(FIX / "sbm-in-sandbox.json.gz"))
+    k = M.open_kernel(t, symbols=syms, layouts=lays)
+    ctx = GuestContext(k)
+    sb = M.sandboxes(k)[0]
+    want = [(b["direction"], b["sbm_ptr"], b["size"]) for b in sb.sbm["buffers"]]
+    assert want, "the recorded sandbox has buffers"
+    assert [(lst, p, n) for lst, _i, p, n in ctx.sbm_buffers(sb.fields["sbm"])] == want
