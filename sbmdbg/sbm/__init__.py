@@ -28,7 +28,7 @@ API for other faces (tracer, dashboard); every function takes a
                                        diff, pcpu, vtop, pt: the JSON of both faces)
 """
 from sbmdbg.sbm.model import (  # noqa: F401
-    EXTENSION, NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
+    EXTENSION, PREFETCH, NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
     open_kernel, require_sbm, sandbox_roots, sandboxes, state_page_views, task_info, vcpu_status, vcpus_status)
 from sbmdbg.sbm.stacks import (  # noqa: F401
     backtrace, classify_address, cpu_stack, pt_regs_on_exc_stack, top_of_intr_stack)

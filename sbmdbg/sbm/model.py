@@ -33,7 +33,7 @@ MAX_BUFS = 256                 # bound per sbm_buf list
 BUF_LISTS = ("input", "output", "io")
 
 # The structs the SBM model reads (read from DWARF in one pass by open_kernel).
-STRUCTS = ("pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
+PREFETCH = ("pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
            "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
            "mm_struct", "signal_struct", "cpuinfo_x86", "list_head")
 
@@ -581,5 +581,5 @@ def open_kernel(target, vmlinux: str | None = None, **kw):
     """The kernel model with the SBM model attached: what every face opens
     (``kw`` as sbmdbg.model.kernel.open_kernel: symbols, layouts, cpu, verify)."""
     ext = tuple(kw.pop("extensions", ()))
-    kw.setdefault("prefetch", STRUCTS)
+    kw.setdefault("prefetch", PREFETCH)
     return km.open_kernel(target, vmlinux, extensions=ext + (EXTENSION,), **kw)
