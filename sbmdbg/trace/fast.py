@@ -234,6 +234,11 @@ class Assembler:
                    "cr3_role": ctx.cr3_role(cr3, st, task, c.get("pid")) if cr3 is not None else None})
         ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"])
 
+    def _mode(self, ev: dict, vcpu: int) -> None:
+        """The SBM model's mode for an event whose CR3 the log does not show."""
+        st = (self._vcpu_ctx.get(vcpu) or {}).get("st")
+        ev["mode"] = GuestContext.mode(ev["cpl"], None, st, ev.get("sym"), ev.get("stack"))
+
     def _sandbox_int(self, rec: dict, stamp: dict) -> None:
         vcpu = stamp["vcpu"]
         v, regs = rec["vector"], rec["regs"]
@@ -313,6 +318,7 @@ class Assembler:
         ev.update(to_rip=hx(to), to_sym=self.ctx.sym(to) if to else None, cpl=0,
                   rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack=EXCEPTION_STACK,
                   sandbox_rsp=hx(frame.get("rsp")))
+        self._mode(ev, vcpu)
         self._emit(ev)
 
     def _on_exit(self, rec: dict) -> None:
@@ -326,7 +332,9 @@ class Assembler:
         ev = self._common("exit", rec, vcpu)
         ev["point"] = "x86_sbm_return"
         ev.update(ret=None if exc else self._last_ret.pop(vcpu, None), error=rec.get("err"),
-                  aborted=exc is not None or bool(rec.get("err")), cpl=0)
+                  aborted=exc is not None or bool(rec.get("err")), cpl=0, rip=hx(self.x86_sbm_return),
+                  sym=self.ctx.sym(self.x86_sbm_return))
+        self._mode(ev, vcpu)
         self._emit(ev)
         self._inflight.pop(vcpu, None)
 

@@ -117,6 +117,7 @@ def test_assembly_of_calls_irqs_and_aborts(tmp_path):
     assert irq["vector"] == 0xEC and irq["vcpu"] == 0 and irq["cpl"] == 3 and irq["pid"] == 70
     assert irq["cr3_role"] == "sandbox:70" and irq["mode"] == "sandbox" and first["mode"] == "transition"
     assert evs[3]["to_rip"] == irq["fault_rip"]          # resumed where it was interrupted
+    assert evs[3]["mode"] == "sandbox (in kernel handler)" and evs[5]["mode"] == "transition"
     ret = evs[4]
     assert ret["ret"] == 2016 and ret["error_code"] == 0x15 and ret["cr2"] == hex(X86_SBM_RETURN)
     assert evs[5]["ret"] == 2016 and evs[5]["aborted"] is False and evs[5]["error"] == 0
