@@ -119,10 +119,13 @@ class Kernel:
         """The guest ran: empty every per-stop cache (the TLB, page tables, the
         clients'), bump ``generation``; slide and bases do not change."""
         self.generation += 1
-        for d in self._stop_caches.values():
-            d.clear()
+        self._clear_stop_caches()
         self._reader = pg.TableReader(self.target.read_phys)
         self.target.invalidate()
+
+    def _clear_stop_caches(self) -> None:
+        for d in self._stop_caches.values():
+            d.clear()
 
     # ------------------------------------------------------------------ setup
     def _discover(self, cpu: int | None, verify: bool) -> None:
@@ -144,7 +147,7 @@ class Kernel:
             better = fix(self)  # e.g. the SBM model: a sandbox root -> its kernel root
             if better is not None and better != self.root:
                 self.root = better
-                self._tlb.clear()
+                self._clear_stop_caches()   # the root changed
         self._pin_root()
 
     def _pin_root(self) -> None:
@@ -162,7 +165,7 @@ class Kernel:
             ok = False
         if ok and pa != self.root:
             self.root = pa
-            self._tlb.clear()
+            self._clear_stop_caches()   # the root changed
 
     def _discover_on(self, cpu: int, verify: bool) -> None:
         t = self.target
