@@ -53,6 +53,14 @@ def _r(kind, name, start, end, **extra) -> dict:
     return d
 
 
+# The kernel image's sections: (kind, name, start symbol, end symbol).
+SECTIONS = (("kernel_text", "kernel text", "_stext", "_etext"),
+            ("entry_text", "entry text", "__entry_text_start", "__entry_text_end"),
+            ("rodata", "rodata", "__start_rodata", "__end_rodata"),
+            ("data", "data", "_sdata", "_edata"),
+            ("bss", "bss", "__bss_start", "__bss_stop"))
+
+
 def _sym_range(kernel, kind, name, a, b):
     if a in kernel.symbols and b in kernel.symbols:
         return [_r(kind, name, kernel.sym(a), kernel.sym(b))]
@@ -62,11 +70,8 @@ def _sym_range(kernel, kind, name, a, b):
 def sandbox_regions(kernel, sb) -> list[dict]:
     """The design's regions for sandbox ``sb`` (page-rounded; exact bounds kept)."""
     out = []
-    out += _sym_range(kernel, "kernel_text", "kernel text", "_stext", "_etext")
-    out += _sym_range(kernel, "entry_text", "entry text", "__entry_text_start", "__entry_text_end")
-    out += _sym_range(kernel, "rodata", "rodata", "__start_rodata", "__end_rodata")
-    out += _sym_range(kernel, "data", "data", "_sdata", "_edata")
-    out += _sym_range(kernel, "bss", "bss", "__bss_start", "__bss_stop")
+    for kind, name, a, b in SECTIONS:
+        out += _sym_range(kernel, kind, name, a, b)
     sym = kernel.symbols
     if "__per_cpu_start" in sym and "__per_cpu_end" in sym:
         size = sym.addr("__per_cpu_end") - sym.addr("__per_cpu_start")

@@ -20,6 +20,7 @@ from sbmdbg.model import stacks as xs
 from sbmdbg.model.kernel import START_KERNEL_MAP
 from sbmdbg.model.layout import cstring
 from sbmdbg.sbm import model as M
+from sbmdbg.sbm import regions as RG
 from sbmdbg.sbm import stacks as S
 from sbmdbg.x86 import paging as pg
 
@@ -73,13 +74,9 @@ class GuestContext:
         self.exc_stksz = sizes["exception_stksz"]
         self.irq_size = sizes["irq_stack_size"]
         self.jiffies = opt("jiffies") or opt("jiffies_64")
-        self.sections = [(k.sym(a), k.sym(b), name) for a, b, name in (
-            ("__entry_text_start", "__entry_text_end", "entry text"),
-            ("_stext", "_etext", "kernel text"),
-            ("__start_rodata", "__end_rodata", "rodata"),
-            ("_sdata", "_edata", "data"),
-            ("__bss_start", "__bss_stop", "bss"),
-        ) if a in sym and b in sym]
+        # the SBM model's section table, the innermost first (entry text is in .text)
+        self.sections = sorted(((k.sym(a), k.sym(b), name) for _kind, name, a, b in RG.SECTIONS
+                                if a in sym and b in sym), key=lambda s: s[1] - s[0])
         self.state_page = opt("x86_sbm_state") or 0
         self.per_cpu_size = kernel.per_cpu_end or 0
         # The direct map ends where the next region begins: with KASLR

@@ -72,3 +72,16 @@ def test_tracer_buffers_are_the_models():
     want = [(b["direction"], b["sbm_ptr"], b["size"]) for b in sb.sbm["buffers"]]
     assert want, "the recorded sandbox has buffers"
     assert [(lst, p, n) for lst, _i, p, n in ctx.sbm_buffers(sb.fields["sbm"])] == want
+
+
+def test_tracer_regions_use_the_models_sections():
+    from sbmdbg.sbm import regions as RG
+    t, syms, lays, _ = load_snapshot(str(FIX / "sbm-in-sandbox.json.gz"))
+    k = M.open_kernel(t, symbols=syms, layouts=lays)
+    ctx = GuestContext(k)
+    sb = M.sandboxes(k)[0]
+    kinds = {kind for kind, *_ in RG.SECTIONS}
+    secs = [r for r in RG.sandbox_regions(k, sb) if r["kind"] in kinds]
+    assert {r["kind"] for r in secs} >= {"kernel_text", "entry_text", "data"}
+    for r in secs:
+        assert ctx.where(r["exact_start"]).startswith(r["name"]), r
