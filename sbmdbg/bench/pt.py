@@ -24,9 +24,7 @@ def _in_gdb_time(g, cmd: str, n: int, cold: bool = False) -> float:
 
 
 def bench_pt(opts, repeat: int = 3) -> dict:
-    from sbmdbg.model.kernel import Kernel
-    from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.model.symbols import Symbols
+    from sbmdbg.sbm import open_kernel
     from sbmdbg.target.qmp import QmpTarget
     from sbmdbg.target.shm import ShmTarget
     from sbmdbg.vm import VM
@@ -39,7 +37,7 @@ def bench_pt(opts, repeat: int = 3) -> dict:
         q = QmpTarget(vm.hmp, vm.qmp)
         shm = ShmTarget(vm.info["ram"], vm.info["ram_size"], regs_source=q)
         try:
-            k = Kernel(shm, Symbols.from_elf(vm.info["vmlinux"]), DwarfLayouts(vm.info["vmlinux"]))
+            k = open_kernel(shm, vm.info["vmlinux"])
             cr3 = q.registers(0)["cr3"]
 
             def shm_walk():

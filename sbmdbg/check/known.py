@@ -52,10 +52,10 @@ TRACE_COUNTS = {
 }
 #: per-kind tables of a ``transitions`` table (every event of that kind must match)
 TRACE_KINDS = {"enter", "return", "abort", "exit", "irq", "nmi", "irq_return", "spurious", "call"}
-#: fields of trace events (sbmdbg.trace.events schema 1)
+#: fields of trace events (sbmdbg.trace.events schema 2)
 TRACE_FIELDS = frozenset({
     "seq", "kind", "host_ns", "jiffies", "vcpu", "point", "pid", "comm", "task", "sandbox", "cr3",
-    "cr3_role", "cpl", "rip", "sym", "rsp", "stack",
+    "cr3_role", "cpl", "mode", "rip", "sym", "rsp", "stack",
     "sbm", "func", "func_sym", "data", "sticky_error", "args", "sbm_tos", "exc_tos", "sbm_cr3",
     "ret", "vector", "vector_name", "error_code", "error_bits", "error_desc", "stub", "cr2", "cr2_region",
     "fault_rip", "fault_sym", "fault_rsp", "fault_stack", "via", "address", "error", "aborted",

@@ -142,7 +142,7 @@ def vtop(kernel, args) -> dict:
     """`sbm vtop VA [--root R]`: one translation, every level."""
     root = _root(kernel, args)
     va = _int(args.va, "address")
-    tr = pg.translate(kernel._reader, root.pgd_pa, va, la57=kernel.la57, nxe=kernel.nxe)
+    tr = kernel.translate(root.pgd_pa, va)
     d = tr.to_json()
     d["root_label"] = root.label
     return jsonable(d)
@@ -151,9 +151,8 @@ def vtop(kernel, args) -> dict:
 def pt(kernel, args) -> dict:
     """`sbm pt [ROOT]`: the mappings of a root as merged ranges (or --raw pages)."""
     root = _root(kernel, args)
-    maps, w = pg.walk(kernel._reader, root.pgd_pa, la57=kernel.la57, nxe=kernel.nxe,
-                      range=_range(_a(args, "range")), flags=pg.parse_flags(_a(args, "flags")),
-                      merge_runs=not _a(args, "raw", False), max_entries=_a(args, "max_entries", 4_000_000))
+    maps, w = kernel.walk(root.pgd_pa, range=_range(_a(args, "range")), flags=pg.parse_flags(_a(args, "flags")),
+                          merge_runs=not _a(args, "raw", False), max_entries=_a(args, "max_entries", 4_000_000))
     return jsonable({"root": root.pgd_pa, "root_label": root.label,
                      "mappings": [mp.to_json() for mp in maps],
                      "findings": [f.to_json() for f in w.findings], "stats": vars(w.stats)})
@@ -163,7 +162,7 @@ def ptov(kernel, args) -> dict:
     """`sbm ptov PA [--root R]`: every virtual address mapping a physical one."""
     root = _root(kernel, args)
     pa = _int(args.pa, "physical address")
-    hits, _ = pg.ptov(kernel._reader, root.pgd_pa, pa, la57=kernel.la57, nxe=kernel.nxe)
+    hits, _ = kernel.ptov(root.pgd_pa, pa)
     vas = []
     for va, mp in hits:
         sym = kernel.lookup(va)

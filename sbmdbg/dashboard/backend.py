@@ -235,11 +235,7 @@ class Backend:
         return self
 
     def _open_model(self) -> None:
-        import sbmdbg.sbm  # noqa: F401  (sandbox root hooks)
-        from sbmdbg.model.kernel import Kernel
-        from sbmdbg.model.layout import DwarfLayouts
-        from sbmdbg.model.symbols import Symbols
-        from sbmdbg.sbm import PREFETCH
+        from sbmdbg.sbm import open_kernel
         from sbmdbg.target.qmp import QmpTarget
         from sbmdbg.target.shm import ShmTarget
 
@@ -249,14 +245,11 @@ class Backend:
         else:
             target = regs   # pmemsave through QMP: slow, but works without a RAM file
             self.note("no RAM file: guest memory through QMP pmemsave (slow); pass --ram")
-        lays = DwarfLayouts(self.conn.vmlinux)
-        lays.prefetch(PREFETCH)
-        self.kernel = Kernel(target, Symbols.from_elf(self.conn.vmlinux), lays)
+        self.kernel = open_kernel(target, self.conn.vmlinux)
 
     def _open_gdb(self) -> None:
-        from sbmdbg.vm.gdbmi import GdbSession
-
         from sbmdbg.trace.live import GdbTracer
+        from sbmdbg.vm.gdbmi import GdbSession
 
         g = GdbSession(self.conn.vmlinux, self.conn.tree, self.conn.gdb)
         self.g = g

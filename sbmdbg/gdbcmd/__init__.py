@@ -1,6 +1,6 @@
 """gdb face: the ``sbm`` prefix command and one module per command group.
 
-The only package that imports ``gdb`` (with sbmdbg.target.gdbtarget)."""
+The only package that imports ``gdb`` (gdbtarget.py: the in-gdb Target source)."""
 from __future__ import annotations
 
 import gdb

@@ -17,7 +17,7 @@ import gdb
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.gdbcmd.base import SbmCommand
 from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.target.gdbtarget import _cpu_of
+from sbmdbg.gdbcmd.gdbtarget import _cpu_of
 
 U64 = (1 << 64) - 1
 

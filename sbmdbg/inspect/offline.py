@@ -27,16 +27,11 @@ def dump(out: str, qmp_sock: str | None = None, vm_id: str | None = None) -> dic
 
 
 def open_vmcore(vmcore: str, vmlinux: str):
-    from sbmdbg.model.kernel import Kernel
-    from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.model.symbols import Symbols
-    from sbmdbg.sbm import PREFETCH  # (importing sbmdbg.sbm registers the sandbox root hooks)
+    from sbmdbg.sbm import open_kernel
     from sbmdbg.target.vmcore import VmcoreTarget
     t = VmcoreTarget(vmcore)
     try:
-        lays = DwarfLayouts(vmlinux)
-        lays.prefetch(PREFETCH)   # one pass over the CUs instead of one per struct
-        return Kernel(t, Symbols.from_elf(vmlinux), lays)
+        return open_kernel(t, vmlinux)
     except BaseException:
         t.close()
         raise

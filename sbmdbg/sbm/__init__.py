@@ -1,6 +1,10 @@
 """The SBM model (no gdb import): sandboxes, per-vCPU mode, region labels,
-isolation audit, stacks.  Importing this package registers the
-``--root sandbox[=N]`` provider and the sandbox-CR3 -> kernel-root fixup.
+isolation audit, stacks.
+
+    open_kernel(target, vmlinux, *, symbols, layouts, cpu, verify) -> Kernel
+        the one way faces open the kernel model: the SBM extension (the
+        ``--root sandbox[=N]`` provider and the sandbox-CR3 -> kernel-root
+        fixup) attached explicitly
 
 API for other faces (tracer, dashboard); every function takes a
 ``sbmdbg.model.kernel.Kernel`` and caches per stop (until kernel.invalidate()):
@@ -25,15 +29,9 @@ API for other faces (tracer, dashboard); every function takes a
 The commands built on it (status, list, show, ...) are in sbmdbg.commands.
 """
 from sbmdbg.sbm.model import (  # noqa: F401
-    NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
-    require_sbm, sandbox_roots, sandboxes, state_page_views, task_info, vcpu_status, vcpus_status)
+    EXTENSION, PREFETCH, NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
+    open_kernel, require_sbm, sandbox_roots, sandboxes, state_page_views, task_info, vcpu_status, vcpus_status)
 from sbmdbg.sbm.stacks import (  # noqa: F401
     backtrace, classify_address, cpu_stack, pt_regs_on_exc_stack, top_of_intr_stack)
 from sbmdbg.sbm.regions import labeled_map, sandbox_regions  # noqa: F401
 from sbmdbg.sbm.audit import audit_ranges, diff_mappings, diff_roots  # noqa: F401
-
-#: The structs the SBM model reads: one DWARF pass over the CUs for all of them
-#: (``DwarfLayouts.prefetch``) instead of one per struct.
-PREFETCH = ["pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
-            "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
-            "mm_struct", "signal_struct", "cpuinfo_x86", "list_head"]

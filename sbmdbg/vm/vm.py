@@ -131,7 +131,7 @@ class VM:
                 raise SbmdbgError(f"kernel image {kernel} not found")
         initrd = opts.initrd or str(ensure_initramfs())
         if opts.trace_plugin is True:
-            from sbmdbg.trace.qplugin import plugin_path
+            from sbmdbg.vm.qplugin import plugin_path
 
             opts.trace_plugin = str(plugin_path())
         if shutil.which(QEMU) is None:

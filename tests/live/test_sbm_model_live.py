@@ -113,7 +113,7 @@ def test_stopped_in_sandbox(guest, tmp_path):
                 "input_buffer", "output_buffer", "task_struct", "task_stack", "percpu",
                 "tss", "gdt", "idt", "entry_stack", "ist_stack"} <= kinds
         assert "unknown" not in kinds
-        # the sandbox root through the foundation commands (SANDBOX_ROOT_PROVIDERS)
+        # the sandbox root through the foundation commands (the SBM extension sbm.open_kernel attaches)
         st_va = show["state_page"]["va"]
         assert sbm_json(g, "sbm vtop &linux_banner")["va"] == gdb_int(g, "&linux_banner")  # a gdb expression
         v = sbm_json(g, f"sbm vtop {st_va:#x} --root sandbox={sb['pid']}")

@@ -235,7 +235,7 @@ def test_known_json_keys_match_the_commands():
     (the offline commands on the recorded snapshot, no SBM state needed)."""
     from sbmdbg.model.kernel import Kernel
     from sbmdbg.commands import compute as C
-    from sbmdbg.target.fixture import load_snapshot
+    from sbmdbg.model.fixture import load_snapshot
 
     t, syms, lays, _ = load_snapshot(str(REPO / "fixtures" / "pt" / "kaslr-pti-smp2.json.gz"))
     k = Kernel(t, syms, lays)

@@ -15,8 +15,8 @@ from rich.console import Console
 
 from sbmdbg.commands import TABLE, ArgError, Command, command_parser
 from sbmdbg.commands.render import Plain
-from sbmdbg.model.kernel import Kernel
-from sbmdbg.target.fixture import load_snapshot
+from sbmdbg.model.fixture import load_snapshot
+from sbmdbg.sbm import open_kernel
 
 pytestmark = pytest.mark.unit
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "pt"
@@ -24,9 +24,8 @@ FIX = Path(__file__).resolve().parents[2] / "fixtures" / "pt"
 
 @pytest.fixture(scope="module")
 def kernel():
-    import sbmdbg.sbm  # noqa: F401  (sandbox roots)
     t, syms, lays, _ = load_snapshot(str(FIX / "sbm-in-sandbox.json.gz"))
-    return Kernel(t, syms, lays)
+    return open_kernel(t, symbols=syms, layouts=lays)
 
 
 def _argv(k) -> dict[str, str]:
@@ -96,7 +95,7 @@ def _fake_gdb(out: list) -> types.ModuleType:
 def gdb_face(monkeypatch, kernel):
     out: list[str] = []
     monkeypatch.setitem(sys.modules, "gdb", _fake_gdb(out))
-    for m in [m for m in sys.modules if m.startswith(("sbmdbg.gdbcmd", "sbmdbg.target.gdbtarget"))]:
+    for m in [m for m in sys.modules if m.startswith("sbmdbg.gdbcmd")]:
         monkeypatch.delitem(sys.modules, m)
     _FakeCommand.registered = {}
     import sbmdbg.gdbcmd  # noqa: F401
@@ -106,7 +105,7 @@ def gdb_face(monkeypatch, kernel):
     monkeypatch.setattr(STATE, "memory_source", lambda: {"memory": "shm", "ram_file": "/dev/shm/x.ram",
                                                          "ram_size": 1 << 29, "how": "test"})
     yield sbmcmds, out, _FakeCommand.registered
-    for m in [m for m in sys.modules if m.startswith(("sbmdbg.gdbcmd", "sbmdbg.target.gdbtarget"))]:
+    for m in [m for m in sys.modules if m.startswith("sbmdbg.gdbcmd")]:
         del sys.modules[m]   # built on the stand-in: never left for another test
 
 
