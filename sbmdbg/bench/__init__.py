@@ -41,8 +41,9 @@ def cmd_bench_trace(args) -> int:
 
 def add_parser(sub, add_vm_options) -> None:
     """``sbmdbg bench ...``; ``add_vm_options(p)`` adds the VM options of ``sbmdbg vm start``."""
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="bcmd", required=True, parser_class=sub._parser_class)
+    from sbmdbg.commands.parser import Parser
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bcmd", required=True, parser_class=Parser)
     bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
     bp.add_argument("--json", action="store_true")
     bp.add_argument("--repeat", type=int, default=3)
