@@ -59,7 +59,7 @@ def test_package_data_installed(installed):
     assert (pkg / "data" / "kernel" / "config").is_file()
     assert (pkg / "data" / "kernel" / "config-6.1").is_file()
     assert len(list((pkg / "data" / "kernel" / "patches").glob("*.patch"))) >= 4
-    assert (pkg / "trace" / "plugin" / "sbmtrace.c").is_file()
+    assert (pkg / "vm" / "plugin" / "sbmtrace.c").is_file()
     r = _run(venv, elsewhere, "gdb-script")
     assert r.returncode == 0, r.stderr
     script = Path(r.stdout.strip())
