@@ -125,7 +125,7 @@ class VMPool:
     running and its shell answering); otherwise it is replaced.  At most
     ``keep`` VMs stay booted (the least recently used one is stopped)."""
 
-    def __init__(self, kernel_build, keep: int = 2):
+    def __init__(self, kernel_build, keep: int = 4):
         self.kernel_build = kernel_build
         self.keep = keep
         self.vms: dict[tuple, object] = {}
@@ -141,8 +141,11 @@ class VMPool:
     def get(self, **opts):
         from sbmdbg.vm import VM
 
-        opts.setdefault("smp", 2)
-        key = tuple(sorted(opts.items()))
+        from dataclasses import asdict
+
+        from sbmdbg.vm import VMOptions
+
+        key = tuple(sorted(asdict(VMOptions(**opts)).items()))   # defaults spelt out or not
         vm = self.vms.pop(key, None)
         if vm is not None and not self._healthy(vm):
             vm.close()
