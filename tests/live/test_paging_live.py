@@ -12,53 +12,38 @@ vmlinux-gdb.py) uses a prebuilt kernel instead of the pipeline's.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
 import pytest
+from demo_helpers import U64, gdb_int, kallsyms, sbm_json
 
 from sbmdbg.target.qmp import info_tlb_flags as qemu_flags, parse_info_tlb
 
 pytestmark = pytest.mark.live
 
-U64 = (1 << 64) - 1
-
 
 @pytest.fixture
-def boot(request):
-    """boot(**VMOptions) -> (vm, gdb session attached, stopped)."""
+def boot(request, gdb_session):
+    """boot(**VMOptions) -> (vm, gdb session attached, stopped).  The VM is the
+    session's shared one for those options (a prebuilt kernel of its own with
+    SBMDBG_TEST_KERNEL_DIR)."""
     kdir = os.environ.get("SBMDBG_TEST_KERNEL_DIR")
-    from sbmdbg.vm import VM, VMOptions
-    from sbmdbg.vm.gdbmi import GdbSession
-    opened = []
 
     def factory(attach=True, before_attach=None, **opts):
         if kdir:
             opts.setdefault("kernel", f"{kdir}/bzImage")
             opts.setdefault("vmlinux", f"{kdir}/vmlinux")
             opts.setdefault("tree", kdir)
-            vm = VM(VMOptions(**opts))
-            opened.append(vm)
-        else:
             vm = request.getfixturevalue("make_vm")(**opts)
+        else:
+            vm = request.getfixturevalue("shared_vm")(**opts)
         if before_attach:
             before_attach(vm)
-        g = None
-        if attach:
-            g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
-            opened.insert(0, g)
-        return vm, g
+        return vm, (gdb_session(vm) if attach else None)
 
-    yield factory
-    for o in opened:
-        o.close()
-
-
-def sbm_json(g, cmd: str):
-    out = g.console(cmd + " --json")
-    return json.loads(out[out.index("{"):])
+    return factory
 
 
 LX_FIELDS = """
@@ -116,10 +101,21 @@ def _cpl_by_thread(g) -> dict[int, int]:
 
 
 def test_pcpu_with_vcpu_in_user_mode_pti(boot):
+    spinners = []
+
     def spin(vm):
-        r = vm.run("(while :; do :; done) & (while :; do :; done) & echo spinning")
+        r = vm.run("(while :; do :; done) & a=$!; (while :; do :; done) & echo spinning $a $!")
         assert "spinning" in r.output
+        spinners.extend(r.output.split()[1:3])
     vm, g = boot(smp=2, pti="on", before_attach=spin)
+    try:
+        _user_mode_checks(vm, g)
+    finally:
+        g.close()       # the guest runs again: stop the spinners (the VM is shared)
+        assert vm.run(f"kill {' '.join(spinners)}").status == 0
+
+
+def _user_mode_checks(vm, g):
     user_cpu = None
     for _ in range(60):
         g.interrupt()
@@ -198,17 +194,25 @@ def test_vtop_matches_translate_vm(boot):
 
 
 def test_kaslr_slide_and_symbols(boot):
+    """The slide against the guest's own /proc/kallsyms; ptov against QEMU's
+    gva2gpa; per-CPU data against scripts/gdb."""
     vm, g = boot(smp=2, pti="on", kaslr=True)
+    text_guest = kallsyms(vm, "_text")           # before gdb stops the guest
     g.interrupt()
     k = sbm_json(g, "sbm kernel")
-    assert k["slide"] % (1 << 21) == 0
-    # the banner check inside the model is the symbol check; pcpu through slid
-    # __per_cpu_offset must find the boot task
-    pc = sbm_json(g, "sbm pcpu")
+    text_link = gdb_int(g, "&_text")             # vmlinux's link-time address (plain gdb)
+    assert text_guest != text_link, "KASLR did not move the kernel"
+    assert k["text"] == text_guest
+    assert k["slide"] == text_guest - text_link
+    # pcpu through the slid __per_cpu_offset, field by field against $lx_per_cpu
+    pc = compare_pcpu(g)
     assert [c["fields"]["cpu_number"] for c in pc["cpus"]] == [0, 1]
-    assert all(c["current"]["comm"] for c in pc["cpus"])
-    hits = sbm_json(g, f"sbm ptov {k['phys_base'] + (k['text'] - 0xffffffff80000000):#x}")
-    assert k["text"] in [h["va"] for h in hits["vas"]]
+    # the physical address of _text from QEMU (gva2gpa on a vCPU in kernel mode)
+    cpu = next(c["cpu"] for c in pc["cpus"] if c["vcpu"]["cpl"] == 0)
+    m = re.search(r"gpa:\s*(0x[0-9a-f]+)", vm.hmp(f"gva2gpa {text_guest:#x}", cpu_index=cpu))
+    assert m, "QEMU's gva2gpa did not translate _text"
+    hits = sbm_json(g, f"sbm ptov {int(m.group(1), 16):#x}")
+    assert text_guest in [h["va"] for h in hits["vas"]]
 
 
 def test_shm_qmp_vmcore_sources_agree(boot, tmp_path):
@@ -258,8 +262,7 @@ def test_la57_pt_and_vtop_match_qemu_and_translate_vm(boot):
     vm, g = boot(smp=2, pti="off", la57=True)
     g.interrupt()
     cr4 = parse_info_registers(vm.hmp("info registers", cpu_index=0))["cr4"]
-    if not cr4 >> 12 & 1:
-        pytest.skip(LA57_SKIP)
+    assert cr4 >> 12 & 1, LA57_SKIP   # a failure, not a skip: the test exists for this
     k = sbm_json(g, "sbm kernel")
     assert k["la57"] and k["levels"] == 5
     assert k["page_offset_base"] >> 56 == 0xFF and k["page_offset_base"] >> 47 != 0x1FFFF  # 57-bit layout
