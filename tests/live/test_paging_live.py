@@ -12,6 +12,7 @@ vmlinux-gdb.py) uses a prebuilt kernel instead of the pipeline's.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
