@@ -197,8 +197,10 @@ def test_vtop_matches_translate_vm(boot):
 def test_kaslr_slide_and_symbols(boot):
     """The slide against the guest's own /proc/kallsyms; ptov against QEMU's
     gva2gpa; per-CPU data against scripts/gdb."""
-    vm, g = boot(smp=2, pti="on", kaslr=True)
-    text_guest = kallsyms(vm, "_text")           # before gdb stops the guest
+    seen = []
+    vm, g = boot(smp=2, pti="on", kaslr=True,     # the guest answers before gdb stops it
+                 before_attach=lambda vm: seen.append(kallsyms(vm, "_text")))
+    text_guest = seen[0]
     g.interrupt()
     k = sbm_json(g, "sbm kernel")
     text_link = gdb_int(g, "&_text")             # vmlinux's link-time address (plain gdb)
