@@ -55,7 +55,8 @@ def _info_mem(vm, cpu: int) -> list[tuple[int, int, str]]:
 
 def _merge(iv) -> list[tuple[int, int]]:
     out: list[list[int]] = []
-    for lo, hi in sorted((a, b) for a, b, *_ in iv):
+    pairs = [(x["va"], x["end"]) if isinstance(x, dict) else (x[0], x[1]) for x in iv]
+    for lo, hi in sorted(pairs):
         if out and lo <= out[-1][1]:
             out[-1][1] = max(out[-1][1], hi)
         else:
