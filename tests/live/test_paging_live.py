@@ -12,7 +12,6 @@ vmlinux-gdb.py) uses a prebuilt kernel instead of the pipeline's.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -20,6 +19,7 @@ import time
 import pytest
 from demo_helpers import U64, gdb_int, kallsyms, sbm_json
 
+from sbmdbg.fixture.sources import gva2gpa, lx_pcpu, translate_vm
 from sbmdbg.target.qmp import info_tlb_flags as qemu_flags, parse_info_tlb
 
 pytestmark = pytest.mark.live
@@ -45,28 +45,6 @@ def boot(request, gdb_session):
         return vm, (gdb_session(vm) if attach else None)
 
     return factory
-
-
-LX_FIELDS = """
-import gdb, json
-v = gdb.parse_and_eval("$lx_per_cpu(pcpu_hot, %d)")
-out = {}
-for f in %r:
-    x = v[f]
-    out[f] = int(x.cast(gdb.lookup_type("long"))) if x.type.strip_typedefs().code == gdb.TYPE_CODE_PTR else int(x)
-t = v["current_task"]
-out["pid"] = int(t["pid"])
-out["comm"] = t["comm"].string()
-print("LX" + json.dumps(out))
-"""
-
-
-def lx_pcpu(g, cpu: int, fields: list[str]) -> dict:
-    script = LX_FIELDS % (cpu, fields)
-    # a multi-line python block is awkward over MI: exec() one string instead
-    code = script.replace("\n", "\\n").replace('"', '\\"')
-    out = g.console(f'python exec("{code}")')
-    return json.loads(out[out.index("LX") + 2:].strip())
 
 
 def compare_pcpu(g, kernel_thread: int | None = None):
@@ -171,9 +149,6 @@ def test_pt_matches_info_tlb(boot, pti, source):
         assert ours == theirs, next((a, b) for a, b in zip(ours, theirs) if a != b)
 
 
-TV = re.compile(r"page entry binary data\s+(0x[0-9a-f]+)")
-
-
 def test_vtop_matches_translate_vm(boot):
     vm, g = boot(smp=2, pti="off")
     g.interrupt()
@@ -187,7 +162,7 @@ def test_vtop_matches_translate_vm(boot):
     for va in samples:
         va &= U64
         mine = sbm_json(g, f"sbm vtop {va:#x} --root {cr3:#x}")
-        theirs = [int(x, 16) for x in TV.findall(g.console(f"translate-vm {va:#x}"))]
+        theirs = translate_vm(g, va)
         assert [e["raw"] for e in mine["entries"]] == theirs, hex(va)
         assert mine["pa"] is not None
         # and the kernel root gives the same answer for kernel addresses
@@ -214,9 +189,9 @@ def test_kaslr_slide_and_symbols(boot):
     assert all(c["current"]["comm"] for c in pc["cpus"])
     # the physical address of _text from QEMU (gva2gpa on a vCPU in kernel mode)
     cpu = next(c["cpu"] for c in pc["cpus"] if c["vcpu"]["cpl"] == 0)
-    m = re.search(r"gpa:\s*(0x[0-9a-f]+)", vm.hmp(f"gva2gpa {text_guest:#x}", cpu_index=cpu))
-    assert m, "QEMU's gva2gpa did not translate _text"
-    hits = sbm_json(g, f"sbm ptov {int(m.group(1), 16):#x}")
+    pa = gva2gpa(vm, cpu, text_guest)
+    assert pa is not None, "QEMU's gva2gpa did not translate _text"
+    hits = sbm_json(g, f"sbm ptov {pa:#x}")
     assert text_guest in [h["va"] for h in hits["vas"]]
 
 
@@ -291,7 +266,7 @@ def test_la57_pt_and_vtop_match_qemu_and_translate_vm(boot):
         va &= U64
         mine = sbm_json(g, f"sbm vtop {va:#x} --root {cr3:#x}")
         assert mine["levels"] == 5
-        theirs = [int(x, 16) for x in TV.findall(g.console(f"translate-vm {va:#x}"))]
+        theirs = translate_vm(g, va)
         assert [e["raw"] for e in mine["entries"]][:len(theirs)] == theirs, hex(va)
         if mine["pa"] is not None:
             mapped += 1
