@@ -13,7 +13,6 @@ vmlinux-gdb.py) uses a prebuilt kernel instead of the pipeline's.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import pytest
