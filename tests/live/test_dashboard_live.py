@@ -234,6 +234,12 @@ def test_dashboard_keys_stepi_and_quit_while_paused(shared_vm, tmp_path):
     the selected vCPU (QEMU's registers: the other one's RIP stays, the guest
     stays stopped); quitting while paused leaves the guest running."""
     vm = shared_vm(pti="on")
+    # one busy loop pinned to each vCPU: a vCPU that ran would have moved (an
+    # idle one sits in hlt, and a stepi on it waits for an interrupt)
+    r = vm.run("taskset 1 sh -c 'while :; do :; done' & a=$!; taskset 2 sh -c 'while :; do :; done' & "
+               "echo spinning $a $!")
+    spinners = r.output.split()[1:3]
+    assert r.output.startswith("spinning") and len(spinners) == 2, r.output
     name = f"sbmdbg-dash-{uuid.uuid4().hex[:6]}"
     done = tmp_path / "exit"
     cmd = (f"unset COLUMNS LINES; cd {REPO_ROOT} && {sys.executable} -m sbmdbg.cli dashboard --rate 4 "
@@ -261,6 +267,9 @@ def test_dashboard_keys_stepi_and_quit_while_paused(shared_vm, tmp_path):
         assert vm.run("echo still-here").output == "still-here\n"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        if vm.qmp("query-status")["status"] != "running":
+            vm.qmp("cont")
+        vm.run(f"kill {' '.join(spinners)}")
 
 
 def test_dashboard_lost_terminal(kernel_build):
