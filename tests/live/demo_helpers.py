@@ -5,7 +5,9 @@ import json
 import re
 import time
 
-U64 = (1 << 64) - 1
+# plain gdb and the guest as independent sources: the same readers the fixture recorder uses
+from sbmdbg.fixture.sources import U64, gdb_int, kallsyms  # noqa: F401
+
 DEMO = "/sys/kernel/debug/sbm_demo"
 
 # The demo's fault scenarios: scenario -> (vector, #PF error bits that must be
@@ -47,12 +49,6 @@ def sbm_json(g, cmd: str, timeout: float = 120) -> dict:
     return json.loads(out[out.index("{"):])
 
 
-def gdb_int(g, expr: str) -> int:
-    """An expression's value from plain gdb (no sbmdbg code)."""
-    out = g.console(f"printf \"%lu\\n\", (unsigned long)({expr})")
-    return int(out.strip().splitlines()[-1]) & U64
-
-
 def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
     """Poll *pred* until it returns a true value (returned); fail after *timeout*."""
     deadline = time.monotonic() + timeout
@@ -73,10 +69,3 @@ def pid_gone(pid: int) -> bool:
     except OSError:
         return True
     return st[st.rindex(")") + 2:].split()[0] in ("Z", "X")
-
-
-def kallsyms(vm, name: str) -> int:
-    """A symbol's address from the guest's own /proc/kallsyms."""
-    out = vm.run(f"grep -w -m1 '{name}' /proc/kallsyms").output.split()
-    assert len(out) >= 3 and out[2] == name, out
-    return int(out[0], 16)

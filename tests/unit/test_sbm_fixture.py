@@ -19,7 +19,7 @@ from sbmdbg.x86 import paging as pg
 
 pytestmark = pytest.mark.unit
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "pt"
-U64 = (1 << 64) - 1
+from sbmdbg.fixture.sources import U64  # noqa: E402
 ns = types.SimpleNamespace
 STATE_FIELDS = ("sbm_cr3", "kernel_cr3", "stack", "exc_stack", "return_sp", "pgd")
 
