@@ -1,7 +1,8 @@
 """Live tests of the reference SBM kernel (issue 3).
 
 * every demo scenario gives its expected result, the KUnit suite passes, no
-  oops or warning reaches the console; PTI on and off, KASLR on;
+  oops or warning reaches the console; PTI on + KASLR (PTI off:
+  checks/check_demo_scenarios.toml, so each scenario runs once per configuration);
 * all scenarios 100 times in a row on both vCPUs at once, no hang;
 * "it must be real": stopped at the first sandbox instruction, gdb and QEMU
   (not sbmdbg) show CPL 3, the sandbox CR3 in x86_sbm_state, a user/RO/X
