@@ -44,9 +44,8 @@ def run_scenario(vm, name: str, timeout: float = 120, expect_pass: bool = True) 
 
 
 def sbm_json(g, cmd: str, timeout: float = 120) -> dict:
-    """``CMD --json`` in gdb, parsed."""
-    out = g.console(cmd + " --json", timeout=timeout)
-    return json.loads(out[out.index("{"):])
+    """``CMD --json`` in gdb, parsed (GdbSession.sbm_json)."""
+    return g.sbm_json(cmd, timeout=timeout)
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.1):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sbmdbg.fixture.snapshot import load_independent, load_snapshot
-from sbmdbg.model.kernel import Kernel, KernelError
+from sbmdbg.model.fixture import load_independent, load_snapshot
+from sbmdbg.model.kernel import KernelError, open_kernel
 from sbmdbg.model.percpu import pcpu_hot
 from sbmdbg.target.qmp import info_tlb_flags, parse_info_tlb
 from sbmdbg.x86 import paging as pg
@@ -24,7 +24,7 @@ def snap():
 
 def test_discovery_against_the_guest(snap):
     t, syms, lays, exp, ind = snap
-    k = Kernel(t, syms, lays)
+    k = open_kernel(t, symbols=syms, layouts=lays)
     text = ind["guest"]["kallsyms"]["_text"]
     assert k.sym("_text") == text
     assert k.slide == text - syms.addr("_text") != 0          # KASLR moved it, by this much
@@ -34,7 +34,7 @@ def test_discovery_against_the_guest(snap):
 
 def test_pcpu_against_drgn(snap):
     t, syms, lays, exp, ind = snap
-    k = Kernel(t, syms, lays)
+    k = open_kernel(t, symbols=syms, layouts=lays)
     theirs = ind["drgn"]["pcpu"]
     assert len(theirs) == t.ncpus == 2
     for d in theirs:
@@ -60,7 +60,7 @@ def test_kernel_half_walk_against_info_tlb(snap):
 
 def test_vtop_against_gva2gpa(snap):
     t, syms, lays, exp, ind = snap
-    k = Kernel(t, syms, lays)
+    k = open_kernel(t, symbols=syms, layouts=lays)
     root, cpu = _walk_root(exp)
     samples = ind["qemu"]["gva2gpa"][cpu]
     assert len(samples) >= 4 and all(pa is not None for pa in samples.values())
@@ -78,13 +78,13 @@ def test_wrong_vmlinux_is_a_clear_error(snap):
     bad = type(syms)(dict(syms.table), syms.build_id,
                      {a: b"Linux version 0.0.1-not-this-one" + bytes(32) for a in syms.blobs})
     with pytest.raises(KernelError, match="does not match the running kernel"):
-        Kernel(t, bad, lays)
+        open_kernel(t, symbols=bad, layouts=lays)
 
 
 def test_translate_cache_keeps_the_offset(snap):
     """Kernel.translate caches per 4 KiB page; each address keeps its offset."""
     t, syms, lays, exp, ind = snap
-    k = Kernel(t, syms, lays)
+    k = open_kernel(t, symbols=syms, layouts=lays)
     root, cpu = _walk_root(exp)
     text = k.sym("_text")
     want = ind["qemu"]["gva2gpa"][cpu][str(text + 0x1234)]

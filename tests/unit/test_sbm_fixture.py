@@ -3,16 +3,16 @@
 __sbm_thunk_sbm_demo_compute, and in handle_sbm_fault for write_kernel_data),
 checked against what plain gdb, the kernel's scripts/gdb and QEMU said at the
 same stop (recorded beside the snapshot)."""
+import json
 import types
 from pathlib import Path
 
 import pytest
 
-import sbmdbg.sbm  # noqa: F401  (hooks)
-from sbmdbg.fixture.snapshot import load_independent, load_snapshot
-from sbmdbg.model.kernel import Kernel
+from sbmdbg.commands import COMMANDS
+from sbmdbg.commands import compute as C
+from sbmdbg.model.fixture import load_independent, load_snapshot
 from sbmdbg.model.percpu import pcpu_hot
-from sbmdbg.sbm import commands as C
 from sbmdbg.sbm import model as M
 from sbmdbg.target.qmp import info_tlb_flags, parse_info_tlb
 from sbmdbg.x86 import paging as pg
@@ -22,12 +22,24 @@ FIX = Path(__file__).resolve().parents[2] / "fixtures" / "pt"
 from sbmdbg.fixture.sources import U64  # noqa: E402
 ns = types.SimpleNamespace
 STATE_FIELDS = ("sbm_cr3", "kernel_cr3", "stack", "exc_stack", "return_sp", "pgd")
+ARGS = {"status": ns(), "list": ns(), "show": ns(sandbox=None, no_map=False), "stack": ns(cpu="all"),
+        "audit": ns(sandbox=None)}
 
 
 def kernel(name):
     path = str(FIX / f"{name}.json.gz")
     t, syms, lays, _ = load_snapshot(path)
-    return Kernel(t, syms, lays), load_independent(path)
+    return M.open_kernel(t, symbols=syms, layouts=lays), load_independent(path)
+
+
+@pytest.mark.parametrize("name", ["sbm-in-sandbox", "sbm-in-handler"])
+def test_commands_replay(name):
+    """The table's commands give what they gave at recording time (a change
+    detector; the tests below check the answers against other sources)."""
+    k, _ = kernel(name)
+    exp = load_snapshot(str(FIX / f"{name}.json.gz"))[3]
+    for cmd, args in ARGS.items():
+        assert json.loads(json.dumps(COMMANDS[cmd](k, args))) == exp[cmd], cmd
 
 
 @pytest.mark.parametrize("name", ["sbm-in-sandbox", "sbm-in-handler"])
@@ -61,7 +73,7 @@ def test_in_sandbox_against_gdb_and_qemu():
     gv, cpu = ind["gdb"]["values"], ind["gdb"]["cpu"]
     [sb] = M.sandboxes(k)
     st = M.vcpu_status(k, cpu)
-    assert st["mode"] == "sandbox" and st["cpl"] == 3 == gv["$cs"] & 3
+    assert st["mode"] == "sandbox" and st["cpl"] == 3 == gv["$cs"] & 3 and st["cr3"] & ~0xFFF == sb.pgd_pa
     assert sb.pgd_pa == gv["$cr3"] & ~0xFFF & ((1 << 52) - 1) == gv["state.sbm_cr3"] & ~0xFFF
     assert st["rip_symbol"]["symbol"] == "__sbm_thunk_sbm_demo_compute"
     # the sandbox table, leaf by leaf, against QEMU's `info tlb` of the stopped vCPU
@@ -74,9 +86,12 @@ def test_in_sandbox_against_gdb_and_qemu():
     stk = C.stack(k, ns(cpu=str(cpu)))["cpus"][0]
     assert stk["rsp_class"]["kind"] == "sbm_sandbox_stack"
     assert gv["state.stack"] <= gv["$rsp"] < gv["state.stack"] + (16 << 10)
-    # discovery on the vCPU in the sandbox ends on a kernel root (init_top_pgt), not the sandbox's
-    k2 = Kernel(k.target, k.symbols, k.layouts, cpu=cpu)
+    # discovery on the vCPU in the sandbox ends on a kernel root (the task's
+    # state->kernel_cr3 first, then pinned to init_top_pgt), not the sandbox's
+    k2 = M.open_kernel(k.target, symbols=k.symbols, layouts=k.layouts, cpu=cpu)
     assert k2.summary() == k.summary() and k2.root not in (sb.pgd_pa, gv["$cr3"] & ~0xFFF)
+    assert k2.root == k.sym("init_top_pgt") - 0xFFFFFFFF80000000 + k.phys_base
+    assert sb.fields["kernel_cr3"] & U64 == gv["state.kernel_cr3"] != 0
     views = M.state_page_views(k, sb)
     assert views["sandbox_maps_state_page"] and views["kernel_reads_zero"]
     assert k.resolve_root(f"sandbox={sb.pid}").pgd_pa == sb.pgd_pa
@@ -103,7 +118,7 @@ def test_in_handler_against_gdb():
 
 def test_no_sbm_kernel_is_one_line():
     t, syms, lays, _ = load_snapshot(str(FIX / "kaslr-pti-smp2.json.gz"))
-    k = Kernel(t, syms, lays)
+    k = M.open_kernel(t, symbols=syms, layouts=lays)
     reason = M.no_sbm_reason(k)
     assert reason.startswith("no SandBox Mode in this kernel: missing ") and "\n" not in reason
     with pytest.raises(M.NoSandboxMode):
