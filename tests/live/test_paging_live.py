@@ -195,7 +195,7 @@ def test_kaslr_slide_and_symbols(boot):
 
 
 def test_shm_qmp_vmcore_sources_agree(boot, tmp_path):
-    from sbmdbg.model.kernel import Kernel
+    from sbmdbg.model.kernel import open_kernel
     from sbmdbg.model.layout import DwarfLayouts
     from sbmdbg.model.percpu import pcpu_hot
     from sbmdbg.model.symbols import Symbols
@@ -220,7 +220,7 @@ def test_shm_qmp_vmcore_sources_agree(boot, tmp_path):
                 == qx.read_phys(0x1000000, 4096) == vc.read_phys(0x1000000, 4096))
         results = []
         for t in (shm, q, vc):
-            k = Kernel(t, syms, lays)
+            k = open_kernel(t, symbols=syms, layouts=lays)
             results.append([pcpu_hot(k, c) for c in range(2)])
         assert results[0] == results[1] == results[2]
     finally:

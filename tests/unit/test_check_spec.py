@@ -243,12 +243,12 @@ def test_junit_and_json_reports(tmp_path):
 def test_known_json_keys_match_the_commands():
     """The top-level keys the validator accepts are those the commands print
     (the offline commands on the recorded snapshot, no SBM state needed)."""
-    from sbmdbg.model.kernel import Kernel
+    from sbmdbg.model.kernel import open_kernel
     from sbmdbg.commands import compute as C
     from sbmdbg.model.fixture import load_snapshot
 
     t, syms, lays, _ = load_snapshot(str(REPO / "fixtures" / "pt" / "kaslr-pti-smp2.json.gz"))
-    k = Kernel(t, syms, lays)
+    k = open_kernel(t, symbols=syms, layouts=lays)
     assert set(C.pcpu(k)) == K.SBM_COMMANDS["pcpu"]
     from types import SimpleNamespace as NS
     assert set(C.vtop(k, NS(va=hex(k.sym("_text")), root="kernel"))) <= K.SBM_COMMANDS["vtop"]
