@@ -122,7 +122,7 @@ def code_at(kernel, ev: dict) -> bytes | None:
 
 
 def run(vm, kernel, family: str, n: int, seed: int = 0, trace_file: str | None = None,
-        batch: int = 200, progress=None) -> dict:
+        batch: int = 1000, progress=None) -> dict:
     """Run a campaign on ``vm`` (a harness VM with the sbmtrace plugin)."""
     from sbmdbg.fuzz.guest import CodecGuest
     from sbmdbg.sbm import why as W
@@ -140,7 +140,7 @@ def run(vm, kernel, family: str, n: int, seed: int = 0, trace_file: str | None =
     try:
         for i in range(0, len(cs), batch):
             chunk = cs[i:i + batch]
-            results += g.run_batch([(c.codec, c.data, c.out_len) for c in chunk])
+            results += g.run_fast([(c.codec, c.data, c.out_len) for c in chunk])
             tracer.poll()
             if progress:
                 progress(len(results), len(cs))

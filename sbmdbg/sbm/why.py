@@ -114,10 +114,14 @@ def buffer_view(buffers: list[dict], va: int) -> dict | None:
             d = {"buffer": name, "relation": "before_start", "offset": -before,
                  "text": f"{before} bytes before the start of {name}"}
             dist = before
+        if dist >= 2 * PAGE and d["relation"] != "inside":
+            d["relation"] = "far"
+            d["text"] = (f"not near any buffer: {dist} bytes from {name} (the nearest), "
+                         "in an unmapped page")
         d.update(direction=b["direction"], index=b["index"], start=start, end=end)
         if best is None or dist < best[0]:
             best = (dist, d)
-    return best[1] if best and best[0] < 1 << 20 else (best[1] if best else None)
+    return best[1] if best else None
 
 
 def _walk_json(kernel, root: int, va: int) -> dict:
@@ -166,7 +170,7 @@ def rule_for(access: dict, buf: dict | None, region: str | None, kernel_view: di
         return "stack_guard"
     if buf is not None and buf["relation"] == "inside" and buf["direction"] == "input" and kind == "write":
         return "input_write"
-    if buf is not None and buf["relation"] != "inside" and abs(buf["offset"]) < 2 * PAGE:
+    if buf is not None and buf["relation"] in ("past_end", "before_start"):
         return "past_buffer"
     if "thread stack" in r or "task" in r:
         return "thread_stack"
@@ -278,7 +282,8 @@ def group_key(d: dict) -> str:
     line, the access kind and where relative to which buffer."""
     src = d["source"]
     b = (d.get("address") or {}).get("buffer")
-    words = {"inside": "inside", "past_end": "past the end of", "before_start": "before the start of"}
+    words = {"inside": "inside", "past_end": "past the end of", "before_start": "before the start of",
+             "far": "far from"}
     rel = (f"{words.get(b['relation'], b['relation'])} {b['buffer']}" if b else
            (d.get("address") or {}).get("region") or "?")
     return (f"{(src.get('file') or '?').rsplit('/', 1)[-1]}:{src.get('line')}, "
