@@ -207,7 +207,8 @@ def explain(kernel, *, rip: int, vector: int | None, error_code: int | None, cr2
     s = kernel.lookup(rip)
     insn["symbol"] = f"{s[0]}+{s[1]:#x}" if s and s[1] < 0x100000 else None
     try:
-        src = srcline.line_for(syms.path, rip - slide)
+        src = kernel.source_line(rip - slide) if hasattr(kernel, "source_line") else \
+            srcline.line_for(syms.path, rip - slide)
     except Exception as e:  # noqa: BLE001 - no DWARF / odd DWARF: say so, keep the rest
         src = {"file": None, "line": None, "inlined": [], "note": str(e)}
     access = access_of(vector, error_code, insn, cr2)

@@ -62,3 +62,62 @@ def why(events: list[dict], vmlinux: str | None = None, seq: int | None = None) 
         raise SbmdbgError("the trace has no abort event")
     img = image_for(events, vmlinux)
     return [explain_event(img, e) for e in abs_]
+
+
+# ---------------------------------------------------------------- fixtures
+class FixtureImage(W.OfflineImage):
+    """An image recorded for offline tests: the symbols around each fault,
+    vmlinux's bytes there and the DWARF answers (``record_fixture``)."""
+
+    def __init__(self, fx: dict):
+        from sbmdbg.model.fixture import SnapshotSymbols
+        table = {n: tuple(v) for n, v in fx["symbols"].items()}
+        blobs = {int(a, 16): bytes.fromhex(b) for a, b in fx["code"].items()}
+        super().__init__(SnapshotSymbols(table, fx.get("build_id", ""), blobs),
+                         int(fx["slide"], 16))
+        self.lines = {int(a, 16): v for a, v in fx["lines"].items()}
+
+    def source_line(self, addr: int) -> dict:
+        if addr not in self.lines:
+            raise SbmdbgError(f"the fixture has no source line for {addr:#x}")
+        return self.lines[addr]
+
+
+def record_fixture(trace: str, vmlinux: str, out: str, max_aborts: int = 3) -> dict:
+    """A small offline fixture from a recorded trace: trace_start and the
+    first ``max_aborts`` aborts with their enter/exit, the image data
+    ``FixtureImage`` needs, and gdb's own answers (``info line``, ``x/i``)
+    for the tests to compare with."""
+    import json
+    import subprocess
+
+    from sbmdbg.model import srcline
+    from sbmdbg.trace.events import read_events
+
+    evs = read_events(trace)
+    start = next(e for e in evs if e.get("kind") == "trace_start")
+    abs_ = aborts(evs)[:max_aborts]
+    keep = {e["seq"] for e in abs_}
+    for a in abs_:   # the enter before and the exit after, same vCPU
+        enter = [e for e in evs if e["kind"] == "enter" and e["seq"] < a["seq"] and e["vcpu"] == a["vcpu"]]
+        ex = [e for e in evs if e["kind"] == "exit" and e["seq"] > a["seq"] and e["vcpu"] == a["vcpu"]]
+        keep |= {x["seq"] for x in enter[-1:] + ex[:1]}
+    img = image_for(evs, vmlinux)
+    slide = img.slide
+    fx = {"build_id": img.symbols.build_id, "slide": hex(slide), "symbols": {}, "code": {},
+          "lines": {}, "gdb": {}}
+    for a in abs_:
+        rip = int(a["fault_rip"], 16) - slide
+        name, _off = img.symbols.lookup(rip)
+        fx["symbols"][name] = list(img.symbols.table[name])
+        fx["code"][hex(rip)] = (img.symbols.read_file_bytes(rip, 16) or b"").hex()
+        fx["lines"][hex(rip)] = srcline.line_for(vmlinux, rip)
+        g = subprocess.run(["gdb", "-batch", "-nx", "-ex", "set disassembly-flavor intel",
+                            "-ex", f"info line *{rip:#x}", "-ex", f"x/2i {rip:#x}", vmlinux],
+                           capture_output=True, text=True, timeout=120).stdout
+        fx["gdb"][hex(rip)] = "\n".join(ln for ln in g.splitlines()
+                                         if ln.startswith("Line ") or ln.lstrip().startswith("0x"))
+    fx["events"] = [start] + [e for e in evs if e["seq"] in keep]
+    with open(out, "w") as fh:
+        json.dump(fx, fh, indent=1)
+    return fx
