@@ -113,4 +113,5 @@ def compute(kernel, a=None) -> dict:
 
 
 def render(d: dict) -> list:
-    return W.lines(d)
+    from rich.text import Text   # plain text: operands like [rax] are not markup
+    return [Text(line) for line in W.lines(d)]
