@@ -20,7 +20,14 @@ from sbmdbg.sbm import why as W
 def _int(v):
     if v is None:
         return None
-    return v if isinstance(v, int) else int(str(v), 0)
+    if isinstance(v, bool):
+        raise SbmdbgError(f"bad number in the trace: {v!r}")
+    if isinstance(v, int):
+        return v
+    try:
+        return int(str(v)[:40], 0)
+    except ValueError:
+        raise SbmdbgError(f"bad number in the trace: {str(v)[:40]!r}") from None
 
 
 def image_for(events: list[dict], vmlinux: str | None) -> W.OfflineImage:

@@ -85,6 +85,13 @@ def test_select_and_errors(fx):
         TW.why([e for e in img_events if e["kind"] != "abort"], None)
 
 
+def test_hostile_event_is_one_error(fx):
+    img = TW.FixtureImage(fx)
+    ev = dict(TW.aborts(fx["events"])[0], fault_rip="0xnothex")
+    with pytest.raises(SbmdbgError, match="bad number"):
+        TW.explain_event(img, ev)
+
+
 def test_disassemble_operand_sizes():
     assert W.disassemble(bytes.fromhex("488b03"), 0)["memory"]["size"] == 8       # mov rax,[rbx]
     assert W.disassemble(bytes.fromhex("0fb609"), 0)["memory"]["size"] == 1       # movzx ecx,byte [rcx]
