@@ -22,6 +22,9 @@ from sbmdbg.x86 import paging as pg
 PAGE = 4096
 PF_P, PF_W, PF_U, PF_I = 1, 2, 4, 16
 DIRECTIONS = ("input", "output", "io")
+#: farther than this from every buffer is "not near any buffer" (LZ4 match
+#: offsets reach 64 KiB back, plus a guard page)
+FAR = 64 * 1024 + 2 * PAGE
 
 RULES = {
     "input_write": "the sandbox may only read its input buffers (mapped user read-only)",
@@ -114,7 +117,7 @@ def buffer_view(buffers: list[dict], va: int) -> dict | None:
             d = {"buffer": name, "relation": "before_start", "offset": -before,
                  "text": f"{before} bytes before the start of {name}"}
             dist = before
-        if dist >= 2 * PAGE and d["relation"] != "inside":
+        if dist >= FAR and d["relation"] != "inside":
             d["relation"] = "far"
             d["text"] = (f"not near any buffer: {dist} bytes from {name} (the nearest), "
                          "in an unmapped page")
