@@ -165,7 +165,7 @@ def run(vm, kernel, family: str, n: int, seed: int = 0, trace_file: str | None =
     from sbmdbg.trace.why import image_for
     img = image_for(events, vm.info.get("vmlinux"))
     groups: dict[str, dict] = {}
-    sites = set()
+    sites: dict[str, dict] = {}
     for ev, (c, r) in zip(aborts, abort_cases):
         d = explain_event(img, ev)
         if ev.get("cr2") is not None:
@@ -174,7 +174,11 @@ def run(vm, kernel, family: str, n: int, seed: int = 0, trace_file: str | None =
                            buffers=buffers_of(c, r), region=None, code=code_at(kernel, ev))
             d.update(address=d2["address"], summary=d2["summary"], instruction=d2["instruction"],
                      access=d2["access"], rule=d2["rule"])
-        sites.add(ev["fault_rip"])
+        src = d["source"]
+        sites.setdefault(ev["fault_rip"], {"rip": ev["fault_rip"], "file": src.get("file"),
+                                           "line": src.get("line"), "function": src.get("function"),
+                                           "instruction": d["instruction"].get("text"), "count": 0})
+        sites[ev["fault_rip"]]["count"] += 1
         key = W.group_key(d)
         gr = groups.setdefault(key, {"why": key, "count": 0, "codecs": {}, "example": d["summary"],
                                      "rule": d["rule"]["id"]})
@@ -188,6 +192,7 @@ def run(vm, kernel, family: str, n: int, seed: int = 0, trace_file: str | None =
         "classes": classes,
         "kinds": {k: sum(1 for c in cs if c.kind == k) for k in sorted({c.kind for c in cs})},
         "valid_wrong": wrong, "distinct_fault_sites": len(sites),
+        "fault_sites": sorted(sites.values(), key=lambda x: -x["count"]),
         "aborts_traced": len(aborts), "aborts_returned": len(abort_cases),
         "why_groups": sorted(groups.values(), key=lambda g_: -g_["count"]),
         "kernel": {"stats_delta": delta, "alive": vm.alive(), "dmesg_problems": dmesg.strip(),

@@ -11,8 +11,8 @@ against gdb and QEMU; and a short fuzz campaign (patch 0007, sbm_codec).
   (gdb writes $cr3, restored before continuing) says "Unmapped", while the
   input's last byte maps to the same physical address for both.
 * `sbmdbg fuzz`-style campaigns (a few hundred cases, lz4 and zlib): every
-  valid output equals Python's, every abort is in the trace and has a why,
-  the kernel stays clean.
+  valid output equals Python's, every abort is in the trace and has a why
+  whose source line is gdb's `info line *RIP`, the kernel stays clean.
 """
 from __future__ import annotations
 
@@ -153,3 +153,18 @@ def test_fuzz_campaign(guest, family):
         assert ".c:" in gr["why"] or ".S:" in gr["why"] or ".h:" in gr["why"], gr
     if family == "lz4":
         assert rep["classes"].get("sandbox abort", 0) > 0   # LZ4_decompress_fast trusts its input
+    # every fault site's source line is gdb's own `info line *RIP` (on vmlinux)
+    sites = rep["fault_sites"]
+    assert len(sites) == rep["distinct_fault_sites"]
+    if sites:
+        import subprocess
+        cmd = ["gdb", "-batch", "-nx"]
+        for st in sites:
+            cmd += ["-ex", f"info line *{st['rip']}"]
+        got = subprocess.run(cmd + [vm.info["vmlinux"]], capture_output=True, text=True,
+                             timeout=300).stdout
+        answers = re.findall(r'Line (\d+) of "([^"]+)"\s+starts at address (0x[0-9a-f]+)', got)
+        assert len(answers) == len(sites), got[-2000:]
+        for st, (line, file, _start) in zip(sites, answers):
+            assert (st["line"], st["file"].rsplit("/", 1)[-1]) == (int(line), file.rsplit("/", 1)[-1]), \
+                (st, line, file)
