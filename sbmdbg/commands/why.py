@@ -47,7 +47,7 @@ def _fault_from_stop(kernel, sb, cpu: int | None) -> dict:
     f: dict = {}
     pr = stk.pt_regs_on_exc_stack(kernel, sb) or {}
     regs = pr.get("regs") or {}
-    if regs.get("ip"):
+    if regs.get("ip") and pr.get("from_sandbox"):     # a frame saved by an exception from the sandbox
         f["rip"] = regs["ip"]
         f["error_code"] = regs.get("orig_ax")
     if cpu is not None:
@@ -102,8 +102,8 @@ def compute(kernel, a=None) -> dict:
     if g("vector") is not None:
         f["vector"] = g("vector")
     if not f.get("rip"):
-        raise SbmdbgError(f"{sb.label}: no fault found (no pt_regs on its exception stack); "
-                          "give --rip/--cr2/--error-code")
+        raise SbmdbgError(f"{sb.label}: no fault in progress (no frame saved from the sandbox on its "
+                          "exception stack; stop at handle_sbm_fault) - or give --rip/--cr2/--error-code")
     vector = f.get("vector", 14)
     d = W.explain(kernel, rip=f["rip"], vector=vector, error_code=f.get("error_code"),
                   cr2=f.get("cr2") if vector == 14 else None, buffers=sandbox_buffers(sb),

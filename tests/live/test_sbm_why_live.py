@@ -136,6 +136,32 @@ def test_why_at_lz4_fast_overread(guest):
     assert "codec=lz4_fast ret=-14 sbm_error=-14" in out, out
 
 
+def test_why_without_a_fault_is_one_error(guest):
+    """Stopped at the start of the sandboxed wrapper (no fault yet): the
+    exception stack holds only x86_sbm_exec's IRET frame, not a frame saved
+    from the sandbox, so `sbm why` says so instead of explaining garbage."""
+    from sbmdbg.errors import SbmdbgError
+    vm, g, k, cg = guest
+    comp, olen = overread_input()
+    cg.stage(0, comp)
+    result = {}
+    g.interrupt()
+    g.mi("-break-insert -t __sbm_thunk_sbm_codec_lz4_fast")
+    g.cont()
+    t = threading.Thread(target=lambda: result.update(out=vm.run(
+        f"echo lz4_fast {olen} 0 {len(comp)} > /sys/kernel/debug/sbm_codec/run", timeout=180).output),
+        daemon=True)
+    t.start()
+    stop = g.wait_stopped(90)
+    assert stop.get("reason") == "breakpoint-hit", stop
+    try:
+        with pytest.raises(SbmdbgError, match="no fault in progress"):
+            g.sbm_json("sbm why")
+    finally:
+        g.cont()
+        t.join(120)
+
+
 @pytest.mark.parametrize("family", ["lz4", "zlib"])
 def test_fuzz_campaign(guest, family):
     from sbmdbg.fuzz.campaign import run
