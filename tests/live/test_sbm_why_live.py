@@ -64,13 +64,15 @@ def overread_input() -> tuple[bytes, int]:
     return bytes([0xE0]) + random.Random(16).randbytes(5), 1000
 
 
-def test_why_at_lz4_fast_overread(guest):
+def stop_in_overread(guest, sym: str):
+    """Break at ``sym`` and run LZ4_decompress_fast on the overreading input
+    in the background; (thread, result dict, the stop record)."""
     vm, g, k, cg = guest
     comp, olen = overread_input()
     cg.stage(0, comp)
     result = {}
     g.interrupt()
-    g.mi("-break-insert -t handle_sbm_fault")
+    g.mi(f"-break-insert -t {sym}")
     g.cont()
     t = threading.Thread(target=lambda: result.update(out=vm.run(
         f"echo lz4_fast {olen} 0 {len(comp)} > /sys/kernel/debug/sbm_codec/run; "
@@ -78,6 +80,12 @@ def test_why_at_lz4_fast_overread(guest):
     t.start()
     stop = g.wait_stopped(90)
     assert stop.get("reason") == "breakpoint-hit", stop
+    return t, result, stop
+
+
+def test_why_at_lz4_fast_overread(guest):
+    vm, g, k, cg = guest
+    t, result, stop = stop_in_overread(guest, "handle_sbm_fault")
     cpu = int(stop["thread-id"]) - 1
     restore_cr3 = None
     try:
@@ -142,18 +150,7 @@ def test_why_without_a_fault_is_one_error(guest):
     from the sandbox, so `sbm why` says so instead of explaining garbage."""
     from sbmdbg.errors import SbmdbgError
     vm, g, k, cg = guest
-    comp, olen = overread_input()
-    cg.stage(0, comp)
-    result = {}
-    g.interrupt()
-    g.mi("-break-insert -t __sbm_thunk_sbm_codec_lz4_fast")
-    g.cont()
-    t = threading.Thread(target=lambda: result.update(out=vm.run(
-        f"echo lz4_fast {olen} 0 {len(comp)} > /sys/kernel/debug/sbm_codec/run", timeout=180).output),
-        daemon=True)
-    t.start()
-    stop = g.wait_stopped(90)
-    assert stop.get("reason") == "breakpoint-hit", stop
+    t, result, _stop = stop_in_overread(guest, "__sbm_thunk_sbm_codec_lz4_fast")
     try:
         with pytest.raises(SbmdbgError, match="no fault in progress"):
             g.sbm_json("sbm why")
