@@ -116,10 +116,12 @@ def _why(args) -> int:
     if args.json:
         print(json.dumps(out if args.event is None else out[0], indent=2))
     else:
+        def clean(s: str) -> str:   # trace files are input: no terminal control characters
+            return "".join(c if c.isprintable() else "?" for c in s)
         for d in out:
-            print(f"abort seq {d['event']['seq']} (vCPU {d['event']['vcpu']}, "
-                  f"pid {d['event']['pid']} {d['event']['comm']}):")
-            print("\n".join(lines(d)))
+            print(clean(f"abort seq {d['event']['seq']} (vCPU {d['event']['vcpu']}, "
+                        f"pid {d['event']['pid']} {d['event']['comm']}):"))
+            print("\n".join(clean(x) for x in lines(d)))
     return 0
 
 
