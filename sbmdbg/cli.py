@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sbmdbg.inspect import add_parsers as _add_inspect_parsers
     _add_inspect_parsers(sub)  # sbmdbg dump, sbmdbg inspect (the command table on a vmcore)
 
+    from sbmdbg.fuzz.cli import add_parser as _add_fuzz_parser
+    _add_fuzz_parser(sub)
     from sbmdbg.trace.cli import add_parser as _add_trace_parser
     _add_trace_parser(sub)  # sbmdbg trace record|show|export|check
     from sbmdbg.fixture.live import add_parser as _add_fixture_parser
