@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import validate as V
 
 
 # ---------------------------------------------------------------- kernel
@@ -262,7 +263,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_vm_options(p) -> None:
-    p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
+    p.add_argument("--smp", type=V.arg_int(1, 64), default=2, help="vCPUs (default 2)")
     p.add_argument("--mem", default="512M", help="guest RAM (default 512M)")
     p.add_argument("--pti", choices=["on", "off"], default="off", help="kernel pti= (default off)")
     p.add_argument("--kaslr", action="store_true", help="boot with kaslr (default nokaslr)")
@@ -271,7 +272,8 @@ def _add_vm_options(p) -> None:
     p.add_argument("--kernel", help="bzImage (default: the reference kernel build)")
     p.add_argument("--vmlinux", help="vmlinux matching --kernel")
     p.add_argument("--qemu-log", help="QEMU -d int -D FILE")
-    p.add_argument("--timeout", type=float, default=60.0, help="boot timeout in seconds")
+    p.add_argument("--timeout", type=V.arg_float(0, 86400, lo_open=True), default=60.0,
+                   help="boot timeout in seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     vr = v.add_parser("run", help="run a shell command in a detached VM")
     vr.add_argument("command")
     vr.add_argument("--id", help="VM id (default: the only one running)")
-    vr.add_argument("--timeout", type=float, default=30.0)
+    vr.add_argument("--timeout", type=V.arg_float(0, 86400, lo_open=True), default=30.0)
     vr.set_defaults(func=cmd_vm_run)
     vl = v.add_parser("list", help="list detached VMs")
     vl.add_argument("--json", action="store_true")
@@ -318,22 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bcmd", required=True, parser_class=_Parser)
     bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
     bp.add_argument("--json", action="store_true")
-    bp.add_argument("--repeat", type=int, default=3)
+    bp.add_argument("--repeat", type=V.arg_int(1, 10_000), default=3)
     bp.add_argument("--tree", help="kernel tree with scripts/gdb (for translate-vm)")
     _add_vm_options(bp)
     bp.set_defaults(func=cmd_bench_pt)
 
     bs = b.add_parser("status", help="per-stop refresh of `sbm` (all vCPUs) in gdb, shm target")
     bs.add_argument("--json", action="store_true")
-    bs.add_argument("--repeat", type=int, default=50)
-    bs.add_argument("--smp", type=int, default=2)
+    bs.add_argument("--repeat", type=V.arg_int(1, 100_000), default=50)
+    bs.add_argument("--smp", type=V.arg_int(1, 64), default=2)
     bs.add_argument("--pti", choices=["on", "off"], default="on")
     bs.set_defaults(func=cmd_bench_status)
 
     du = sub.add_parser("dump", help="QMP dump-guest-memory (ELF vmcore, paging=false)")
     du.add_argument("--qmp", metavar="SOCK", help="QEMU QMP socket")
     du.add_argument("--vm", metavar="ID", help="a detached VM")
-    du.add_argument("-o", "--output", required=True, metavar="FILE")
+    du.add_argument("-o", "--output", required=True, metavar="FILE", type=V.arg_out_file("--output"))
     du.add_argument("--json", action="store_true")
     du.set_defaults(func=cmd_dump)
 
@@ -355,24 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dashboard_parser(sub)  # sbmdbg dashboard (live Textual view, --once/--svg frames)
 
     d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
-    d.add_argument("--smp", type=int, default=2)
+    d.add_argument("--smp", type=V.arg_int(1, 64), default=2)
     d.add_argument("--pti", choices=["on", "off"], default="on")
     d.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """Bad input: one ``sbmdbg: error: ...`` line (exit 1, usage 2); a bug: one
+    ``sbmdbg: internal error: ...; traceback written to PATH`` line (exit 1)."""
+    from sbmdbg.guard import run_cli
+
+    def go() -> int:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except SbmdbgError as exc:
-        print(f"sbmdbg: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        if exc.detail:
-            print(exc.detail, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sbmdbg: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(go)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ SBM_COMMANDS: dict[str, frozenset[str] | None] = {
     "pcpu": frozenset({"cpus", "root", "slide"}),
     "vtop": frozenset({"va", "root", "levels", "entries", "pa", "page_size", "perms", "global",
                        "pkey", "cache_index", "fault", "findings", "root_label"}),
-    "pt": frozenset({"root", "root_label", "mappings", "findings", "stats"}),
+    "pt": frozenset({"root", "root_label", "mappings", "truncated", "more_ranges", "findings", "stats"}),
     "ptov": frozenset({"pa", "root", "vas"}),
     "target": None,
     "kernel": None,

@@ -39,7 +39,7 @@ def _range(s: str | None):
     if not s:
         return None
     a, sep, b = s.partition("-")
-    if not sep:
+    if not sep or not a or not b:
         raise SbmdbgError(f"bad range {s!r}: want START-END")
     lo, hi = _int(a, "range start"), _int(b, "range end")
     if hi <= lo:
@@ -122,20 +122,24 @@ Usage: sbm pt [ROOT] [--range A-B] [--flags w,x,u,s,ro,nx,g,ng] [--raw] [--json]
         root = _root(k, args.root)
         maps, w = pg.walk(k._reader, root.pgd_pa, la57=k.la57, nxe=k.nxe, range=_range(args.range),
                           flags=pg.parse_flags(args.flags), merge_runs=not args.raw,
-                          max_entries=args.max_entries)
+                          max_entries=args.max_entries, max_ranges=pg.OUTPUT_MAX_RANGES)
         if args.json:
             self.emit_json({"root": root.pgd_pa, "root_label": root.label,
-                            "mappings": [m.to_json() for m in maps],
+                            "mappings": [m.to_json() for m in maps], **pg.truncation(w),
                             "findings": [f.to_json() for f in w.findings],
                             "stats": vars(w.stats)})
             return
         t = Table(title=f"{root.label} root {root.pgd_pa:#x}: {len(maps)} ranges", title_justify="left")
         for col in ("va", "end", "pa", "size", "page", "perms", "G", "pat", "pkey"):
             t.add_column(col)
-        for m in maps:
+        for m in maps[:pg.RENDER_MAX_ROWS]:
             t.add_row(f"{m.va:#x}", f"{m.end:#x}", f"{m.pa:#x}", _size(m.size), _size(m.page_size),
                       _perm(m.perms), "G" if m.g else "", str(m.cache_index), str(m.pkey))
         self.emit_rich(t)
+        tr = pg.truncation(w, max(0, len(maps) - pg.RENDER_MAX_ROWS))
+        line = pg.truncated_line(tr["more_ranges"], tr["truncated"])
+        if line:
+            self.emit_rich(line)
         for f in w.findings[:20]:
             self.emit_rich(f"finding: {f.kind}: {f.message}")
 

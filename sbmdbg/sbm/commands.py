@@ -10,6 +10,7 @@ from sbmdbg.sbm import audit as au
 from sbmdbg.sbm import model as m
 from sbmdbg.sbm import regions as rg
 from sbmdbg.sbm import stacks as stk
+from sbmdbg.validate import address, va_range
 from sbmdbg.x86 import paging as pg
 
 
@@ -99,10 +100,7 @@ def resolve(kernel, spec: str, cpu: int = 0):
 
 def diff(kernel, args) -> dict:
     ra, rb = resolve(kernel, args.root_a, _a(args, "cpu", 0) or 0), resolve(kernel, args.root_b, _a(args, "cpu", 0) or 0)
-    rng = None
-    if _a(args, "range"):
-        lo, _, hi = args.range.partition("-")
-        rng = (int(lo, 0), int(hi, 0))
+    rng = va_range(args.range) if _a(args, "range") else None
     d = au.diff_roots(kernel, ra.pgd_pa, rb.pgd_pa, rng)
     d.update(root_a={"label": ra.label, "pgd": ra.pgd_pa}, root_b={"label": rb.label, "pgd": rb.pgd_pa})
     return jsonable(d)
@@ -121,7 +119,7 @@ def pcpu(kernel, args=None) -> dict:
 
 def vtop(kernel, args) -> dict:
     root = resolve(kernel, _a(args, "root", "kernel"), _a(args, "cpu", 0) or 0)
-    va = int(args.va, 0) & m.U64
+    va = address(args.va, "vtop ADDRESS")
     tr = pg.translate(kernel._reader, root.pgd_pa, va, la57=kernel.la57, nxe=kernel.nxe)
     d = tr.to_json()
     d["root_label"] = root.label
@@ -130,15 +128,13 @@ def vtop(kernel, args) -> dict:
 
 def pt(kernel, args) -> dict:
     root = resolve(kernel, _a(args, "root", "kernel") or "kernel", _a(args, "cpu", 0) or 0)
-    rng = None
-    if _a(args, "range"):
-        lo, _, hi = args.range.partition("-")
-        rng = (int(lo, 0), int(hi, 0))
+    rng = va_range(args.range) if _a(args, "range") else None
     maps, w = pg.walk(kernel._reader, root.pgd_pa, la57=kernel.la57, nxe=kernel.nxe, range=rng,
                       flags=pg.parse_flags(_a(args, "flags")), merge_runs=not _a(args, "raw", False),
-                      max_entries=_a(args, "max_entries", 4_000_000))
+                      max_entries=_a(args, "max_entries", 4_000_000),
+                      max_ranges=_a(args, "max_ranges", pg.OUTPUT_MAX_RANGES))
     return jsonable({"root": root.pgd_pa, "root_label": root.label,
-                     "mappings": [mp.to_json() for mp in maps],
+                     "mappings": [mp.to_json() for mp in maps], **pg.truncation(w),
                      "findings": [f.to_json() for f in w.findings], "stats": vars(w.stats)})
 
 

@@ -63,6 +63,7 @@ def open_vmcore(vmcore: str, vmlinux: str):
 def command_parser() -> argparse.ArgumentParser:
     """The CMD part of ``sbmdbg inspect``: the same options as the gdb commands."""
     from sbmdbg.cli import _Parser
+    from sbmdbg import validate as V
     p = _Parser(prog="sbmdbg inspect ... CMD")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for name in ("status", "list"):
@@ -77,18 +78,18 @@ def command_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("diff")
     s.add_argument("root_a")
     s.add_argument("root_b")
-    s.add_argument("--range")
+    s.add_argument("--range", type=V.arg_range())
     s = sub.add_parser("pcpu")
     s.add_argument("cpu", nargs="?", default="all")
     s = sub.add_parser("vtop")
-    s.add_argument("va")
+    s.add_argument("va", type=V.arg_address("vtop ADDRESS"))
     s.add_argument("--root", default="kernel")
     s = sub.add_parser("pt")
     s.add_argument("root", nargs="?", default="kernel")
-    s.add_argument("--range")
+    s.add_argument("--range", type=V.arg_range())
     s.add_argument("--flags")
     s.add_argument("--raw", action="store_true")
-    s.add_argument("--max-entries", type=int, default=4_000_000)
+    s.add_argument("--max-entries", type=V.arg_int(1, 100_000_000), default=4_000_000)
     return p
 
 

@@ -161,15 +161,22 @@ class RegionMap:
         return self.starts[i] if i < len(self.starts) else 1 << 64
 
 
-def labeled_map(kernel, sb, max_entries: int = 200_000) -> dict:
+def labeled_map(kernel, sb, max_entries: int = 200_000,
+                max_ranges: int = pg.OUTPUT_MAX_RANGES) -> dict:
     """Walk the sandbox root and label every mapped range.  Ranges merge
-    contiguous VAs with the same region, permissions and global bit."""
+    contiguous VAs with the same region, permissions and global bit; at most
+    ``max_ranges`` are kept (the walk's ``truncated``/``more_ranges`` say so)."""
     regs = sandbox_regions(kernel, sb)
     rmap = RegionMap(regs)
+    # merged walk runs label the same as single pages (labels ignore PA and size)
     maps, w = pg.walk(kernel._reader, sb.pgd_pa, la57=kernel.la57, nxe=kernel.nxe,
-                      merge_runs=False, max_entries=max_entries)
+                      max_entries=max_entries, max_ranges=4 * max_ranges)
     out: list[dict] = []
+    more = 0
     for mp in maps:
+        if len(out) > max_ranges:
+            more += 1
+            continue
         va = mp.va
         while va < mp.end:
             reg = rmap.lookup(va)
@@ -187,9 +194,18 @@ def labeled_map(kernel, sb, max_entries: int = 200_000) -> dict:
                             "global": mp.g, "pages": (end - va) // PAGE,
                             "pa": mp.pa + (va - mp.va)})
             va = end
+    if len(out) > max_ranges:
+        more += len(out) - max_ranges
+        del out[max_ranges:]
     return {"root": sb.pgd_pa, "sandbox": sb.label, "ranges": out, "regions": regs,
             "walk": {"findings": [f.to_json() for f in w.findings], "entries": w.stats.entries,
-                     "truncated": w.stats.truncated}}
+                     **_truncation(w, more)}}
+
+
+def _truncation(w, more: int) -> dict:
+    """``truncated`` always; ``more_ranges`` (ranges left out) when truncated."""
+    t = pg.truncation(w, more)
+    return t if t["truncated"] else {"truncated": False}
 
 
 def perm_str(p: dict) -> str:

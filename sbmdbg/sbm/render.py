@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from sbmdbg.x86.paging import RENDER_MAX_ROWS, truncated_line
+
 
 def _h(v) -> str:
     return f"{v:#x}" if isinstance(v, int) and not isinstance(v, bool) else ("-" if v is None else escape(str(v)))
@@ -83,12 +85,17 @@ def show(d: dict) -> list:
             mt = Table(title=f"sandbox page table {s['fields'].get('sbm_cr3', 0):#x}, labeled", title_justify="left")
             for c in ("va", "end", "pages", "perms", "G", "region"):
                 mt.add_column(c)
-            for r in s["map"]:
+            for r in s["map"][:RENDER_MAX_ROWS]:
                 p = r["perms"]
                 mt.add_row(f"{r['va']:#x}", f"{r['end']:#x}", str(r["pages"]),
                            "r" + ("w" if p["w"] else "-") + ("x" if p["x"] else "-") + (" user" if p["u"] else " supv"),
                            "G" if r["global"] else "", escape(r["name"]))
             out.append(mt)
+            mw = s.get("map_walk") or {}
+            more = max(0, len(s["map"]) - RENDER_MAX_ROWS) + mw.get("more_ranges", 0)
+            line = truncated_line(more, bool(mw.get("truncated")) or more > 0)
+            if line:
+                out.append(line)
     return out
 
 

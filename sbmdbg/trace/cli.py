@@ -15,6 +15,7 @@ import sys
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import validate as V
 
 
 def _record(args) -> int:
@@ -110,7 +111,7 @@ def _check(args) -> int:
 def _bench(args) -> int:
     from sbmdbg.trace.bench import bench_trace, render
 
-    r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels.split(","))
+    r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels if isinstance(args.levels, list) else args.levels.split(","))
     print(json.dumps(r, indent=2) if args.json else render(r))
     return 0
 
@@ -122,10 +123,10 @@ def add_parser(sub) -> None:
         r = t.add_parser(name, help="record while the guest runs (until --run ends, --seconds, Ctrl-C)")
         r.add_argument("--id", help="detached VM id (default: the only one)")
         r.add_argument("--boot", action="store_true", help="boot a VM for this trace (stopped afterwards)")
-        r.add_argument("--smp", type=int, default=2)
+        r.add_argument("--smp", type=V.arg_int(1, 64), default=2)
         r.add_argument("--pti", choices=["on", "off"], default="on")
-        r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE")
-        r.add_argument("--file", default="sbm-trace.jsonl")
+        r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE", type=V.arg_out_file("--qemu-log"))
+        r.add_argument("--file", default="sbm-trace.jsonl", type=V.arg_out_file("--file"))
         r.add_argument("--via", choices=["auto", "plugin", "gdb"], default="auto",
                        help="plugin: QEMU's exception log + the sbmtrace plugin, no stops (default "
                             "when the VM has the plugin); gdb: breakpoints (stops per probe)")
@@ -133,32 +134,34 @@ def add_parser(sub) -> None:
         r.add_argument("--force", action="store_true", help="plugin: take over a plugin left armed")
         r.add_argument("--emulate", action="store_true", help="emulated step-over (see README)")
         r.add_argument("--run", help="guest shell command to run while tracing")
-        r.add_argument("--seconds", type=float, help="how long to trace (or --run's timeout)")
+        r.add_argument("--seconds", type=V.arg_float(0, 7 * 86400, lo_open=True),
+                       help="how long to trace (or --run's timeout)")
         r.add_argument("--json", action="store_true")
         r.set_defaults(func=_record)
     s = t.add_parser("show", help="terminal timeline of a trace file")
     s.add_argument("file")
-    s.add_argument("--last", type=int)
+    s.add_argument("--last", type=V.arg_int(1, 1 << 40))
     s.add_argument("--kind")
-    s.add_argument("--vcpu", type=int)
+    s.add_argument("--vcpu", type=V.arg_int(0, 4095))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_show)
     e = t.add_parser("export", help="Chrome/Perfetto trace JSON")
     e.add_argument("file")
-    e.add_argument("--perfetto", required=True, metavar="OUT")
+    e.add_argument("--perfetto", required=True, metavar="OUT", type=V.arg_out_file("--perfetto"))
     e.set_defaults(func=_export)
     c = t.add_parser("check", help="cross-check a trace against QEMU's -d int log")
     c.add_argument("file")
-    c.add_argument("--qemu-log", required=True)
-    c.add_argument("--start-offset", type=int, default=0, help="byte offset of the log where tracing began")
+    c.add_argument("--qemu-log", required=True, type=V.arg_in_file("--qemu-log"))
+    c.add_argument("--start-offset", type=V.arg_int(0, 1 << 62), default=0,
+                   help="byte offset of the log where tracing began")
     c.set_defaults(func=_check)
 
 
 def add_bench_parser(b) -> None:
     bt = b.add_parser("trace", help="tracer throughput and slowdown during `repeat N`")
-    bt.add_argument("--repeat", type=int, default=100, help="N of `repeat N` (default 100)")
+    bt.add_argument("--repeat", type=V.arg_int(1, 1_000_000), default=100, help="N of `repeat N` (default 100)")
     bt.add_argument("--pti", choices=["on", "off"], default="on")
-    bt.add_argument("--levels", default="plugin,full,lean",
+    bt.add_argument("--levels", default="plugin,full,lean", type=V.arg_choices(("plugin", "full", "fast", "lean")),
                     help="comma-separated: plugin (no-stop tracer) and/or gdb levels full, fast, lean")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=_bench)
