@@ -41,6 +41,7 @@ import threading
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.text import cstring
 from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
 from sbmdbg.trace.events import (
     PF_EXIT_ERROR, SCHEMA, EventSink, decode_pf_error, describe_pf_error, hx, read_events,
@@ -150,7 +151,7 @@ class LogParser:
                 elif k == "err":
                     rec["err"] = int(v)
                 elif k == "comm":
-                    rec["comm"] = bytes.fromhex(v).split(b"\0", 1)[0].decode("utf-8", "replace")
+                    rec["comm"] = cstring(bytes.fromhex(v))   # guest bytes: sanitized
                 elif k in ("sw", "mw"):
                     rec[k] = [int(x, 16) for x in v.split(",") if x]
                 elif k in ("t", "st", "mva", "mpa"):
