@@ -632,15 +632,15 @@ class Walker:
         st.tables += 1
         if len(self._raw) >= _FLUSH:
             self._flush()
+        if time.monotonic() > self._deadline:   # checked for every table, readable or not
+            st.truncated = self._stop = True
+            self._finding("timeout", f"walk stopped after {0.85 * self.max_seconds:.2f}s "
+                          f"(its deadline: {self.max_seconds:g}s with the results)", va=va)
+            return None
         t = self.reader.table(table_pa)
         if t is None:
             self._finding("unreadable", f"{LEVEL_NAMES[level]} table at {table_pa:#x} is not readable",
                           pa=table_pa, level=level)
-            return None
-        if time.monotonic() > self._deadline:
-            st.truncated = self._stop = True
-            self._finding("timeout", f"walk stopped after {0.85 * self.max_seconds:.2f}s "
-                          f"(its deadline: {self.max_seconds:g}s with the results)", va=va)
             return None
         return t
 
