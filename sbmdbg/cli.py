@@ -258,7 +258,8 @@ def cmd_demo(args) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's convention)
         self.print_usage(sys.stderr)
-        print(f"sbmdbg: error: {message}", file=sys.stderr)
+        from sbmdbg.text import clean
+        print(f"sbmdbg: error: {clean(message, limit=2000)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -74,6 +74,13 @@ def arg_choices(choices, sep: str = ","):
 # ------------------------------------------------------------ files
 def out_file(path, what: str = "output file") -> Path:
     """A path we will write: its folder exists and is writable, it is not a directory."""
+    try:
+        return _out_file(path, what)
+    except (OSError, ValueError) as e:   # ENAMETOOLONG, ELOOP, embedded NUL...
+        raise SbmdbgError(f"{what} {_q(path)}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _out_file(path, what: str) -> Path:
     if path is None or str(path) == "":
         raise SbmdbgError(f"{what}: empty path")
     p = Path(path)
@@ -91,6 +98,13 @@ def out_file(path, what: str = "output file") -> Path:
 
 def in_file(path, what: str = "input file") -> Path:
     """A path we will read: an existing, readable regular file."""
+    try:
+        return _in_file(path, what)
+    except (OSError, ValueError) as e:
+        raise SbmdbgError(f"{what} {_q(path)}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _in_file(path, what: str) -> Path:
     p = Path(path)
     if "\0" in str(path) or not p.exists():
         raise SbmdbgError(f"{what} {_q(path)} not found")

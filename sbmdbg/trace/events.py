@@ -224,8 +224,7 @@ def check_event(ev) -> str | None:
     if eb is not None and (not isinstance(eb, list) or len(eb) > 64
                            or not all(isinstance(b, str) for b in eb)):
         return "error_bits: want a list of bit names"
-    pr = ev.get("probes")
-    if pr is not None and not isinstance(pr, list):
+    if "probes" in ev and not isinstance(ev["probes"], list):
         return "probes: want a list"
     return None
 
