@@ -23,10 +23,10 @@ def failure_text(fr: FileResult, console_tail: bool = True) -> str:
     """What failed in one file: every failing step's messages, then the console tail."""
     out = []
     for f in fr.setup_failures:
-        out.append(f"{fr.path}: {f}")
+        out.append(clean(f"{fr.path}: {f}"))
     for s in fr.steps:
         if s.status in ("fail", "error"):
-            out.append(f"{_loc(fr.path, s.line)}: step {s.index} ({s.name}) {s.status.upper()}")
+            out.append(clean(f"{_loc(fr.path, s.line)}: step {s.index} ({s.name}) {s.status.upper()}"))
             for msg in s.failures:
                 out += ["    " + clean(ln) for ln in msg.splitlines()]
     if console_tail and fr.console_tail and out:
