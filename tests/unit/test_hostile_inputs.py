@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import json
 import math
 import os
+import resource
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -33,6 +36,26 @@ CASES = {"cli": 2000, "scenario": 2000, "trace": 2000, "vmcore": 600}
 def _settings(n):
     return settings(max_examples=n, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
+
+
+def timed(fig: dict):
+    """Keep the worst time of one case (a figure for the README, never asserted)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                fig["worst"] = max(fig.get("worst", 0.0), time.perf_counter() - t0)
+        return run
+    return deco
+
+
+def _report(name: str, counts, fig: dict) -> None:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+    print(f"\nhostile {name}: {counts['cases']} cases, worst {fig.get('worst', 0):.3f} s, "
+          f"process peak RSS {rss} MiB; {dict(counts)}")
 
 
 HOSTILE_TEXT = ("\x1b]0;pwned\x07", "[red]X[/]\x1b[2J", "\x9b31m", "\x00", "\ud800", "é²",
@@ -90,9 +113,11 @@ def _argv(draw, d):
 
 def test_cli_parsers(files):
     counts = collections.Counter()
+    fig: dict = {}
 
     @_settings(CASES["cli"])
     @given(data=st.data())
+    @timed(fig)
     def run(data):
         argv = _argv(data.draw, files)
         out, err = io.StringIO(), io.StringIO()
@@ -132,6 +157,7 @@ def test_cli_parsers(files):
         assert not has_raw_control(text), text
 
     run()
+    _report("CLI argv", counts, fig)
     n = counts["cases"]
     assert n >= CASES["cli"]
     assert counts["parsed"] + counts["ok"] >= n * 0.1, counts
@@ -214,10 +240,12 @@ def scenario_text(draw) -> bytes:
 
 def test_scenario_files(tmp_path):
     counts = collections.Counter()
+    fig: dict = {}
     path = tmp_path / "fuzz.check.toml"
 
     @_settings(CASES["scenario"])
     @given(data=scenario_text())
+    @timed(fig)
     def run(data):
         path.write_bytes(data)
         counts["cases"] += 1
@@ -239,6 +267,7 @@ def test_scenario_files(tmp_path):
             assert not has_raw_control(s.name)
 
     run()
+    _report("scenario files", counts, fig)
     n = counts["cases"]
     assert n >= CASES["scenario"]
     assert counts["valid"] >= n * 0.01 and counts["invalid"] >= n * 0.3, counts
@@ -298,10 +327,12 @@ def test_trace_files(tmp_path):
     from sbmdbg.trace.events import read_events, summarize
     from sbmdbg.trace.export import timeline, write_perfetto
     counts = collections.Counter()
+    fig: dict = {}
     path, out = tmp_path / "t.jsonl", tmp_path / "p.json"
 
     @_settings(CASES["trace"])
     @given(data=trace_bytes())
+    @timed(fig)
     def run(data):
         path.write_bytes(data)
         counts["cases"] += 1
@@ -324,6 +355,7 @@ def test_trace_files(tmp_path):
         json.loads(out.read_text())
 
     run()
+    _report("trace files", counts, fig)
     n = counts["cases"]
     assert n >= CASES["trace"]
     assert counts["read"] >= n * 0.05 and counts["rejected"] >= n * 0.3, counts
@@ -359,11 +391,13 @@ def test_vmcore_headers(tmp_path):
     assert t.ncpus == 2 and t.read_phys(0x10, 4) == bytes(range(0x10, 0x14))
     t.close()
     counts = collections.Counter()
+    fig: dict = {}
 
     @_settings(CASES["vmcore"])
     @given(patches=st.lists(st.tuples(st.integers(0, 400), st.binary(min_size=1, max_size=8)),
                             min_size=1, max_size=4),
            cut=st.one_of(st.none(), st.integers(0, len(base))))
+    @timed(fig)
     def run(patches, cut):
         b = bytearray(base)
         for off, chunk in patches:
@@ -392,6 +426,7 @@ def test_vmcore_headers(tmp_path):
             t.close()
 
     run()
+    _report("vmcore headers", counts, fig)
     n = counts["cases"]
     assert n >= CASES["vmcore"]
     assert counts["opened"] >= n * 0.05 and counts["rejected"] >= n * 0.05, counts
