@@ -95,7 +95,7 @@ def explicit_conn(gdb: str, qmp: str, vmlinux: str, ram: str | None = None, ram_
         # a local QEMU serving this gdb port with a shared memory-backend-file?
         from sbmdbg.target import shm
         find = getattr(shm, "find_ram_file", None)
-        port = gdb.rpartition(":")[2]
+        port = (gdb or "").rpartition(":")[2]   # no --gdb: nothing to look up
         found = find(int(port)) if find and port.isdigit() else None
         if found:
             ram, ram_size = found["path"], found["size"]

@@ -115,3 +115,8 @@ def test_dashboard_frame_over_qmp_without_gdb(stopped):
     _no_raw(r.stdout)
     assert "pwned" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr
+    # the reproducer exactly: --qmp and --vmlinux only (no --gdb, no --ram)
+    r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "dashboard", "--qmp", vm.info["qmp"],
+                        "--vmlinux", vm.info["vmlinux"], "--once"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "internal error" not in r.stderr, r.stderr
+    _no_raw(r.stdout)
