@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -581,7 +582,9 @@ class _Validator:
                 self.err(kp, f"regular expression longer than {REGEX_MAX} characters")
                 return False
             try:
-                re.compile(str(value))
+                with warnings.catch_warnings():   # FutureWarning on "[[": not the user's business
+                    warnings.simplefilter("ignore")
+                    re.compile(str(value))
             except (re.error, RecursionError, OverflowError) as e:
                 self.err(kp, f"bad regular expression {value!r}: {e}")
                 return False

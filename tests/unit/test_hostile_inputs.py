@@ -14,9 +14,9 @@ import io
 import json
 import math
 import os
-import resource
 import struct
 import time
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -39,23 +39,32 @@ def _settings(n):
 
 
 def timed(fig: dict):
-    """Keep the worst time of one case (a figure for the README, never asserted)."""
+    """Keep the worst time and the worst traced peak memory of one case
+    (figures for the README; memory is asserted against MAX_CASE_BYTES)."""
     def deco(fn):
         @functools.wraps(fn)
         def run(*a, **kw):
+            tracemalloc.start()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
                 fig["worst"] = max(fig.get("worst", 0.0), time.perf_counter() - t0)
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                fig["peak"] = max(fig.get("peak", 0), peak)
+                assert peak < MAX_CASE_BYTES, peak
         return run
     return deco
 
 
+#: No single hostile input may make sbmdbg hold more than this (Python heap).
+MAX_CASE_BYTES = 256 << 20
+
+
 def _report(name: str, counts, fig: dict) -> None:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
     print(f"\nhostile {name}: {counts['cases']} cases, worst {fig.get('worst', 0):.3f} s, "
-          f"process peak RSS {rss} MiB; {dict(counts)}")
+          f"worst peak {fig.get('peak', 0) / (1 << 20):.1f} MiB; {dict(counts)}")
 
 
 HOSTILE_TEXT = ("\x1b]0;pwned\x07", "[red]X[/]\x1b[2J", "\x9b31m", "\x00", "\ud800", "é²",
