@@ -777,6 +777,8 @@ class Walker:
         if self._raw is not None and self._mode != "raw":
             self._raw = None   # walked merged: walk again keeping the pages
             self.stats = WalkStats()
+            self.findings = []
+            self._aliased = set()
             self._full = self._stop = False
         raw = self._run("raw")
         with _gc_paused():
