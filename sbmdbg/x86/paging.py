@@ -649,6 +649,8 @@ class Walker:
         self._finding("budget", f"walk stopped after {self.max_entries} entries", va=va)
 
     def _reserved(self, level: int, table_pa: int, idx: int, e: int, rsv: int, va: int) -> None:
+        if len(self.findings) >= self.max_findings:
+            return   # hostile tables: millions of these; no message built past the cap
         pa = table_pa + idx * 8
         self._finding("reserved", f"{LEVEL_NAMES[level]} {e:#018x} at {pa:#x} has reserved bits {rsv:#x} set",
                       va=va, pa=pa, level=level)
@@ -703,7 +705,7 @@ class Walker:
                 self._finding("loop", f"{LEVEL_NAMES[level]} at {pa:#x} points back to the table at {nxt:#x} "
                               "on its own path", va=va, pa=pa, level=level)
                 continue
-            if nxt in aliased:
+            if nxt in aliased and len(self.findings) < self.max_findings:
                 self._finding("alias", f"table {nxt:#x} is referenced by more than one entry (again from "
                               f"{table_pa + idx * 8:#x})", va=va, pa=nxt, level=level - 1)
             aliased.add(nxt)

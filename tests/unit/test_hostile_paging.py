@@ -113,7 +113,7 @@ def mixed_tables(draw):
 
 
 BUDGETS = st.fixed_dictionaries({
-    "max_entries": st.sampled_from((500, 2_000, 20_000)),
+    "max_entries": st.sampled_from((300, 2_000, 8_000)),
     "max_bytes": st.sampled_from((64 << 10, 1 << 20, 4 << 20)),
     "max_seconds": st.sampled_from((0.0, 0.02, 30.0)),
     "maxphyaddr": st.sampled_from((36, 46, 52)),
