@@ -120,7 +120,8 @@ def _argv(draw, d):
     return argv
 
 
-def test_cli_parsers(files):
+def test_cli_parsers(files, monkeypatch):
+    monkeypatch.chdir(files)   # relative output paths ("1e308") land in the test's folder
     counts = collections.Counter()
     fig: dict = {}
 
