@@ -138,18 +138,6 @@ def cmd_vm_stop(args) -> int:
 
 # ---------------------------------------------------------------- gdb
 
-def _check_vmlinux(path: str) -> Path:
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise SbmdbgError(f"--vmlinux {path}: {exc.strerror}") from None
-    if magic != b"\x7fELF":
-        raise SbmdbgError(f"--vmlinux {path} is not an ELF file")
-    return p
-
-
 def gdb_argv(vmlinux: Path, gdb_addr: str | None, tree: Path | None, extra=()) -> list[str]:
     """The gdb command line of ``sbmdbg gdb``."""
     from sbmdbg.vm.gdbmi import GDB_SCRIPT
@@ -189,7 +177,9 @@ def cmd_gdb(args) -> int:
             raise SbmdbgError("--gdb needs --vmlinux (the kernel the stub runs)")
     if vmlinux is None:
         raise SbmdbgError("no vmlinux known for this VM; pass --vmlinux")
-    vml = _check_vmlinux(vmlinux)
+    from sbmdbg.paths import check_vmlinux
+
+    vml = check_vmlinux(vmlinux)
     tree_p = Path(tree) if tree else None
     if tree_p is not None and not tree_p.is_dir():
         raise SbmdbgError(f"--tree {tree} is not a directory")
@@ -204,49 +194,6 @@ def cmd_gdb(args) -> int:
     return 0  # not reached
 
 
-def cmd_bench_pt(args) -> int:
-    import json as _json
-
-    from sbmdbg.benchpt import bench_pt, render
-    from sbmdbg.vm import VMOptions
-
-    opts = VMOptions(smp=args.smp, mem=args.mem, pti=args.pti, kaslr=args.kaslr, la57=args.la57,
-                     append=args.append, kernel=args.kernel, vmlinux=args.vmlinux,
-                     qemu_log=args.qemu_log, boot_timeout=args.timeout, tree=args.tree)
-    r = bench_pt(opts, repeat=args.repeat)  # VM boots the reference kernel when opts.kernel is None
-    print(_json.dumps(r, indent=2) if args.json else render(r))
-    return 0
-
-
-def cmd_dump(args) -> int:
-    from sbmdbg.sbm.offline import dump
-
-    if bool(args.qmp) == bool(args.vm):
-        raise SbmdbgError("give exactly one of --qmp SOCK or --vm ID")
-    r = dump(args.output, qmp_sock=args.qmp, vm_id=args.vm)
-    print(json.dumps(r) if args.json else f"wrote {r['vmcore']} ({r['bytes']} bytes)")
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from sbmdbg.sbm.offline import inspect
-
-    if not args.cmd:
-        raise SbmdbgError("inspect needs a command: status, list, show, stack, audit, diff, pcpu, vtop, pt")
-    _check_vmlinux(args.vmlinux)
-    return inspect(args.vmcore, args.vmlinux, args.cmd, args.json)
-
-
-def cmd_bench_status(args) -> int:
-    from sbmdbg.sbm.bench import bench_status, render
-    from sbmdbg.vm import VMOptions
-
-    opts = VMOptions(smp=args.smp, pti=args.pti)  # kernel=None: the VM builds/uses the reference one
-    r = bench_status(opts, repeat=args.repeat)
-    print(json.dumps(r, indent=2) if args.json else render(r))
-    return 0
-
-
 def cmd_demo(args) -> int:
     from sbmdbg.demo import demo
 
@@ -254,14 +201,6 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's convention)
-        self.print_usage(sys.stderr)
-        from sbmdbg.text import clean
-        print(f"sbmdbg: error: {clean(message, limit=2000)}", file=sys.stderr)
-        sys.exit(2)
-
 
 def _add_vm_options(p) -> None:
     p.add_argument("--smp", type=V.arg_int(1, 64), default=2, help="vCPUs (default 2)")
@@ -278,11 +217,13 @@ def _add_vm_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="sbmdbg", description="Debugger for Linux SandBox Mode (SBM) kernels")
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from sbmdbg.commands.parser import Parser
+
+    ap = Parser(prog="sbmdbg", description="Debugger for Linux SandBox Mode (SBM) kernels")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     k = sub.add_parser("kernel", help="the reference kernel").add_subparsers(
-        dest="kcmd", required=True, parser_class=_Parser)
+        dest="kcmd", required=True, parser_class=Parser)
     kb = k.add_parser("build", help="build (or reuse) the reference SBM kernel")
     kb.add_argument("--json", action="store_true", help="print result.json")
     kb.add_argument("--patches", help="patch directory (default fixtures/kernel/patches)")
@@ -290,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     kb.set_defaults(func=cmd_kernel_build)
 
     v = sub.add_parser("vm", help="the QEMU test VM").add_subparsers(
-        dest="vcmd", required=True, parser_class=_Parser)
+        dest="vcmd", required=True, parser_class=Parser)
     vs = v.add_parser("start", help="boot a VM (foreground, or --detach)")
     vs.add_argument("--detach", action="store_true", help="leave it running and return")
     vs.add_argument("--json", action="store_true", help="print the VM's info as JSON")
@@ -317,38 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("gdb_args", nargs=argparse.REMAINDER, help="-- extra gdb arguments")
     g.set_defaults(func=cmd_gdb)
 
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="bcmd", required=True, parser_class=_Parser)
-    bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
-    bp.add_argument("--json", action="store_true")
-    bp.add_argument("--repeat", type=V.arg_int(1, 10_000), default=3)
-    bp.add_argument("--tree", help="kernel tree with scripts/gdb (for translate-vm)")
-    _add_vm_options(bp)
-    bp.set_defaults(func=cmd_bench_pt)
+    from sbmdbg.bench import add_parser as _add_bench_parser
+    _add_bench_parser(sub, _add_vm_options)  # sbmdbg bench pt|status|trace
 
-    bs = b.add_parser("status", help="per-stop refresh of `sbm` (all vCPUs) in gdb, shm target")
-    bs.add_argument("--json", action="store_true")
-    bs.add_argument("--repeat", type=V.arg_int(1, 100_000), default=50)
-    bs.add_argument("--smp", type=V.arg_int(1, 64), default=2)
-    bs.add_argument("--pti", choices=["on", "off"], default="on")
-    bs.set_defaults(func=cmd_bench_status)
+    from sbmdbg.inspect import add_parsers as _add_inspect_parsers
+    _add_inspect_parsers(sub)  # sbmdbg dump, sbmdbg inspect (the command table on a vmcore)
 
-    du = sub.add_parser("dump", help="QMP dump-guest-memory (ELF vmcore, paging=false)")
-    du.add_argument("--qmp", metavar="SOCK", help="QEMU QMP socket")
-    du.add_argument("--vm", metavar="ID", help="a detached VM")
-    du.add_argument("-o", "--output", required=True, metavar="FILE", type=V.arg_out_file("--output"))
-    du.add_argument("--json", action="store_true")
-    du.set_defaults(func=cmd_dump)
-
-    ins = sub.add_parser("inspect", help="run status/list/show/stack/audit/diff/pcpu/vtop/pt on a vmcore")
-    ins.add_argument("--vmcore", required=True)
-    ins.add_argument("--vmlinux", required=True)
-    ins.add_argument("--json", action="store_true")
-    ins.add_argument("cmd", nargs=argparse.REMAINDER, help="CMD [ARGS] (as the gdb `sbm` commands)")
-    ins.set_defaults(func=cmd_inspect)
-
-    from sbmdbg.trace.cli import add_bench_parser as _add_bench_trace, add_parser as _add_trace_parser
-    _add_bench_trace(b)  # sbmdbg bench trace
+    from sbmdbg.trace.cli import add_parser as _add_trace_parser
     _add_trace_parser(sub)  # sbmdbg trace record|show|export|check
 
     from sbmdbg.check import add_parser as _add_check_parser
@@ -367,11 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Bad input: one ``sbmdbg: error: ...`` line (exit 1, usage 2); a bug: one
     ``sbmdbg: internal error: ...; traceback written to PATH`` line (exit 1)."""
+    from sbmdbg.commands.parser import ArgError, HelpShown
     from sbmdbg.guard import run_cli
+    from sbmdbg.text import clean
 
     def go() -> int:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        except ArgError as exc:  # one line, exit 2 (argparse's convention)
+            exc.parser.print_usage(sys.stderr)
+            print(f"sbmdbg: error: {clean(str(exc), limit=2000)}", file=sys.stderr)
+            return 2
+        except HelpShown as exc:
+            return exc.status
     return run_cli(go)
 
 

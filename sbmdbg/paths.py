@@ -51,3 +51,18 @@ def file_lock(path: Path, what: str = "lock", quiet: bool = False):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def check_vmlinux(path: str) -> Path:
+    """A --vmlinux argument: an ELF file we can read (SbmdbgError otherwise)."""
+    from sbmdbg.errors import SbmdbgError
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise SbmdbgError(f"--vmlinux {path}: {exc.strerror}") from None
+    if magic != b"\x7fELF":
+        raise SbmdbgError(f"--vmlinux {path} is not an ELF file")
+    return p

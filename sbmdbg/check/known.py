@@ -2,11 +2,14 @@
 of the reference kernel, the ``sbm`` gdb subcommands and the top-level keys
 of their ``--json`` output, and the fields of trace events.
 
-The key sets mirror ``sbmdbg.sbm.commands`` and ``sbmdbg.gdbcmd``; a unit
-test runs the offline commands on the recorded kernel snapshot and checks
-that the sets still match (``tests/unit/test_check_spec.py``).
+The ``sbm`` commands and their key sets come from the command table
+(``sbmdbg.commands.TABLE``); a unit test runs the commands on the recorded
+kernel snapshot and checks that the sets still match
+(``tests/unit/test_check_spec.py``).
 """
 from __future__ import annotations
+
+from sbmdbg.commands import TABLE
 
 DEMO_DIR = "/sys/kernel/debug/sbm_demo"
 
@@ -30,20 +33,9 @@ DEMO_REPEAT_MAX = 1_000_000
 #: ``sbm`` subcommand ("" = bare ``sbm``) -> top-level keys of its --json
 #: output (None: not checked; the command exists but its JSON is free-form).
 SBM_COMMANDS: dict[str, frozenset[str] | None] = {
-    "": frozenset({"sbm", "note", "cpus", "sandboxes"}),
-    "status": frozenset({"sbm", "note", "cpus", "sandboxes"}),
-    "list": frozenset({"sandboxes"}),
-    "show": frozenset({"sandboxes"}),
-    "stack": frozenset({"cpus"}),
-    "audit": frozenset({"worst", "above_info", "audits"}),
-    "diff": None,
-    "pcpu": frozenset({"cpus", "root", "slide"}),
-    "vtop": frozenset({"va", "root", "levels", "entries", "pa", "page_size", "perms", "global",
-                       "pkey", "cache_index", "fault", "findings", "root_label"}),
-    "pt": frozenset({"root", "root_label", "mappings", "truncated", "more_ranges", "findings", "stats"}),
-    "ptov": frozenset({"pa", "root", "vas"}),
-    "target": None,
-    "kernel": None,
+    "": TABLE["status"].keys,
+    **{name: cmd.keys for name, cmd in TABLE.items()},
+    "target": None,   # gdb session commands, not in the table
     "trace": None,
 }
 
@@ -60,10 +52,10 @@ TRACE_COUNTS = {
 }
 #: per-kind tables of a ``transitions`` table (every event of that kind must match)
 TRACE_KINDS = {"enter", "return", "abort", "exit", "irq", "nmi", "irq_return", "spurious", "call"}
-#: fields of trace events (sbmdbg.trace.events schema 1)
+#: fields of trace events (sbmdbg.trace.events schema 2)
 TRACE_FIELDS = frozenset({
     "seq", "kind", "host_ns", "jiffies", "vcpu", "point", "pid", "comm", "task", "sandbox", "cr3",
-    "cr3_role", "cpl", "rip", "sym", "rsp", "stack",
+    "cr3_role", "cpl", "mode", "rip", "sym", "rsp", "stack",
     "sbm", "func", "func_sym", "data", "sticky_error", "args", "sbm_tos", "exc_tos", "sbm_cr3",
     "ret", "vector", "vector_name", "error_code", "error_bits", "error_desc", "stub", "cr2", "cr2_region",
     "fault_rip", "fault_sym", "fault_rsp", "fault_stack", "via", "address", "error", "aborted",

@@ -11,7 +11,6 @@ failed.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -126,35 +125,10 @@ def gdb_json(g, cmd: str, timeout: float = 120.0) -> tuple[object | None, str | 
     Unlike GdbSession.console, keeps what the command printed when it ends
     with an error (``sbm audit --json`` prints its JSON, then fails when a
     finding is above info)."""
-    from sbmdbg.vm.gdbmi import mi_quote
+    from sbmdbg.vm.gdbmi import parse_json_object
 
-    token = next(g._tokens)
-    g._gdb.write(f"{token}-interpreter-exec console {mi_quote(cmd)}", read_response=False)
-    text, err = [], None
-    deadline = time.monotonic() + timeout
-    while True:
-        done = False
-        for r in g._poll(0.1):
-            if r.get("type") == "console" and r.get("payload"):
-                text.append(r["payload"])
-            if r.get("type") == "result" and r.get("token") == token:
-                if r.get("message") == "error":
-                    err = (r.get("payload") or {}).get("msg", "unknown error")
-                done = True
-        if done:
-            break
-        if time.monotonic() > deadline:
-            raise SbmdbgError(f"gdb did not answer {cmd!r} in {timeout:g} s")
-    out = "".join(text)
-    doc = None
-    for i, ch in enumerate(out):
-        if ch in "{[":
-            try:
-                doc, _ = json.JSONDecoder().raw_decode(out[i:])
-                break
-            except ValueError:
-                continue
-    return doc, err, out
+    out, err = g.console_result(cmd, timeout)
+    return parse_json_object(out), err, out
 
 
 def _context(doc, path) -> str:
@@ -496,7 +470,7 @@ class Runner:
         # event, but the first stop after a resume was seen to read stale
         # per-stop state now and then (see docs/checks.md, "Known issues").
         try:
-            g.console("python import sbmdbg.gdbcmd.state as _s; _s.STATE.invalidate()")
+            g.console("sbm target flush")
         except SbmdbgError:
             pass
         cache: dict[str, tuple] = {}
@@ -515,7 +489,7 @@ class Runner:
                 # Re-read once on a model rebuilt from scratch: a failure must
                 # not be a stale cache (seen under heavy host load).
                 try:
-                    g.console("python import sbmdbg.gdbcmd.state as _s; _s.STATE.forget()")
+                    g.console("sbm target reload")
                     doc2, err2, _ = gdb_json(g, a.argv)
                 except SbmdbgError:
                     doc2 = None

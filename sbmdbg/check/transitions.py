@@ -92,7 +92,10 @@ class TraceHook:
     """Runs ``sbm trace`` in an attached GdbSession around one step."""
 
     def __init__(self, gdb, vm_info: dict, level: str = "fast"):
+        from sbmdbg.trace.live import GdbTracer
+
         self.g = gdb
+        self.tracer = GdbTracer(gdb)
         self.info = vm_info
         self.level = level
         fd, self.path = tempfile.mkstemp(prefix="sbmdbg-check-", suffix=".jsonl")
@@ -107,29 +110,21 @@ class TraceHook:
 
     def start(self) -> None:
         """Guest stopped or running: stops it, starts the trace, resumes it."""
-        g = self.g
-        g.interrupt()
-        ram = self.info.get("ram")
-        if ram:
-            g.console(f"sbm target shm {ram} {self.info.get('ram_size') or ''}".strip())
-        g.console(f"sbm trace start --json --file {self.path} --level {self.level}", timeout=120)
-        g.cont()
+        self.tracer.start(self.path, self.level, ram=self.info.get("ram"), ram_size=self.info.get("ram_size"))
+        self.tracer.resume()
 
     def stop(self) -> list[dict]:
         from sbmdbg.trace.events import read_events
 
-        g = self.g
-        g.interrupt()
         try:
-            g.console("sbm trace stop --json", timeout=60)
+            self.tracer.stop(step=10.0)
         finally:
-            g.cont()
+            self.g.cont()
         return read_events(self.path)
 
     def abandon(self) -> None:
         try:
-            self.g.interrupt()
-            self.g.console("sbm trace stop --json", timeout=30)
+            self.tracer.stop(step=5.0)
             self.g.cont()
         except SbmdbgError:
             pass

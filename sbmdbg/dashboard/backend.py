@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.vm.qmp import QmpClient
 
 SCENARIOS = ("ok", "io", "write_ro_input", "read_guard", "write_kernel_data", "write_kernel_bss",
              "write_stack", "stack_overflow", "noncanonical", "read_null", "irq_in_sandbox", "repeat 20")
@@ -101,61 +102,6 @@ def explicit_conn(gdb: str, qmp: str, vmlinux: str, ram: str | None = None, ram_
             ram, ram_size = found["path"], found["size"]
     return Conn(gdb=gdb, qmp=qmp, vmlinux=vmlinux, tree=tree, ram=ram, ram_size=ram_size, serial=serial,
                 label=f"gdb {gdb}, qmp {qmp}")
-
-
-# ---------------------------------------------------------------- QMP
-class QmpLink:
-    """One QMP connection, reopened if it drops; ``hmp(cmdline, cpu_index)``."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._q = None
-        self._lock = threading.Lock()
-
-    def _open(self):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        q = QEMUMonitorProtocol(self.path)
-        try:
-            q.connect(negotiate=True)
-            q.settimeout(10)
-        except Exception as e:  # noqa: BLE001 - qemu.qmp raises its own types
-            raise SbmdbgError(f"cannot connect to QMP at {self.path}: {e}") from None
-        return q
-
-    def cmd(self, name: str, **args):
-        with self._lock:
-            for attempt in (0, 1):
-                if self._q is None:
-                    self._q = self._open()
-                try:
-                    r = self._q.cmd_obj({"execute": name, "arguments": args} if args else {"execute": name})
-                    break
-                except Exception as e:  # noqa: BLE001
-                    self.close_locked()
-                    if attempt:
-                        raise SbmdbgError(f"QMP {name}: {e}") from None
-            if "error" in r:
-                raise SbmdbgError(f"QMP {name}: {r['error'].get('desc', r['error'])}")
-            return r.get("return")
-
-    def hmp(self, cmdline: str, cpu_index: int | None = None) -> str:
-        args = {"command-line": cmdline}
-        if cpu_index is not None:
-            args["cpu-index"] = cpu_index
-        return self.cmd("human-monitor-command", **args)
-
-    def close_locked(self):
-        if self._q is not None:
-            try:
-                self._q.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._q = None
-
-    def close(self):
-        with self._lock:
-            self.close_locked()
 
 
 # ---------------------------------------------------------------- trace tail
@@ -260,11 +206,11 @@ class Backend:
         self.conn = conn
         self.trace_level = trace_level
         self.use_gdb = use_gdb
-        self.qmp = QmpLink(conn.qmp)
+        self.qmp = QmpClient(conn.qmp, timeout=10)
         self.kernel = None
         self.g = None
+        self.tracer = None       # GdbTracer over self.g: the in-gdb transition tracer
         self.paused = False
-        self.tracing = False
         self.selected = 0
         self.trace = TraceTail()
         self.tmpdir = tempfile.mkdtemp(prefix="sbmdbg-dash-")
@@ -289,11 +235,7 @@ class Backend:
         return self
 
     def _open_model(self) -> None:
-        import sbmdbg.sbm  # noqa: F401  (sandbox root hooks)
-        from sbmdbg.model.kernel import Kernel
-        from sbmdbg.model.layout import DwarfLayouts
-        from sbmdbg.model.symbols import Symbols
-        from sbmdbg.sbm.offline import PREFETCH
+        from sbmdbg.sbm import open_kernel
         from sbmdbg.target.qmp import QmpTarget
         from sbmdbg.target.shm import ShmTarget
 
@@ -303,19 +245,23 @@ class Backend:
         else:
             target = regs   # pmemsave through QMP: slow, but works without a RAM file
             self.note("no RAM file: guest memory through QMP pmemsave (slow); pass --ram")
-        lays = DwarfLayouts(self.conn.vmlinux)
-        lays.prefetch(PREFETCH)
-        self.kernel = Kernel(target, Symbols.from_elf(self.conn.vmlinux), lays)
+        self.kernel = open_kernel(target, self.conn.vmlinux)
 
     def _open_gdb(self) -> None:
+        from sbmdbg.trace.live import GdbTracer
         from sbmdbg.vm.gdbmi import GdbSession
 
         g = GdbSession(self.conn.vmlinux, self.conn.tree, self.conn.gdb)
         self.g = g
+        self.tracer = GdbTracer(g)
         g.console("set scheduler-locking step")
         if self.conn.ram:
             g.console(f"sbm target shm {self.conn.ram} {self.conn.ram_size or ''}".strip())
         g.cont()   # target remote stopped the guest
+
+    @property
+    def tracing(self) -> bool:
+        return self.tracer is not None and self.tracer.on
 
     @property
     def ncpus(self) -> int:
@@ -331,7 +277,8 @@ class Backend:
             return self._snapshot(full)
 
     def _snapshot(self, full: bool) -> dict:
-        from sbmdbg.sbm import commands as C
+        from sbmdbg.commands import TABLE
+        from sbmdbg.jsonutil import jsonable
         from sbmdbg.sbm import model as M
         from sbmdbg.sbm import stacks as S
 
@@ -343,7 +290,7 @@ class Backend:
         snap: dict = {"running": not self.paused, "tracing": self.tracing, "selected": self.selected,
                       "label": self.conn.label, "trace_level": self.trace_level}
         try:
-            st = C.status(k)
+            st = TABLE["status"].compute(k)   # the vCPUs panel: `sbm --json`
             snap["sbm"], snap["note"] = st["sbm"], st["note"]
             cpus = st["cpus"]
         except Exception as e:  # noqa: BLE001 - a running guest moved under us
@@ -362,7 +309,7 @@ class Backend:
         if self.paused and 0 <= self.selected < len(cpus):
             try:
                 bt = S.backtrace(k, self.selected, max_frames=12)
-                snap["backtrace"] = C.jsonable(bt)
+                snap["backtrace"] = jsonable(bt)
             except Exception as e:  # noqa: BLE001
                 snap["backtrace"] = {"error": str(e)}
         t = tm.lap("stacks", t)
@@ -381,7 +328,7 @@ class Backend:
 
     def _sandboxes(self, full: bool) -> list[dict]:
         from sbmdbg.sbm import audit as AU
-        from sbmdbg.sbm import commands as C
+        from sbmdbg.jsonutil import jsonable
         from sbmdbg.sbm import model as M
         from sbmdbg.sbm import regions as RG
 
@@ -394,7 +341,7 @@ class Backend:
         except Exception as e:  # noqa: BLE001
             return [{"error": f"{type(e).__name__}: {e}"}]
         for sb in sbs:
-            d = C.jsonable(sb.to_json())
+            d = jsonable(sb.to_json())
             if full:
                 try:
                     lm = RG.labeled_map(k, sb)
@@ -497,14 +444,13 @@ class Backend:
         deadline = time.monotonic() + timeout
         with self.gdb_lock:
             while time.monotonic() < deadline:
-                g._poll(0.05)
+                g.poll(0.05)
                 st = g.last_stop or {}
                 if not g.running and st.get("bkptno") == bkpt:
                     break
             else:
                 raise SbmdbgError(f"{symbol} was not reached in {timeout:g} s")
-            if self.tracing:
-                g.console("sbm trace hold", timeout=10)
+            self.tracer.hold()
             self.paused = True
             tid = str(st.get("thread-id") or "")
             if tid.isdigit():
@@ -525,53 +471,20 @@ class Backend:
             return
         with self.gdb_lock:
             try:
-                self.g._poll(0)
+                self.g.poll(0)
             except SbmdbgError as e:
                 self.note(f"gdb: {e}")
                 self.g = None
 
-    def _gdb_alive(self) -> bool:
-        proc = getattr(getattr(self.g, "_gdb", None), "gdb_process", None)
-        return proc is not None and proc.poll() is None
-
     def _stop_guest(self, step: float = 5.0) -> None:
         """All vCPUs stopped (holding the tracer's own resumes first); ``step``
         bounds each wait for gdb."""
-        g = self._need_gdb()
-        if not self._gdb_alive():
-            raise SbmdbgError("gdb exited")
-        if self.tracing:
-            g.console("sbm trace hold", timeout=2 * step)
-        quiet = 0
-        deadline = time.monotonic() + 6 * step
-        for _ in range(100):
-            if time.monotonic() > deadline:
-                break
-            if not self._gdb_alive():
-                raise SbmdbgError("gdb exited")
-            g._poll(0.02)
-            if g.running:
-                quiet = 0
-                try:
-                    g.mi("-exec-interrupt --all", timeout=step)
-                except SbmdbgError:
-                    if not self._gdb_alive():
-                        raise SbmdbgError("gdb exited") from None
-                try:
-                    g.wait_stopped(timeout=step)
-                except SbmdbgError:
-                    pass
-            else:
-                quiet += 1
-                if quiet >= 3:   # no *running for 60 ms: a posted tracer resume would have shown
-                    return
-        raise SbmdbgError("the guest did not stop")
+        self._need_gdb()
+        self.tracer.stop_guest(step)
 
     def _run_guest(self) -> None:
-        g = self._need_gdb()
-        if self.tracing:
-            g.console("python __import__('sbmdbg.gdbcmd.trace', fromlist=['ACTIVE']).ACTIVE.hold = False")
-        g.cont()
+        self._need_gdb()
+        self.tracer.resume()
 
     def pause(self) -> None:
         with self.gdb_lock:
@@ -611,20 +524,15 @@ class Backend:
 
     def trace_on(self) -> dict:
         with self.gdb_lock:
-            g = self._need_gdb()
+            self._need_gdb()
             if self.tracing:
                 return {}
             if not self.conn.ram:
                 raise SbmdbgError("the tracer needs the guest RAM file (--ram)")
             path = os.path.join(self.tmpdir, f"trace-{int(time.time())}.jsonl")
             was_running = not self.paused
-            if was_running:
-                self._stop_guest()
             try:
-                out = g.console(f"sbm trace start --json --file {path} --level {self.trace_level}",
-                                timeout=120)
-                info = json.loads(out[out.index("{"):])
-                self.tracing = True
+                info = self.tracer.start(path, self.trace_level)   # `sbm target shm` was set at attach
                 self.trace.follow(path)
             finally:
                 if was_running:
@@ -638,12 +546,9 @@ class Backend:
             if not self.tracing:
                 return {}
             was_running = not self.paused
-            self._stop_guest()
             try:
-                out = g.console("sbm trace stop --json", timeout=60)
-                st = json.loads(out[out.index("{"):])
+                st = self.tracer.stop()
             finally:
-                self.tracing = False
                 if was_running:
                     g.cont()
         self.trace.poll()
@@ -707,9 +612,7 @@ class Backend:
                     # detach needs a stopped target; QEMU's gdbstub resumes the VM on detach
                     self._stop_guest(step=1.0)
                     if self.tracing:
-                        st = g.console("sbm trace stop --json", timeout=60)
-                        self.tracing = False
-                        out["trace_events"] = json.loads(st[st.index("{"):]).get("events")
+                        out["trace_events"] = self.tracer.stop(step=1.0).get("events")
                     g.mi("-target-detach", timeout=5)
                     out["detached"] = True
                 except SbmdbgError as e:

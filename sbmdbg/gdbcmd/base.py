@@ -10,29 +10,10 @@ import sys
 import gdb
 
 from sbmdbg import guard
+from sbmdbg.commands.parser import ArgError, HelpShown, Parser
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import clean
 from sbmdbg.jsonutil import jsonable
-
-
-class _ArgError(Exception):
-    pass
-
-
-class _HelpShown(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _ArgError(message)
-
-    def exit(self, status=0, message=None):
-        raise _HelpShown()
-
-    def print_help(self, file=None):
-        gdb.write(self.format_help())
-
 
 to_jsonable = jsonable
 
@@ -63,7 +44,7 @@ class SbmCommand(gdb.Command):
 
     def __init__(self):
         super().__init__(f"sbm {self.name}", gdb.COMMAND_USER)
-        self.parser = _Parser(prog=f"sbm {self.name}", description=(self.__doc__ or "").strip(),
+        self.parser = Parser(prog=f"sbm {self.name}", description=(self.__doc__ or "").strip(),
                               add_help=True, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.parser.add_argument("--json", action="store_true", help="machine-readable output")
         self.add_args(self.parser)
@@ -77,9 +58,9 @@ class SbmCommand(gdb.Command):
     def invoke(self, arg, from_tty):
         try:
             args = self.parser.parse_args(gdb.string_to_argv(arg))
-        except _HelpShown:
+        except HelpShown:
             return
-        except _ArgError as e:
+        except ArgError as e:
             raise gdb.GdbError(clean(f"sbm {self.name}: {e} (see: sbm {self.name} --help)")) from None
         except Exception as e:  # noqa: BLE001 - a type= check that is not ours
             raise gdb.GdbError(f"sbm {self.name}: {guard.describe(e)[0]}") from None
@@ -116,7 +97,18 @@ class SbmCommand(gdb.Command):
         gdb.write(text + "\n")
 
     def emit_rich(self, *renderables) -> None:
-        con, buf = rich_console()
+        """Print rich renderables / markup; ``Plain`` text goes out as is."""
+        from sbmdbg.commands.render import Plain
+        con = buf = None
         for r in renderables:
+            if isinstance(r, Plain):
+                if buf is not None:
+                    gdb.write(buf.getvalue())
+                    con = buf = None
+                gdb.write(r + "\n")
+                continue
+            if con is None:
+                con, buf = rich_console()
             con.print(r)
-        gdb.write(buf.getvalue())
+        if buf is not None:
+            gdb.write(buf.getvalue())

@@ -1,21 +1,17 @@
-"""gdb face of the SBM model: sbm (bare), sbm list/show/stack/audit/diff and
-the convenience functions $sbm_state(cpu), $pcpu_hot(cpu), $sbm_mode(cpu),
-$top_of_intr_stack(cpu) (alias $top_of_instr_stack)."""
+"""gdb face of the command table: one ``sbm CMD`` gdb command per entry of
+sbmdbg.commands.TABLE (bare ``sbm`` = status), and the convenience functions
+$sbm_state(cpu), $pcpu_hot(cpu), $sbm_mode(cpu), $top_of_intr_stack(cpu)
+(alias $top_of_instr_stack)."""
 from __future__ import annotations
 
 import gdb
 
+from sbmdbg.commands import TABLE, ArgError, Command, HelpShown
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.gdbcmd.base import SbmCommand
-from sbmdbg.gdbcmd.pcpu import PcpuCommand
 from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.sbm import commands as C
 from sbmdbg.sbm import model as M
-from sbmdbg.sbm import render as R
 from sbmdbg.sbm import stacks as S
-from sbmdbg.sbm.audit import severity_rank
-
-ROOT_HELP = "kernel | user | sandbox[=N] | a CR3 value"
 
 
 def _sandbox_words(word):
@@ -30,129 +26,91 @@ def _sandbox_words(word):
     return [w for w in words if w.startswith(word or "")]
 
 
-class _SbmBase(SbmCommand):
-    """A command backed by sbmdbg.sbm.commands.COMMANDS[key] and render.RENDER[key]."""
-    key = ""
+def _cpu_words(word):
+    try:
+        n = STATE.get_target().ncpus
+    except Exception:  # noqa: BLE001
+        n = 0
+    return [c for c in ["all"] + [str(i) for i in range(n)] if c.startswith(word or "")]
+
+
+def _root_words(word):
+    return [w for w in ("kernel", "user", "sandbox") if w.startswith(word or "")]
+
+
+COMPLETERS = {"sandbox": _sandbox_words, "cpu": _cpu_words, "root": _root_words}
+
+
+def _selected_cpu() -> int:
+    try:
+        return STATE.get_target().selected_cpu()
+    except Exception:  # noqa: BLE001 - no thread selected: vCPU 0
+        return 0
+
+
+def _address(s: str, what: str) -> str:
+    """A number as is, else a gdb expression evaluated here (hex string)."""
+    try:
+        int(s, 0)
+        return s
+    except ValueError:
+        pass
+    try:
+        return hex(int(gdb.parse_and_eval(s)) & M.U64)
+    except Exception:  # noqa: BLE001
+        raise SbmdbgError(f"bad {what} {s!r}") from None
+
+
+class TableCommand(SbmCommand):
+    """``sbm CMD`` built from a sbmdbg.commands.Command (``spec``)."""
+    spec: Command
+
+    def add_args(self, p):
+        self.spec.args(p)
+
+    def prepare(self, args):
+        args.root_cpu = _selected_cpu()   # user / sandbox roots: the selected vCPU's
+        for name in self.spec.addresses:
+            setattr(args, name, _address(getattr(args, name), name))
+        return args
+
+    def parse(self, argv: list[str]):
+        """The arguments of ``sbm CMD ARGV`` ready for compute (``sbm time``)."""
+        try:
+            return self.prepare(self.parser.parse_args(argv))
+        except (ArgError, HelpShown) as e:
+            raise SbmdbgError(f"sbm {self.name}: bad arguments {argv!r}: {e}") from None
 
     def run(self, args):
-        k = STATE.get_kernel()
-        d = C.COMMANDS[self.key](k, args)
+        c = self.spec
+        d = c.compute(STATE.get_kernel(), self.prepare(args))
+        if c.name == "kernel":
+            d["memory"] = STATE.memory_source()
         if args.json:
             self.emit_json(d)
         else:
-            self.emit_rich(*R.RENDER[self.key](d))
-        self.after(d)
-
-    def after(self, d):
-        pass
-
-
-class ListCommand(_SbmBase):
-    """List the active sandboxes (tasks with thread_info.sbm_state set).
-
-Usage: sbm list [--json]"""
-    name = "list"
-    key = "list"
-
-
-class ShowCommand(_SbmBase):
-    """Show a sandbox: x86_sbm_state, struct sbm and its buffers, the state page read
-through the sandbox root and through the kernel root, the labeled page table.
-
-Usage: sbm show [SANDBOX] [--no-map] [--json]
-SANDBOX: cpuN (the sandbox of vCPU N), pid=N, N (pid or index), or the state
-address; default: every active sandbox."""
-    name = "show"
-    key = "show"
-
-    def add_args(self, p):
-        p.add_argument("sandbox", nargs="?")
-        p.add_argument("--no-map", action="store_true", help="skip the labeled page table")
+            self.emit_rich(*c.render(d))
+        msg = c.fails(d) if c.fails else None
+        if msg:
+            raise gdb.GdbError(f"sbm {c.name}: {msg}")
 
     def complete_positional(self, text, word):
-        return _sandbox_words(word)
+        fn = COMPLETERS.get(self.spec.complete)
+        return fn(word) if fn else gdb.COMPLETE_NONE
 
 
-class StackCommand(_SbmBase):
-    """Where each vCPU's rsp is, top_of_stack vs top_of_intr_stack, the pt_regs on the
-SBM exception stack, and a backtrace across the sandbox boundary.
-
-Usage: sbm stack [CPU|all] [--json]"""
-    name = "stack"
-    key = "stack"
-
-    def add_args(self, p):
-        p.add_argument("cpu", nargs="?", default="all")
-
-    complete_positional = PcpuCommand.complete_positional
+def _define(spec: Command) -> TableCommand:
+    cls = type(f"Sbm{spec.name.capitalize()}Command", (TableCommand,),
+               {"__doc__": spec.doc, "name": spec.name, "spec": spec})
+    return cls()
 
 
-class AuditCommand(_SbmBase):
-    """Audit a sandbox page table against the SBM design's table (W+X, entry text
-executable at CPL 3, user-accessible state page / exception stack, user half,
-writable inputs or kernel data, global PTEs, unexplained mappings).
-
-Usage: sbm audit [SANDBOX] [--json]
-Fails (gdb error) when a finding is above "info"."""
-    name = "audit"
-    key = "audit"
-
-    def add_args(self, p):
-        p.add_argument("sandbox", nargs="?")
-
-    def complete_positional(self, text, word):
-        return _sandbox_words(word)
-
-    def after(self, d):
-        if d["above_info"]:
-            n = sum(1 for a in d["audits"] for f in a["findings"] if severity_rank(f["severity"]) > 0)
-            raise gdb.GdbError(f"sbm audit: {n} finding(s) above info (worst: {d['worst']})")
-
-
-class DiffCommand(_SbmBase):
-    """What one page-table root maps that the other does not, and where permissions
-differ (merged ranges).
-
-Usage: sbm diff ROOT_A ROOT_B [--range A-B] [--json]   (ROOT: kernel|user|sandbox[=N]|CR3)"""
-    name = "diff"
-    key = "diff"
-
-    def add_args(self, p):
-        p.add_argument("root_a", help=ROOT_HELP)
-        p.add_argument("root_b", help=ROOT_HELP)
-        p.add_argument("--range", help="START-END virtual range")
-
-    def run(self, args):
-        try:
-            args.cpu = STATE.get_target().selected_cpu()
-        except Exception:  # noqa: BLE001
-            args.cpu = 0
-        super().run(args)
-
-    def complete_positional(self, text, word):
-        return [w for w in ("kernel", "user", "sandbox") if w.startswith(word or "")]
-
-
-class StatusCommand(_SbmBase):
-    """Per vCPU: mode (kernel/user/sandbox/transition), CPL, CR3 role, RIP, task,
-stack class, sandbox.
-
-Usage: sbm [--json]   (also: sbm status)"""
-    name = "status"
-    key = "status"
-
-
-_status = StatusCommand()
-ListCommand()
-ShowCommand()
-StackCommand()
-AuditCommand()
-DiffCommand()
+GDB_COMMANDS = {name: _define(spec) for name, spec in TABLE.items()}
 
 
 def bare_sbm(arg: str, from_tty: bool) -> None:
     """`sbm` with no subcommand (or only --json): the status table."""
-    _status.invoke(arg, from_tty)
+    GDB_COMMANDS["status"].invoke(arg, from_tty)
 
 
 # ---------------------------------------------------------------- functions

@@ -15,7 +15,7 @@ import os
 import gdb
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.target.gdbtarget import GdbTarget
+from sbmdbg.gdbcmd.gdbtarget import GdbTarget
 
 
 class State:
@@ -107,13 +107,13 @@ class State:
 
     def get_kernel(self):
         if self.kernel is None:
-            from sbmdbg.model.kernel import Kernel
-            from sbmdbg.model.symbols import Symbols
             from sbmdbg.gdbcmd.gdbtypes import GdbLayouts
+            from sbmdbg.model.symbols import Symbols
+            from sbmdbg.sbm import open_kernel
             t = self.get_target()
             if t.ncpus == 0:
                 raise SbmdbgError("not connected to a guest (target remote HOST:PORT)")
-            self.kernel = Kernel(t, Symbols.from_elf(self.vmlinux()), GdbLayouts())
+            self.kernel = open_kernel(t, symbols=Symbols.from_elf(self.vmlinux()), layouts=GdbLayouts())
         return self.kernel
 
     def invalidate(self, *_args) -> None:

@@ -1,6 +1,7 @@
-"""sbm target: where physical memory comes from; sbm kernel: the model summary."""
+"""sbm target: where physical memory comes from (sbm kernel is in the command table)."""
 from __future__ import annotations
 
+from sbmdbg.commands.render import memory_line
 from sbmdbg.gdbcmd.base import SbmCommand
 from sbmdbg.gdbcmd.state import STATE
 
@@ -8,16 +9,17 @@ from sbmdbg.gdbcmd.state import STATE
 class TargetCommand(SbmCommand):
     """Choose the physical-memory source: QEMU's RAM file (found by default) or the gdbstub.
 
-Usage: sbm target [gdb | shm PATH [SIZE] | auto] [--json]
+Usage: sbm target [gdb | shm PATH [SIZE] | auto | flush | reload] [--json]
 
 By default the RAM file of a local QEMU (memory-backend-file, share=on) is
 found from the gdbstub's port; ``gdb`` forces the gdbstub's physical mode,
-``auto`` goes back to the default."""
+``auto`` goes back to the default.  ``flush`` drops every cache of the model
+(as a resume does); ``reload`` rebuilds the target and the kernel model."""
 
     name = "target"
 
     def add_args(self, p):
-        p.add_argument("source", nargs="?", choices=["gdb", "shm", "auto"])
+        p.add_argument("source", nargs="?", choices=["gdb", "shm", "auto", "flush", "reload"])
         p.add_argument("path", nargs="?")
         p.add_argument("size", nargs="?")
 
@@ -30,6 +32,10 @@ found from the gdbstub's port; ``gdb`` forces the gdbstub's physical mode,
                 raise SbmdbgError("sbm target shm needs the RAM file path")
             STATE.set_ram_file(args.path, int(args.size, 0) if args.size else None)
             STATE.get_target()  # open now so errors show here
+        elif args.source == "flush":
+            STATE.invalidate()
+        elif args.source == "reload":
+            STATE.forget()
         elif args.source == "auto":
             STATE.set_ram_file(None)
             STATE.auto = True
@@ -42,36 +48,7 @@ found from the gdbstub's port; ``gdb`` forces the gdbstub's physical mode,
         if args.json:
             self.emit_json(info)
         else:
-            self.emit_rich(_memory_line(info))
-
-
-def _memory_line(info: dict) -> str:
-    if info["memory"] == "shm":
-        return f"physical memory: shm {info['ram_file']} ({info['how']})"
-    return f"physical memory: gdbstub physical mode ({info['how']})"
-
-
-class KernelCommand(SbmCommand):
-    """Show what the kernel model found: root, paging levels, KASLR slide, bases.
-
-Usage: sbm kernel [--json]"""
-
-    name = "kernel"
-
-    def run(self, args):
-        k = STATE.get_kernel()
-        s = k.summary()
-        s["pti"] = k.pti_enabled()
-        s["memory"] = STATE.memory_source()
-        if args.json:
-            self.emit_json(s)
-        else:
-            mem = s.pop("memory")
-            for key, v in s.items():
-                self.emit_rich(f"{key:18} {v:#x}" if isinstance(v, int) and not isinstance(v, bool)
-                               else f"{key:18} {v}")
-            self.emit_rich(f"{'memory':18} " + _memory_line(mem).partition(": ")[2])
+            self.emit_rich(memory_line(info))
 
 
 TargetCommand()
-KernelCommand()

@@ -17,7 +17,7 @@ import gdb
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.gdbcmd.base import SbmCommand
 from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.target.gdbtarget import _cpu_of
+from sbmdbg.gdbcmd.gdbtarget import _cpu_of
 
 U64 = (1 << 64) - 1
 
@@ -211,6 +211,7 @@ class TraceCommand(SbmCommand):
 Usage:
   sbm trace start [--file F] [--level lean|fast|full]   then `continue`
   sbm trace stop | status
+  sbm trace hold | release   (front ends: keep the next stop / resume again)
   sbm trace show [FILE] [--last N] [--kind K,K] [--vcpu N]
   sbm trace export --perfetto OUT [FILE]
 
@@ -224,7 +225,7 @@ sbm_exec, arch_sbm_exec, x86_sbm_return."""
     name = "trace"
 
     def add_args(self, p):
-        p.add_argument("action", choices=["start", "stop", "hold", "status", "show", "export"])
+        p.add_argument("action", choices=["start", "stop", "hold", "release", "status", "show", "export"])
         p.add_argument("trace_file", nargs="?", help="trace file (show/export; default the last one)")
         p.add_argument("--file", help="where start writes (default sbm-trace.jsonl)")
         p.add_argument("--level", choices=["lean", "fast", "full"], default="full")
@@ -237,7 +238,7 @@ sbm_exec, arch_sbm_exec, x86_sbm_return."""
         p.add_argument("--perfetto", help="export: Chrome/Perfetto JSON file to write")
 
     def complete_positional(self, text, word):
-        return [a for a in ("start", "stop", "status", "show", "export") if a.startswith(word or "")]
+        return [a for a in ("start", "stop", "hold", "release", "status", "show", "export") if a.startswith(word or "")]
 
     def run(self, args):
         from sbmdbg.trace.events import read_events, summarize
@@ -261,6 +262,9 @@ sbm_exec, arch_sbm_exec, x86_sbm_return."""
         elif a == "hold":
             ACTIVE.hold = True      # no target access: allowed while the guest runs
             self.emit_json({"hold": True}) if args.json else self.emit_rich("holding: the next stop stays stopped")
+        elif a == "release":
+            ACTIVE.hold = False     # the tracer resumes past its probes again (after `continue`)
+            self.emit_json({"hold": False}) if args.json else self.emit_rich("released: the tracer resumes again")
         elif a == "status":
             t = ACTIVE.tracer
             st = t.status() if t else {"running": False, "last_file": ACTIVE.last_file}

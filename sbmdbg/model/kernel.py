@@ -9,7 +9,14 @@
 * phys_base, page_offset_base / vmalloc_base / vmemmap_base,
 * per-CPU offsets (per-CPU symbols are zero-based on x86_64, not slid).
 
-Every virtual read goes through an explicit root: ``read_virt(root, va, n)``.
+Every virtual read goes through an explicit root: ``read_virt(root, va, n)``;
+page tables through ``translate(root, va)``, ``walk(root, ...)``, ``ptov(root, pa)``.
+
+``open_kernel(target, vmlinux, ...)`` is the one way to build it (faces call
+``sbmdbg.sbm.open_kernel``, which attaches the SBM model's extension).
+Caches belong to the model: ``kernel.cache(name)`` is emptied by
+``kernel.invalidate()`` (the guest ran; ``kernel.generation`` counts those),
+``kernel.cache(name, per_stop=False)`` lives as long as the model.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.model.layout import LayoutSource, cstring, decode_struct
+from sbmdbg.model.layout import DwarfLayouts, LayoutSource, cstring, decode_field, decode_struct
 from sbmdbg.model.symbols import Symbols
 from sbmdbg.target.base import Target, TargetError
 from sbmdbg.x86 import paging as pg
@@ -50,22 +57,75 @@ class RootSpec:
     extra: dict = field(default_factory=dict)
 
 
-# Hooks the SBM model registers: callable(kernel) -> list[RootSpec] of sandbox roots.
-SANDBOX_ROOT_PROVIDERS: list[Callable[["Kernel"], list[RootSpec]]] = []
-# Hooks run after discovery: callable(kernel) -> a better kernel root PA or None
-# (the SBM model maps a sandbox CR3 found on the vCPU to its saved kernel CR3).
-ROOT_FIXUPS: list[Callable[["Kernel"], int | None]] = []
+@dataclass(frozen=True)
+class Extension:
+    """What a higher layer attaches to a Kernel when it is opened (explicitly:
+    ``open_kernel(..., extensions=[...])``), e.g. the SBM model's."""
+    name: str
+    # kernel -> the sandbox roots (``--root sandbox[=N]``)
+    sandbox_roots: Callable[["Kernel"], list[RootSpec]] | None = None
+    # kernel -> a better kernel root PA or None, run after discovery (the SBM
+    # model maps a sandbox CR3 found on the vCPU to its saved kernel CR3)
+    root_fixup: Callable[["Kernel"], int | None] | None = None
+
+
+def open_kernel(target: Target, vmlinux: str | None = None, *, symbols: Symbols | None = None,
+                layouts: LayoutSource | None = None, extensions=(), prefetch=(),
+                cpu: int | None = None, verify: bool = True) -> "Kernel":
+    """The kernel model of what ``target`` shows: symbols from ``vmlinux``
+    (ELF) unless ``symbols`` is given, layouts from its DWARF unless
+    ``layouts`` is given (gdb's types in gdb, a recorded snapshot's offline);
+    ``prefetch``: struct names to read from DWARF in one pass."""
+    if symbols is None or layouts is None:
+        if not vmlinux:
+            raise KernelError("no vmlinux: the kernel model needs its symbols and DWARF")
+        symbols = symbols or Symbols.from_elf(vmlinux)
+        if layouts is None:
+            layouts = DwarfLayouts(vmlinux)
+            if prefetch:
+                layouts.prefetch(list(prefetch))   # one pass over the CUs instead of one per struct
+    return Kernel(target, symbols, layouts, cpu=cpu, verify=verify, extensions=extensions)
 
 
 class Kernel:
     def __init__(self, target: Target, symbols: Symbols, layouts: LayoutSource,
-                 cpu: int | None = None, verify: bool = True):
+                 cpu: int | None = None, verify: bool = True, extensions=()):
         self.target = target
         self.symbols = symbols
         self.layouts = layouts
+        self.extensions: tuple[Extension, ...] = tuple(extensions)
+        self.generation = 0                        # bumped by invalidate()
+        self._caches: dict[str, dict] = {}         # static: as long as the model
+        self._stop_caches: dict[str, dict] = {}    # per stop: emptied by invalidate()
         self._reader = pg.TableReader(target.read_phys)
-        self._tlb: dict[tuple[int, int], pg.Translation] = {}
+        self._tlb = self.cache("tlb")
         self._discover(cpu, verify)
+
+    def has_extension(self, name: str) -> bool:
+        return any(e.name == name for e in self.extensions)
+
+    # ------------------------------------------------------------------ caches
+    def cache(self, name: str, *, per_stop: bool = True) -> dict:
+        """A dict owned by the model for a client's results.  ``per_stop``
+        ones are emptied (in place) when the guest ran (``invalidate()``);
+        the others live as long as the model (symbols, layouts, offsets)."""
+        store = self._stop_caches if per_stop else self._caches
+        d = store.get(name)
+        if d is None:
+            d = store[name] = {}
+        return d
+
+    def invalidate(self) -> None:
+        """The guest ran: empty every per-stop cache (the TLB, page tables, the
+        clients'), bump ``generation``; slide and bases do not change."""
+        self.generation += 1
+        self._clear_stop_caches()
+        self._reader = pg.TableReader(self.target.read_phys)
+        self.target.invalidate()
+
+    def _clear_stop_caches(self) -> None:
+        for d in self._stop_caches.values():
+            d.clear()
 
     # ------------------------------------------------------------------ setup
     def _discover(self, cpu: int | None, verify: bool) -> None:
@@ -83,11 +143,11 @@ class Kernel:
                 first_err = first_err or e
         else:
             raise first_err  # the first vCPU's reason is the one to show
-        for fix in ROOT_FIXUPS:  # e.g. the SBM model: a sandbox root -> its kernel root
-            better = fix(self)
+        for fix in (e.root_fixup for e in self.extensions if e.root_fixup):
+            better = fix(self)  # e.g. the SBM model: a sandbox root -> its kernel root
             if better is not None and better != self.root:
                 self.root = better
-                self._tlb.clear()
+                self._clear_stop_caches()   # the root changed
         self._pin_root()
 
     def _pin_root(self) -> None:
@@ -105,7 +165,7 @@ class Kernel:
             ok = False
         if ok and pa != self.root:
             self.root = pa
-            self._tlb.clear()
+            self._clear_stop_caches()   # the root changed
 
     def _discover_on(self, cpu: int, verify: bool) -> None:
         t = self.target
@@ -206,6 +266,7 @@ class Kernel:
 
     # ------------------------------------------------------------------ memory
     def translate(self, root: int, va: int) -> pg.Translation:
+        """``va`` through the page tables at ``root`` (cached per 4 KiB page and stop)."""
         key = (root, va >> 12)
         tr = self._tlb.get(key)
         if tr is None:
@@ -216,6 +277,14 @@ class Kernel:
             # Cached per 4 KiB page: same walk, this address's offset.
             tr = dataclasses.replace(tr, va=va, pa=(tr.pa & ~0xFFF) | (va & 0xFFF))
         return tr
+
+    def walk(self, root: int, **kw) -> tuple[list[pg.Mapping], pg.Walker]:
+        """Every mapping under ``root`` (x86.paging.walk: range, flags, ...)."""
+        return pg.walk(self._reader, root, la57=self.la57, nxe=self.nxe, **kw)
+
+    def ptov(self, root: int, pa: int, **kw) -> tuple[list[tuple[int, pg.Mapping]], pg.Walker]:
+        """Every virtual address mapping physical ``pa`` under ``root``."""
+        return pg.ptov(self._reader, root, pa, la57=self.la57, nxe=self.nxe, **kw)
 
     def _read_virt_root(self, root: int, va: int, n: int) -> bytes:
         out = bytearray()
@@ -249,7 +318,6 @@ class Kernel:
     def read_field(self, struct_name: str, va: int, path: str, root: int | None = None):
         f = self.layouts.resolve(struct_name, path)
         data = self.read_virt(self.root if root is None else root, va + f.offset, f.size)
-        from sbmdbg.model.layout import decode_field
         return decode_field(type(f)(**{**f.__dict__, "offset": 0}), data)
 
     def virt_to_phys_direct(self, va: int) -> int:
@@ -257,12 +325,6 @@ class Kernel:
 
     def phys_to_virt_direct(self, pa: int) -> int:
         return pa + self.page_offset_base
-
-    def invalidate(self) -> None:
-        """Drop memory caches (the guest ran); slide and bases do not change."""
-        self._tlb.clear()
-        self._reader = pg.TableReader(self.target.read_phys)
-        self.target.invalidate()
 
     # ------------------------------------------------------------------ roots
     def resolve_root(self, spec: str | None, cpu: int | None = None) -> RootSpec:
@@ -279,12 +341,14 @@ class Kernel:
         if spec.startswith("sandbox"):
             want = spec.partition("=")[2]
             roots: list[RootSpec] = []
-            for prov in SANDBOX_ROOT_PROVIDERS:
+            providers = [e.sandbox_roots for e in self.extensions if e.sandbox_roots]
+            for prov in providers:
                 roots += prov(self)
             if not roots:
                 raise KernelError("no sandbox is active (no task has thread_info.sbm_state set)"
-                                  if SANDBOX_ROOT_PROVIDERS else
-                                  "sandbox roots need the SBM model (sbmdbg.sbm), not loaded")
+                                  if providers else
+                                  "sandbox roots need the SBM model: open the kernel with "
+                                  "sbmdbg.sbm.open_kernel")
             if not want:
                 return roots[0]
             for r in roots:

@@ -1,6 +1,10 @@
 """The SBM model (no gdb import): sandboxes, per-vCPU mode, region labels,
-isolation audit, stacks.  Importing this package registers the
-``--root sandbox[=N]`` provider and the sandbox-CR3 -> kernel-root fixup.
+isolation audit, stacks.
+
+    open_kernel(target, vmlinux, *, symbols, layouts, cpu, verify) -> Kernel
+        the one way faces open the kernel model: the SBM extension (the
+        ``--root sandbox[=N]`` provider and the sandbox-CR3 -> kernel-root
+        fixup) attached explicitly
 
 API for other faces (tracer, dashboard); every function takes a
 ``sbmdbg.model.kernel.Kernel`` and caches per stop (until kernel.invalidate()):
@@ -19,13 +23,14 @@ API for other faces (tracer, dashboard); every function takes a
     backtrace(kernel, cpu) -> dict     frames across the sandbox boundary
     labeled_map(kernel, sb) -> dict    every mapped range of the sandbox table, labeled
     sandbox_regions(kernel, sb) -> [dict]  the design's regions for a sandbox
-    audit_ranges(ranges, ...) -> [finding];  commands.audit(kernel, args) -> dict
-    commands.COMMANDS[name](kernel, args) -> dict  (status, list, show, stack, audit,
-                                       diff, pcpu, vtop, pt: the JSON of both faces)
+    audit_ranges(ranges, ...) -> [finding]
+    PREFETCH                           the structs the model reads (DwarfLayouts.prefetch)
+
+The commands built on it (status, list, show, ...) are in sbmdbg.commands.
 """
 from sbmdbg.sbm.model import (  # noqa: F401
-    NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
-    require_sbm, sandbox_roots, sandboxes, state_page_views, task_info, vcpu_status, vcpus_status)
+    EXTENSION, PREFETCH, NoSandboxMode, Sandbox, SBM_CS, USER_CS, cpu_current, find_sandbox, has_sbm, no_sbm_reason,
+    open_kernel, require_sbm, sandbox_roots, sandboxes, state_page_views, task_info, vcpu_status, vcpus_status)
 from sbmdbg.sbm.stacks import (  # noqa: F401
     backtrace, classify_address, cpu_stack, pt_regs_on_exc_stack, top_of_intr_stack)
 from sbmdbg.sbm.regions import labeled_map, sandbox_regions  # noqa: F401

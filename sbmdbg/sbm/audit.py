@@ -4,7 +4,6 @@ sbmdbg.sbm.regions), so the rules are testable on hand-built inputs."""
 from __future__ import annotations
 
 from sbmdbg.sbm.regions import EXPECTED, KERNEL_DATA, PAGE, perm_str
-from sbmdbg.x86 import paging as pg
 
 SEVERITIES = ["info", "low", "medium", "high", "critical"]
 USER_HALF_END = 1 << 47
@@ -151,8 +150,8 @@ def _pstr(mp) -> str:
 
 
 def diff_roots(kernel, root_a: int, root_b: int, rng: tuple[int, int] | None = None) -> dict:
-    ma, wa = pg.walk(kernel._reader, root_a, la57=kernel.la57, nxe=kernel.nxe, range=rng)
-    mb, wb = pg.walk(kernel._reader, root_b, la57=kernel.la57, nxe=kernel.nxe, range=rng)
+    ma, wa = kernel.walk(root_a, range=rng)
+    mb, wb = kernel.walk(root_b, range=rng)
     d = diff_mappings(ma, mb)
     d["findings_a"] = [f.to_json() for f in wa.findings]
     d["findings_b"] = [f.to_json() for f in wb.findings]

@@ -1,6 +1,8 @@
-"""Record a small SBM snapshot (the format of sbmdbg.target.fixture: pages read,
-registers, layouts, symbols) by running the SBM commands on a kernel, so
-offline tests replay them: ``record(kernel_factory, path, commands)``."""
+"""Record a small SBM snapshot (the format of sbmdbg.model.fixture: pages read,
+registers, layouts, symbols) by running commands on the SBM model, so offline
+tests replay them: ``record(target, vmlinux, path, run)`` where the caller's
+``run(kernel) -> {name: JSON}`` runs the commands (the face's command table:
+the model does not import it)."""
 from __future__ import annotations
 
 import base64
@@ -48,20 +50,17 @@ class RecLayouts(LayoutSource):
         return lay
 
 
-def record(target, vmlinux: str, path: str, commands) -> dict:
-    """Run ``commands`` [(name, args)] on a Kernel over ``target`` while
-    recording; write the snapshot with the outputs as "expected"."""
-    import sbmdbg.sbm  # noqa: F401
-    from sbmdbg.model.kernel import Kernel
+def record(target, vmlinux: str, path: str, run) -> dict:
+    """``run(kernel) -> {name: output}`` on the SBM model over ``target``
+    while recording; write the snapshot with the outputs as "expected"."""
     from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.sbm import commands as C
-    from sbmdbg.sbm.offline import PREFETCH
+    from sbmdbg.sbm.model import PREFETCH, open_kernel
     rec = RecordingTarget(target)
     dl = DwarfLayouts(vmlinux)
-    dl.prefetch(PREFETCH)
+    dl.prefetch(list(PREFETCH))
     syms, lays = RecSymbols(Symbols.from_elf(vmlinux)), RecLayouts(dl)
-    k = Kernel(rec, syms, lays)
-    expected = {name: json.loads(json.dumps(C.COMMANDS[name](k, args))) for name, args in commands}
+    k = open_kernel(rec, symbols=syms, layouts=lays)
+    expected = {name: json.loads(json.dumps(out)) for name, out in run(k).items()}
     expected["summary"] = k.summary()
     table = {n: syms.table[n] for n in sorted(syms.used) if n in syms.table}
     blobs = {}

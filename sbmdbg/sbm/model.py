@@ -4,20 +4,24 @@ Everything is read physically through an explicit root (no gdb import):
 kernel structures through the kernel root, the sandbox's own view through
 its ``sbm_cr3``.  Struct layouts come from DWARF (``kernel.layouts``).
 
-Per-stop caching: results are cached on the Kernel object and dropped when
-``kernel.invalidate()`` ran (it replaces ``kernel._reader``), so a refresh
+Per-stop caching: results live in the kernel model's caches
+(``kernel.cache(...)``), emptied when ``kernel.invalidate()`` ran, so a refresh
 after a stop costs one pass over the few pages involved.
+
+``open_kernel(target, vmlinux, ...)`` opens the kernel model with the SBM
+extension attached (``--root sandbox[=N]``, the sandbox-CR3 -> kernel-root
+fixup): the one constructor every face calls.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.model.kernel import ROOT_FIXUPS, SANDBOX_ROOT_PROVIDERS, RootSpec
+from sbmdbg.model import kernel as km
+from sbmdbg.model.kernel import Extension, RootSpec
 from sbmdbg.model.layout import LayoutError, cstring, decode_field, decode_struct
 from sbmdbg.target.base import TargetError
 from sbmdbg.x86.regs import decode_cr3
-from sbmdbg.x86.stacks import kernel_cache
 
 U64 = (1 << 64) - 1
 USER_CS = 0x33                 # GDT_ENTRY_DEFAULT_USER_CS * 8 + 3 (x86_64 ABI)
@@ -27,6 +31,18 @@ MAX_TASKS = 4096               # bound on the init_task.tasks walk
 MAX_THREADS = 1024             # bound per thread group
 MAX_BUFS = 256                 # bound per sbm_buf list
 BUF_LISTS = ("input", "output", "io")
+
+# The structs the SBM model reads (read from DWARF in one pass by open_kernel).
+PREFETCH = ("pcpu_hot", "task_struct", "thread_info", "x86_sbm_state", "sbm", "sbm_buf", "pt_regs",
+           "cpu_entry_area", "cea_exception_stacks", "exception_stacks", "thread_union", "irq_stack",
+           "mm_struct", "signal_struct", "cpuinfo_x86", "list_head")
+
+# The one vocabulary of every face (`sbm --json`, both tracers' events, the
+# dashboard): CR3 roles (role_of_cr3) and vCPU modes (mode_of); stack classes
+# are sbmdbg.sbm.stacks.STACK_KINDS.
+CR3_ROLES = ("kernel", "kernel (other mm)", "user (PTI)", "sandbox:<pid>")
+MODES = ("kernel", "user", "sandbox", "sandbox (in kernel handler)", "transition", "cpl<N>")
+PA_MASK = ((1 << 52) - 1) & ~0xFFF
 
 # What a kernel needs to count as an SBM kernel (see no_sbm_reason()).
 SBM_SYMBOLS = ("x86_sbm_state", "x86_sbm_exec")
@@ -41,23 +57,13 @@ ReadErrors = (SbmdbgError, TargetError)
 
 
 # ---------------------------------------------------------------- caching
-def _static(kernel) -> dict:
-    """Per-kernel cache of things that never change (symbols, layouts)."""
-    return kernel_cache(kernel, "_sbm_static")
-
-
 def stop_cache(kernel) -> dict:
-    """Per-stop cache: dropped whenever kernel.invalidate() ran (it replaces
-    kernel._reader, which serves as the generation token)."""
-    d = kernel_cache(kernel, "_sbm_stop")
-    if d.get("_gen") is not kernel._reader:
-        d.clear()
-        d["_gen"] = kernel._reader
-    return d
+    """The SBM model's per-stop cache (emptied by kernel.invalidate())."""
+    return kernel.cache("sbm")
 
 
 def _cached(kernel, key, fn, static=False):
-    c = _static(kernel) if static else stop_cache(kernel)
+    c = kernel.cache("sbm", per_stop=not static)
     if key not in c:
         c[key] = fn()
     return c[key]
@@ -250,7 +256,7 @@ class Sandbox:
 
     @property
     def label(self) -> str:
-        return f"sandbox:{self.pid}"
+        return sandbox_label(self.pid)
 
     def to_json(self) -> dict:
         return {"index": self.index, "label": self.label, "state": self.state,
@@ -447,16 +453,49 @@ def _kernel_pgds(kernel, task: int) -> set[int]:
     return out
 
 
-def cr3_role(kernel, cr3: int, task: int | None, sbs: list[Sandbox]) -> tuple[str, Sandbox | None]:
-    d = decode_cr3(cr3, kernel.cr4)
-    for s in sbs:
-        if s.sbm_cr3 and (cr3 & ~0xFFF) & ((1 << 52) - 1) == s.pgd_pa:
-            return s.label, s
+def sandbox_label(pid) -> str:
+    return f"sandbox:{pid}"
+
+
+def is_sandbox_role(role: str | None) -> bool:
+    return bool(role) and role.startswith("sandbox:")
+
+
+def role_of_cr3(cr3: int, cr4: int, sandboxes, kernel_pgds) -> tuple[str, object]:
+    """The role of ``cr3`` (a word of CR3_ROLES) and the matching sandbox.
+    ``sandboxes``: [(sbm_cr3, label, obj)]; ``kernel_pgds()``: the PGD
+    physical addresses that count as the kernel's (called only when needed)."""
+    for sbm_cr3, label, obj in sandboxes:
+        if sbm_cr3 and cr3 & PA_MASK == sbm_cr3 & PA_MASK:
+            return label, obj
+    d = decode_cr3(cr3, cr4)
     if d.pti_user:
         return "user (PTI)", None
-    if d.pgd_pa in (_kernel_pgds(kernel, task) if task else {kernel.root}):
+    if d.pgd_pa in kernel_pgds():
         return "kernel", None
     return "kernel (other mm)", None
+
+
+def cr3_role(kernel, cr3: int, task: int | None, sbs: list[Sandbox]) -> tuple[str, Sandbox | None]:
+    return role_of_cr3(cr3, kernel.cr4, [(s.sbm_cr3, s.label, s) for s in sbs],
+                       lambda: _kernel_pgds(kernel, task) if task else {kernel.root})
+
+
+def mode_of(cpl: int, in_sandbox: bool, own_sandbox: bool, rip_symbol: str | None,
+            stack_kind: str | None) -> str:
+    """The vCPU mode (a word of MODES): ``in_sandbox`` = CR3 is a sandbox's,
+    ``own_sandbox`` = the current task has thread_info.sbm_state set."""
+    if cpl == 3:
+        return "sandbox" if in_sandbox else "user"
+    if cpl == 0 and own_sandbox:
+        if in_sandbox or rip_symbol in ("x86_sbm_exec", "x86_sbm_return"):
+            return "transition"
+        if stack_kind == "sbm_exception_stack":
+            return "sandbox (in kernel handler)"
+        return "transition"
+    if cpl == 0:
+        return "kernel"
+    return f"cpl{cpl}"
 
 
 def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
@@ -490,21 +529,8 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     out["cr3_role"] = role
     stack = classify_address(kernel, rsp, cpu=cpu)
     out["stack"] = stack
-    if cpl == 3:
-        mode = "sandbox" if sb is not None else "user"
-    elif cpl == 0 and own is not None:
-        rip_sym = (out["rip_symbol"] or {}).get("symbol")
-        if sb is not None or rip_sym in ("x86_sbm_exec", "x86_sbm_return"):
-            mode = "transition"
-        elif stack.get("kind") == "sbm_exception_stack":
-            mode = "sandbox (in kernel handler)"
-        else:
-            mode = "transition"
-    elif cpl == 0:
-        mode = "kernel"
-    else:
-        mode = f"cpl{cpl}"
-    out["mode"] = mode
+    out["mode"] = mode_of(cpl, sb is not None, own is not None,
+                          (out["rip_symbol"] or {}).get("symbol"), stack.get("kind"))
     sbx = sb or own
     out["sandbox"] = sbx.label if sbx else None
     out["sandbox_state"] = sbx.state if sbx else None
@@ -525,7 +551,7 @@ def vcpus_status(kernel) -> list[dict]:
 
 # ---------------------------------------------------------------- hooks
 def sandbox_roots(kernel) -> list[RootSpec]:
-    """SANDBOX_ROOT_PROVIDERS hook: ``--root sandbox[=N]`` in vtop/pt/ptov."""
+    """The extension's sandbox roots: ``--root sandbox[=N]`` in vtop/pt/ptov."""
     if not has_sbm(kernel):
         raise NoSandboxMode(no_sbm_reason(kernel))
     return [RootSpec(s.label, s.pgd_pa, s.sbm_cr3,
@@ -533,7 +559,7 @@ def sandbox_roots(kernel) -> list[RootSpec]:
 
 
 def kernel_root_fixup(kernel) -> int | None:
-    """ROOT_FIXUPS hook: if the discovered root is a sandbox's (the vCPU was
+    """The extension's root fixup: if the discovered root is a sandbox's (the vCPU was
     stopped in a sandbox), x86_sbm_state.kernel_cr3 under it is non-zero --
     the same test the entry code does -- and names the kernel root."""
     if "x86_sbm_state" not in kernel.symbols:
@@ -548,7 +574,12 @@ def kernel_root_fixup(kernel) -> int | None:
     return decode_cr3(kcr3, kernel.cr4).kernel_pgd_pa
 
 
-if sandbox_roots not in SANDBOX_ROOT_PROVIDERS:
-    SANDBOX_ROOT_PROVIDERS.append(sandbox_roots)
-if kernel_root_fixup not in ROOT_FIXUPS:
-    ROOT_FIXUPS.append(kernel_root_fixup)
+EXTENSION = Extension("sbm", sandbox_roots=sandbox_roots, root_fixup=kernel_root_fixup)
+
+
+def open_kernel(target, vmlinux: str | None = None, **kw):
+    """The kernel model with the SBM model attached: what every face opens
+    (``kw`` as sbmdbg.model.kernel.open_kernel: symbols, layouts, cpu, verify)."""
+    ext = tuple(kw.pop("extensions", ()))
+    kw.setdefault("prefetch", PREFETCH)
+    return km.open_kernel(target, vmlinux, extensions=ext + (EXTENSION,), **kw)

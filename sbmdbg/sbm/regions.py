@@ -10,7 +10,7 @@ import bisect
 from sbmdbg.model.layout import LayoutError
 from sbmdbg.sbm import model as m
 from sbmdbg.x86 import paging as pg
-from sbmdbg.x86 import stacks as xs
+from sbmdbg.model import stacks as xs
 
 PAGE = 0x1000
 
@@ -54,6 +54,14 @@ def _r(kind, name, start, end, **extra) -> dict:
     return d
 
 
+# The kernel image's sections: (kind, name, start symbol, end symbol).
+SECTIONS = (("kernel_text", "kernel text", "_stext", "_etext"),
+            ("entry_text", "entry text", "__entry_text_start", "__entry_text_end"),
+            ("rodata", "rodata", "__start_rodata", "__end_rodata"),
+            ("data", "data", "_sdata", "_edata"),
+            ("bss", "bss", "__bss_start", "__bss_stop"))
+
+
 def _sym_range(kernel, kind, name, a, b):
     if a in kernel.symbols and b in kernel.symbols:
         return [_r(kind, name, kernel.sym(a), kernel.sym(b))]
@@ -63,11 +71,8 @@ def _sym_range(kernel, kind, name, a, b):
 def sandbox_regions(kernel, sb) -> list[dict]:
     """The design's regions for sandbox ``sb`` (page-rounded; exact bounds kept)."""
     out = []
-    out += _sym_range(kernel, "kernel_text", "kernel text", "_stext", "_etext")
-    out += _sym_range(kernel, "entry_text", "entry text", "__entry_text_start", "__entry_text_end")
-    out += _sym_range(kernel, "rodata", "rodata", "__start_rodata", "__end_rodata")
-    out += _sym_range(kernel, "data", "data", "_sdata", "_edata")
-    out += _sym_range(kernel, "bss", "bss", "__bss_start", "__bss_stop")
+    for kind, name, a, b in SECTIONS:
+        out += _sym_range(kernel, kind, name, a, b)
     sym = kernel.symbols
     if "__per_cpu_start" in sym and "__per_cpu_end" in sym:
         size = sym.addr("__per_cpu_end") - sym.addr("__per_cpu_start")
@@ -169,8 +174,7 @@ def labeled_map(kernel, sb, max_entries: int = 200_000,
     regs = sandbox_regions(kernel, sb)
     rmap = RegionMap(regs)
     # merged walk runs label the same as single pages (labels ignore PA and size)
-    maps, w = pg.walk(kernel._reader, sb.pgd_pa, la57=kernel.la57, nxe=kernel.nxe,
-                      max_entries=max_entries, max_ranges=4 * max_ranges)
+    maps, w = kernel.walk(sb.pgd_pa, max_entries=max_entries, max_ranges=4 * max_ranges)
     out: list[dict] = []
     more = 0
     for mp in maps:

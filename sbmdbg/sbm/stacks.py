@@ -5,9 +5,15 @@ x86_sbm_exec's saved registers -> the caller's kernel frames)."""
 from __future__ import annotations
 
 from sbmdbg.sbm import model as m
-from sbmdbg.x86 import stacks as xs
+from sbmdbg.model import stacks as xs
 
 U64 = m.U64
+PAGE = 4096
+# The stack classes of every face (`sbm --json` rows' stack.kind, the tracers'
+# stack / fault_stack): what classify_address / classify_in answer.
+STACK_KINDS = ("task_stack", "irq_stack", "entry_stack", "ist_stack", "ist_guard",
+               "sbm_sandbox_stack", "sbm_sandbox_guard", "sbm_exception_stack", "unknown")
+CEA_STACK_KINDS = ("entry_stack", "ist_stack", "ist_guard")   # the cpu_entry_area parts that are stacks
 
 
 def top_of_intr_stack(kernel, cpu: int) -> int:
@@ -37,13 +43,13 @@ def stack_ranges(kernel, cpu: int | None = None) -> list[dict]:
             irq = xs.irq_stack(kernel, c, pc, sz["irq_stack_size"])
             if irq:
                 out.append(irq)
-            out += [p for p in xs.cea_parts(kernel, c) if p["kind"] in ("entry_stack", "ist_stack", "ist_guard")]
+            out += [p for p in xs.cea_parts(kernel, c) if p["kind"] in CEA_STACK_KINDS]
             task = pc.get("current_task") or 0
             if task:
                 out += _task_stack(kernel, task, c)
         if m.has_sbm(kernel):
             for sb in m.sandboxes(kernel, all_tasks_walk=False):
-                out += sbm_stacks(kernel, sb)
+                out += sbm_stacks(kernel, sb) + sbm_guard(sb.fields, sb.label)
         return out
     rs = m._cached(kernel, "stack_ranges", get)
     return rs if cpu is None else [r for r in rs if r.get("cpu") in (None, cpu)]
@@ -51,42 +57,66 @@ def stack_ranges(kernel, cpu: int | None = None) -> list[dict]:
 
 def _task_stack(kernel, task: int, cpu=None) -> list[dict]:
     t = m.task_info(kernel, task)
-    st = t.get("stack")
-    if not st:
+    return task_stack_of(kernel, task, t.get("stack"), cpu, t.get("pid"), t.get("comm"))
+
+
+def task_stack_of(kernel, task: int, base: int | None, cpu, pid, comm) -> list[dict]:
+    """The thread stack of ``task`` (task_struct.stack = ``base``)."""
+    if not base:
         return []
-    return [{"kind": "task_stack", "name": f"task stack of {t.get('comm')} (pid {t.get('pid')})",
-             "start": st, "end": st + m.sizes(kernel)["thread_size"], "cpu": cpu,
-             "task": task, "pid": t.get("pid"), "comm": t.get("comm")}]
+    return [{"kind": "task_stack", "name": f"task stack of {comm} (pid {pid})",
+             "start": base, "end": base + m.sizes(kernel)["thread_size"], "cpu": cpu,
+             "task": task, "pid": pid, "comm": comm}]
 
 
 def sbm_stacks(kernel, sb) -> list[dict]:
+    return sbm_stacks_of(kernel, sb.fields, sb.label)
+
+
+def sbm_stacks_of(kernel, f: dict, label: str) -> list[dict]:
+    """The sandbox and exception stacks of the x86_sbm_state fields ``f``."""
     sz = m.sizes(kernel)
-    f = sb.fields
     out = []
     if f.get("stack"):
-        out.append({"kind": "sbm_sandbox_stack", "name": f"SBM sandbox stack ({sb.label})",
+        out.append({"kind": "sbm_sandbox_stack", "name": f"SBM sandbox stack ({label})",
                     "start": f["stack"], "end": f["stack"] + sz["thread_size"], "cpu": None,
-                    "sandbox": sb.label})
+                    "sandbox": label})
     if f.get("exc_stack"):
-        out.append({"kind": "sbm_exception_stack", "name": f"SBM exception stack ({sb.label})",
+        out.append({"kind": "sbm_exception_stack", "name": f"SBM exception stack ({label})",
                     "start": f["exc_stack"], "end": f["exc_stack"] + sz["exception_stksz"],
-                    "cpu": None, "sandbox": sb.label})
+                    "cpu": None, "sandbox": label})
     return out
+
+
+def sbm_guard(f: dict, label: str) -> list[dict]:
+    """The guard page below the sandbox stack (a stack overflow lands there)."""
+    if not f.get("stack"):
+        return []
+    return [{"kind": "sbm_sandbox_guard", "name": f"SBM sandbox stack guard page ({label})",
+             "start": f["stack"] - PAGE, "end": f["stack"], "cpu": None, "sandbox": label}]
+
+
+def classify_in(ranges: list[dict], va: int, cpu: int | None = None) -> dict | None:
+    """The first of ``ranges`` holding ``va`` (that CPU's first), as
+    classify_address answers it; None when none does."""
+    va &= U64
+    if cpu is not None:
+        ranges = sorted(ranges, key=lambda r: r.get("cpu") != cpu)
+    for r in ranges:
+        if r["start"] <= va < r["end"]:
+            return _hit(r, va)
+    return None
 
 
 def classify_address(kernel, va: int, cpu: int | None = None, all_tasks: bool = False) -> dict:
     """Which stack ``va`` is on: {kind, name, start, end, offset_from_top, ...}
-    or {kind: "unknown"}.  Kinds: task_stack, irq_stack, entry_stack,
-    ist_stack, ist_guard, sbm_sandbox_stack, sbm_exception_stack.
+    or {kind: "unknown"}; kinds: STACK_KINDS.
     ``cpu`` prefers that CPU's stacks; ``all_tasks`` also scans every task's
     stack (bounded walk of the task list)."""
     va &= U64
-    cands = stack_ranges(kernel)
-    if cpu is not None:
-        cands = sorted(cands, key=lambda r: r.get("cpu") != cpu)
-    for r in cands:
-        if r["start"] <= va < r["end"]:
-            return _hit(r, va)
+    hit = classify_in(stack_ranges(kernel), va, cpu)
+    if hit is not None:
+        return hit
     if all_tasks or cpu is None:
         for t in m.all_tasks(kernel):
             for r in _task_stack(kernel, t):

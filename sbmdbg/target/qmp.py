@@ -2,7 +2,8 @@
 
 Built on an ``hmp(cmdline, cpu_index=None) -> str`` callable, so it can share
 the harness's QMP connection (``vm.hmp``) — QEMU's QMP socket takes one
-client.  ``QmpTarget.connect(path)`` opens its own connection instead.
+client.  ``QmpTarget.connect(path)`` opens its own connection instead (the
+one QMP client, sbmdbg.vm.qmp.QmpClient).
 """
 from __future__ import annotations
 
@@ -58,19 +59,10 @@ class QmpTarget(Target):
 
     @classmethod
     def connect(cls, address: str, **kw) -> "QmpTarget":
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        q = QEMUMonitorProtocol(address)
-        try:
-            q.connect()
-        except Exception as e:  # noqa: BLE001
-            raise TargetError(f"cannot connect to QMP at {address}: {e}") from None
-
-        def hmp(cmdline: str, cpu_index: int | None = None) -> str:
-            args: dict = {"command-line": cmdline}
-            if cpu_index is not None:
-                args["cpu-index"] = cpu_index
-            return q.cmd("human-monitor-command", **args)
-        t = cls(hmp, lambda cmd, **args: q.cmd(cmd, **args), **kw)
+        from sbmdbg.vm.qmp import QmpClient
+        q = QmpClient(address)
+        q.cmd("query-status")   # reachable now, or a clear error here
+        t = cls(q.hmp, q.cmd, **kw)
         t._qmp = q
         return t
 

@@ -1,11 +1,10 @@
-"""``sbmdbg trace ...`` and ``sbmdbg bench trace``.
+"""``sbmdbg trace ...`` (the benchmark, ``sbmdbg bench trace``, is in sbmdbg.bench).
 
     sbmdbg trace record [--id ID | --boot] [--file F] [--via auto|plugin|gdb] [--level L] [--emulate]
                         [--run 'CMD'] [--seconds S] [--json]      (alias: start)
     sbmdbg trace show FILE [--last N] [--kind K,K] [--vcpu N] [--json]
     sbmdbg trace export FILE --perfetto OUT
     sbmdbg trace check FILE --qemu-log LOG [--start-offset B]
-    sbmdbg bench trace [--repeat N] [--pti on|off] [--json]
 """
 from __future__ import annotations
 
@@ -108,14 +107,6 @@ def _check(args) -> int:
     return 0 if not r["missing_from_log"] and not r["missing_from_trace"] else 1
 
 
-def _bench(args) -> int:
-    from sbmdbg.trace.bench import bench_trace, render
-
-    r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels if isinstance(args.levels, list) else args.levels.split(","))
-    print(json.dumps(r, indent=2) if args.json else render(r))
-    return 0
-
-
 def add_parser(sub) -> None:
     t = sub.add_parser("trace", help="live SBM transition tracer").add_subparsers(
         dest="tcmd", required=True, parser_class=sub._parser_class)
@@ -155,13 +146,3 @@ def add_parser(sub) -> None:
     c.add_argument("--start-offset", type=V.arg_int(0, 1 << 62), default=0,
                    help="byte offset of the log where tracing began")
     c.set_defaults(func=_check)
-
-
-def add_bench_parser(b) -> None:
-    bt = b.add_parser("trace", help="tracer throughput and slowdown during `repeat N`")
-    bt.add_argument("--repeat", type=V.arg_int(1, 1_000_000), default=100, help="N of `repeat N` (default 100)")
-    bt.add_argument("--pti", choices=["on", "off"], default="on")
-    bt.add_argument("--levels", default="plugin,full,lean", type=V.arg_choices(("plugin", "full", "fast", "lean")),
-                    help="comma-separated: plugin (no-stop tracer) and/or gdb levels full, fast, lean")
-    bt.add_argument("--json", action="store_true")
-    bt.set_defaults(func=_bench)

@@ -1,23 +1,28 @@
-"""What the tracer needs to know about the guest at a stop, read from guest
-RAM through the kernel model (layouts from DWARF, reads through the kernel
-root).  A deliberately small stand-in for the SBM model (``sbmdbg.sbm``):
-current task, its ``thread_info.sbm_state``, the state's fields, stack
-classes, CR3 roles and address regions.  Swap these for the model's
-functions when it lands; the tracer only calls the methods below.
+"""The tracer's per-event view of the guest: a thin accessor over the SBM
+model (``sbmdbg.sbm``).  Offsets come from the kernel's layouts once; each
+event costs a few reads of guest RAM; every word it answers -- CR3 role, mode,
+stack class -- and every size or bound (THREAD_SIZE, EXCEPTION_STKSZ, the
+buffer-list bound) is the SBM model's, so the tracers' events and ``sbm
+--json`` speak one vocabulary (sbm.model.CR3_ROLES / MODES,
+sbm.stacks.STACK_KINDS).
 
 Reads take fast paths where the mapping is fixed: the kernel image
 (``va - __START_KERNEL_map + phys_base``) and the direct map
 (``va - page_offset_base``); anything else (vmalloc'ed stacks) is a page
-walk from the kernel root.
+walk from the kernel root.  No per-stop cache is kept here: the no-stop
+tracer reads while the guest runs.
 """
 from __future__ import annotations
 
 import struct
 
+from sbmdbg.model import stacks as xs
 from sbmdbg.model.kernel import START_KERNEL_MAP
 from sbmdbg.model.layout import cstring
+from sbmdbg.sbm import model as M
+from sbmdbg.sbm import regions as RG
+from sbmdbg.sbm import stacks as S
 from sbmdbg.x86 import paging as pg
-from sbmdbg.x86.regs import decode_cr3
 
 U64 = (1 << 64) - 1
 DIRECT_MAP_SPAN = 1 << 46
@@ -37,41 +42,42 @@ class GuestContext:
     def __init__(self, kernel):
         self.k = kernel
         k, lay = kernel, kernel.layouts
+        sym = k.symbols
+
+        def opt(name):
+            return k.sym(name) if name in sym else None
         self.text = k.sym("_text")
-        self.end = k.sym("_end")
-        self._pcpu_off: dict[int, int] = {}
+        self.end = opt("_end") or self.text
+        self._pcpu_off = k.cache("trace.per_cpu_offset", per_stop=False)   # cpu -> offset
+        self._cea = k.cache("trace.cea_stacks", per_stop=False)            # cpu -> [ranges]
         self.off_current = lay.offsetof("pcpu_hot", "current_task")
-        self.pcpu_hot = k.symbols.addr("pcpu_hot")
+        self.pcpu_hot = sym.addr("pcpu_hot")
         self.off_hardirq = (lay.offsetof("pcpu_hot", "hardirq_stack_ptr")
                             if lay.layout("pcpu_hot").has("hardirq_stack_ptr") else None)
         self.off_pid = lay.offsetof("task_struct", "pid")
         self.off_comm = lay.offsetof("task_struct", "comm")
         self.off_stack = lay.offsetof("task_struct", "stack")
+        self.off_active_mm = lay.offsetof("task_struct", "active_mm")
+        self.off_pgd = lay.offsetof("mm_struct", "pgd")
         self.task_size = lay.sizeof("task_struct")
         self.off_sbm_state = lay.offsetof("task_struct", "thread_info.sbm_state")
         st = lay.layout("x86_sbm_state")
         self.state_off = {f: st.field(f).offset for f in STATE_FIELDS}
         sb = lay.layout("sbm")
-        self.sbm_off = {f: sb.field(f).offset for f in ("error", "private", "input", "output", "io")}
+        self.sbm_off = {f: sb.field(f).offset for f in ("error", "private", *M.BUF_LISTS)}
         self.buf_off = {f: lay.offsetof("sbm_buf", f) for f in ("next", "kern_ptr", "sbm_ptr", "size")}
         pr = lay.layout("pt_regs")
         self.regs_off = {f: pr.field(f).offset for f in REGS_FIELDS}
         self.regs_size = pr.size
-        sym = k.symbols
-        self.thread_size = ((sym.get("__end_init_stack") or 0) - (sym.get("__start_init_stack") or 0)) or 16384
-        try:
-            self.exc_stksz = lay.layout("exception_stacks").field("DF_stack").size or 4096
-        except Exception:  # noqa: BLE001 - layout missing: the x86_64 default
-            self.exc_stksz = 4096
-        self.jiffies = k.sym("jiffies") if "jiffies" in sym else k.sym("jiffies_64")
-        self.sections = [(k.sym(a), k.sym(b), name) for a, b, name in (
-            ("__entry_text_start", "__entry_text_end", "entry text"),
-            ("_stext", "_etext", "kernel text"),
-            ("__start_rodata", "__end_rodata", "rodata"),
-            ("_sdata", "_edata", "data"),
-            ("__bss_start", "__bss_stop", "bss"),
-        ) if a in sym and b in sym]
-        self.state_page = k.sym("x86_sbm_state")
+        sizes = M.sizes(kernel)
+        self.thread_size = sizes["thread_size"]
+        self.exc_stksz = sizes["exception_stksz"]
+        self.irq_size = sizes["irq_stack_size"]
+        self.jiffies = opt("jiffies") or opt("jiffies_64")
+        # the SBM model's section table, the innermost first (entry text is in .text)
+        self.sections = sorted(((k.sym(a), k.sym(b), name) for _kind, name, a, b in RG.SECTIONS
+                                if a in sym and b in sym), key=lambda s: s[1] - s[0])
+        self.state_page = opt("x86_sbm_state") or 0
         self.per_cpu_size = kernel.per_cpu_end or 0
         # The direct map ends where the next region begins: with KASLR
         # (RANDOMIZE_MEMORY) vmalloc/vmemmap may start well within 64 TB of
@@ -80,6 +86,8 @@ class GuestContext:
         pob = kernel.page_offset_base
         self.direct_end = min([b for b in (kernel.vmalloc_base, kernel.vmemmap_base) if b and b > pob]
                               + [pob + DIRECT_MAP_SPAN])
+        init_pgd = opt("init_top_pgt") or opt("swapper_pg_dir")
+        self.static_pgds = {k.root} | ({self.pa(init_pgd)} if init_pgd else set())
 
     # ------------------------------------------------------------ reads
     def read(self, va: int, n: int) -> bytes:
@@ -91,6 +99,14 @@ class GuestContext:
         if pob <= va and va + n <= self.direct_end and (va >> 12) == ((va + n - 1) >> 12):
             return k.target.read_phys(va - pob, n)
         return k.read_virt(k.root, va, n)
+
+    def pa(self, va: int) -> int | None:
+        k = self.k
+        if k.page_offset_base <= va < self.direct_end:
+            return va - k.page_offset_base
+        if self.text <= va < self.end:
+            return (va - START_KERNEL_MAP + k.phys_base) & U64
+        return k.translate(k.root, va).pa
 
     def u64(self, va: int) -> int:
         return struct.unpack("<Q", self.read(va, 8))[0]
@@ -125,16 +141,18 @@ class GuestContext:
         data = self.read(va, self.regs_size)
         return {f: struct.unpack_from("<Q", data, o)[0] for f, o in self.regs_off.items()}
 
-    def jiffies_now(self) -> int:
-        return self.u64(self.jiffies)
+    def jiffies_now(self) -> int | None:
+        return self.u64(self.jiffies) if self.jiffies else None
 
-    def sbm_buffers(self, sbm: int, limit: int = 32) -> list[tuple[str, int, int, int]]:
-        """(list name, index, sbm_ptr, size) of the sandbox's buffers (bounded walk)."""
+    def sbm_buffers(self, sbm: int, limit: int = M.MAX_BUFS) -> list[tuple[str, int, int, int]]:
+        """(list name, index, sbm_ptr, size) of the sandbox's buffers (bounded
+        walk, as the SBM model's read_bufs: a loop ends the list)."""
         out = []
-        for lst in ("input", "output", "io"):
+        for lst in M.BUF_LISTS:
             p = self.u64(sbm + self.sbm_off[lst])
-            i = 0
-            while p and i < limit:
+            i, seen = 0, set()
+            while p and p not in seen and i < limit:
+                seen.add(p)
                 d = self.read(p, max(self.buf_off.values()) + 8)
                 nxt, sptr, size = (struct.unpack_from("<Q", d, self.buf_off[f])[0]
                                    for f in ("next", "sbm_ptr", "size"))
@@ -142,41 +160,69 @@ class GuestContext:
                 p, i = nxt, i + 1
         return out
 
-    # ------------------------------------------------------------ classes
-    def stack_class(self, rsp: int, task: int, st: dict | None, cpu: int | None = None) -> str:
-        ts = self.thread_size
+    # ------------------------------------------------------------ the SBM model's words
+    def stack_ranges(self, task: int, st: dict | None, cpu: int | None = None,
+                     pid: int | None = None) -> list[dict]:
+        """The stacks an event can be on (the SBM model's ranges): the
+        sandbox's, the task's, the vCPU's IRQ stack and cpu_entry_area stacks."""
+        k = self.k
+        out = []
         if st:
-            if st["stack"] <= rsp <= st["stack"] + ts:
-                return "sandbox"
-            if st["stack"] - 4096 <= rsp < st["stack"]:
-                return "sandbox-guard"      # overflowed into the guard page
-            if st["exc_stack"] <= rsp <= st["exc_stack"] + self.exc_stksz:
-                return "exception"
+            label = M.sandbox_label(pid)
+            out += S.sbm_stacks_of(k, st, label) + S.sbm_guard(st, label)
         if task:
             try:
-                base = self.u64(task + self.off_stack)
-                if base <= rsp <= base + ts:
-                    return "task"
-            except Exception:  # noqa: BLE001
+                out += S.task_stack_of(k, task, self.u64(task + self.off_stack), cpu, pid, None)
+            except Exception:  # noqa: BLE001 - the task may be gone (read after the fact)
                 pass
-        if CPU_ENTRY_AREA[0] <= rsp < CPU_ENTRY_AREA[1]:
-            return "entry"
-        if cpu is not None and self.off_hardirq is not None:
-            try:
-                top = self.u64(self.pcpu_hot + self.per_cpu(cpu) + self.off_hardirq)
-                if top - ts <= rsp <= top + 8:
-                    return "irq"
-            except Exception:  # noqa: BLE001
-                pass
-        return "other"
+        for c in ([cpu] if cpu is not None else range(k.target.ncpus)):
+            out += self.cea_stacks(c)
+            if cpu is not None and self.off_hardirq is not None:
+                try:
+                    ptr = self.u64(self.pcpu_hot + self.per_cpu(c) + self.off_hardirq)
+                except Exception:  # noqa: BLE001
+                    continue
+                irq = xs.irq_stack(k, c, {"hardirq_stack_ptr": ptr}, self.irq_size)
+                out += [irq] if irq else []
+        return out
 
-    def cr3_role(self, cr3: int, st: dict | None) -> str:
-        if st and (cr3 & ~0xFFF & ((1 << 52) - 1)) == st["sbm_cr3"] & ~0xFFF:
-            return "sandbox"
-        d = decode_cr3(cr3, self.k.cr4)
-        if d.pti_user:
-            return "user"
-        return "kernel"
+    def cea_stacks(self, cpu: int) -> list[dict]:
+        parts = self._cea.get(cpu)
+        if parts is None:
+            parts = [p for p in xs.cea_parts(self.k, cpu) if p["kind"] in S.CEA_STACK_KINDS]
+            if parts:   # only real answers (early boot may have none yet)
+                self._cea[cpu] = parts
+        return parts
+
+    def stack_class(self, rsp: int, task: int, st: dict | None, cpu: int | None = None) -> str:
+        """A word of sbm.stacks.STACK_KINDS."""
+        hit = S.classify_in(self.stack_ranges(task, st, cpu), rsp, cpu)
+        return hit["kind"] if hit else "unknown"
+
+    def kernel_pgds(self, task: int) -> set[int]:
+        """As the SBM model counts them: its root, init_mm's, the task's active_mm's."""
+        out = set(self.static_pgds)
+        if task:
+            try:
+                mm = self.u64(task + self.off_active_mm)
+                pa = self.pa(self.u64(mm + self.off_pgd)) if mm else None
+                if pa is not None:
+                    out.add(pa)
+            except Exception:  # noqa: BLE001
+                pass
+        return out
+
+    def cr3_role(self, cr3: int, st: dict | None, task: int = 0, pid: int | None = None) -> str:
+        """A word of sbm.model.CR3_ROLES."""
+        sbs = [(st["sbm_cr3"], M.sandbox_label(pid), None)] if st else []
+        role, _ = M.role_of_cr3(cr3, self.k.cr4, sbs, lambda: self.kernel_pgds(task))
+        return role
+
+    @staticmethod
+    def mode(cpl: int, role: str | None, st: dict | None, sym: str | None, stack: str | None) -> str:
+        """A word of sbm.model.MODES (``sym``: "name+0x.." as sym() gives it)."""
+        return M.mode_of(cpl, M.is_sandbox_role(role), bool(st), (sym or "").partition("+")[0] or None,
+                         stack)
 
     def sym(self, va: int | None) -> str | None:
         if va is None:

@@ -7,7 +7,7 @@ event is on disk (in the page cache) as soon as it is recorded, so a killed
 gdb or QEMU loses nothing recorded, and no line is ever half-written by us.
 The reader still tolerates a torn last line (a full disk, say).
 
-Schema (``SCHEMA`` = 1).  Every event has::
+Schema (``SCHEMA`` = 2).  Every event has::
 
     seq        int     0, 1, 2, ... in recording order (0 = trace_start)
     kind       str     trace_start | call | arch_call | enter | return | abort |
@@ -19,10 +19,21 @@ Schema (``SCHEMA`` = 1).  Every event has::
     point      str     the probe that fired (x86_sbm_exec, sbm_entry, ...)
     pid, comm, task    the current task of that vCPU (task = task_struct VA)
     sandbox    str     x86_sbm_state address (hex) or null
-    cr3, cr3_role      CR3 at the stop; role kernel | user (PTI) | sandbox | other
+    cr3, cr3_role      CR3 at the stop; role in the SBM model's words
+                       (sbm.model.CR3_ROLES): kernel | kernel (other mm) |
+                       user (PTI) | sandbox:<pid>
     cpl        int     CPL of the vCPU at the stop (the probe runs in the kernel)
-    rip, sym, rsp, stack   where the vCPU is; stack = class of RSP (task,
-                       sandbox, exception, entry, irq, other)
+    mode       str     the SBM model's mode (sbm.model.MODES): kernel | user |
+                       sandbox | sandbox (in kernel handler) | transition
+    rip, sym, rsp, stack   where the vCPU is; stack = class of RSP in the SBM
+                       model's words (sbm.stacks.STACK_KINDS): task_stack,
+                       irq_stack, entry_stack, ist_stack, ist_guard,
+                       sbm_sandbox_stack, sbm_sandbox_guard, sbm_exception_stack,
+                       unknown (also fault_stack)
+
+Schema 1 (before the tracer spoke the SBM model's words: roles user/sandbox,
+stacks task/sandbox/sandbox-guard/exception/entry/irq/other, no mode) is
+still read: ``read_events`` maps its words to schema 2's (``upgrade``).
 
 Kind-specific fields (addresses are hex strings, numbers are ints):
 
@@ -48,7 +59,13 @@ import threading
 
 from sbmdbg.errors import SbmdbgError
 
-SCHEMA = 1
+SCHEMA = 2
+# schema 1 words -> the SBM model's (entry: somewhere in cpu_entry_area, most
+# likely its entry stack)
+V1_STACKS = {"task": "task_stack", "sandbox": "sbm_sandbox_stack", "sandbox-guard": "sbm_sandbox_guard",
+             "exception": "sbm_exception_stack", "entry": "entry_stack", "irq": "irq_stack",
+             "other": "unknown", "?": "unknown"}
+V1_ROLES = {"user": "user (PTI)", "kernel": "kernel", "other": "kernel (other mm)"}
 
 CALL_KINDS = ("enter",)
 END_KINDS = ("return", "abort")
@@ -178,10 +195,10 @@ INT_FIELDS = {
     "cpl": (0, 3), "vector": (0, 255), "error_code": _U64, "schema": (0, 1 << 16),
     "irqs": _U64,
 }
-STR_FIELDS = {"point", "comm", "cr3_role", "sym", "stack", "func_sym", "fault_sym",
+STR_FIELDS = {"point", "comm", "cr3_role", "mode", "sym", "stack", "func_sym", "fault_sym",
               "vector_name", "cr2_region", "to_sym", "fault_stack", "via", "level", "reason"}
 HEX_FIELDS = {"task", "sandbox", "cr3", "rip", "rsp", "sbm", "func", "data", "sbm_tos", "exc_tos",
-              "sbm_cr3", "cr2", "fault_rip", "fault_rsp", "address", "to_rip"}
+              "sbm_cr3", "cr2", "fault_rip", "fault_rsp", "address", "to_rip", "sandbox_rsp"}
 _HEX_RE = None
 
 
@@ -274,7 +291,24 @@ def read_events(path: str, strict: bool = False) -> list[dict]:
                 break
             raise SbmdbgError(f"{where}:{i + 1}: {problem}") from None
         out.append(clean_tree(ev))
-    return out
+    return upgrade(out)
+
+
+def upgrade(events: list[dict]) -> list[dict]:
+    """Events of an older schema in the current schema's words (in place)."""
+    schema = events[0].get("schema", SCHEMA) if events and events[0].get("kind") == "trace_start" else SCHEMA
+    if schema != 1:
+        return events
+    for ev in events:
+        for f in ("stack", "fault_stack"):
+            if f in ev:
+                ev[f] = V1_STACKS.get(ev[f], ev[f])
+        role = ev.get("cr3_role")
+        if role == "sandbox":
+            ev["cr3_role"] = f"sandbox:{ev.get('pid')}"
+        elif role in V1_ROLES:
+            ev["cr3_role"] = V1_ROLES[role]
+    return events
 
 
 def validate(events: list[dict]) -> list[str]:

@@ -7,7 +7,7 @@ gdbstub makes that 7-15 ms a stop.  This tracer never stops the guest:
   error code, CPL, CS:RIP, SS:RSP, CR2 and a full register dump (RAX = the
   sandbox's return value at the exit #PF, CR3, GS base).  Switched on at
   ``start`` through the monitor (``logfile``/``log int,plugin,tid``).
-* The sbmtrace plugin (``plugin/sbmtrace.c``) writes lines into the same log,
+* The sbmtrace plugin (``sbmdbg/vm/plugin/sbmtrace.c``) writes lines into the same log,
   in execution order, for what the exception log does not show: the enter
   (the ``iretq`` of x86_sbm_exec: the IRET frame = first sandbox instruction
   and stack, plus the current task and its x86_sbm_state words), the resume
@@ -42,6 +42,7 @@ import time
 
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import cstring
+from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
 from sbmdbg.trace.events import (
     PF_EXIT_ERROR, SCHEMA, EventSink, decode_pf_error, describe_pf_error, hx, read_events,
@@ -49,6 +50,7 @@ from sbmdbg.trace.events import (
 )
 
 U64 = (1 << 64) - 1
+EXCEPTION_STACK = "sbm_exception_stack"     # a word of sbm.stacks.STACK_KINDS
 IRETQ = b"\x48\xcf"
 FRAME = ("rip", "cs", "rflags", "rsp", "ss")
 
@@ -227,10 +229,16 @@ class Assembler:
     def _where(self, ev: dict, rip: int, rsp: int, cr3: int | None, cpl: int, vcpu: int) -> None:
         c = self._vcpu_ctx.get(vcpu) or {}
         st = c.get("st")
-        ctx = self.ctx
+        ctx, task = self.ctx, c.get("task_va") or 0
         ev.update({"cpl": cpl, "rip": hx(rip), "sym": ctx.sym(rip), "rsp": hx(rsp),
-                   "stack": ctx.stack_class(rsp, c.get("task_va") or 0, st, vcpu),
-                   "cr3": hx(cr3), "cr3_role": ctx.cr3_role(cr3, st) if cr3 is not None else None})
+                   "stack": ctx.stack_class(rsp, task, st, vcpu), "cr3": hx(cr3),
+                   "cr3_role": ctx.cr3_role(cr3, st, task, c.get("pid")) if cr3 is not None else None})
+        ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"])
+
+    def _mode(self, ev: dict, vcpu: int) -> None:
+        """The SBM model's mode for an event whose CR3 the log does not show."""
+        st = (self._vcpu_ctx.get(vcpu) or {}).get("st")
+        ev["mode"] = GuestContext.mode(ev["cpl"], None, st, ev.get("sym"), ev.get("stack"))
 
     def _sandbox_int(self, rec: dict, stamp: dict) -> None:
         vcpu = stamp["vcpu"]
@@ -309,8 +317,9 @@ class Assembler:
         ev["vector"] = stack.pop() if stack else None
         to = frame.get("rip")
         ev.update(to_rip=hx(to), to_sym=self.ctx.sym(to) if to else None, cpl=0,
-                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack="exception",
+                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack=EXCEPTION_STACK,
                   sandbox_rsp=hx(frame.get("rsp")))
+        self._mode(ev, vcpu)
         self._emit(ev)
 
     def _on_exit(self, rec: dict) -> None:
@@ -324,7 +333,9 @@ class Assembler:
         ev = self._common("exit", rec, vcpu)
         ev["point"] = "x86_sbm_return"
         ev.update(ret=None if exc else self._last_ret.pop(vcpu, None), error=rec.get("err"),
-                  aborted=exc is not None or bool(rec.get("err")), cpl=0)
+                  aborted=exc is not None or bool(rec.get("err")), cpl=0, rip=hx(self.x86_sbm_return),
+                  sym=self.ctx.sym(self.x86_sbm_return))
+        self._mode(ev, vcpu)
         self._emit(ev)
         self._inflight.pop(vcpu, None)
 
@@ -375,16 +386,13 @@ class PluginTracer:
     # ------------------------------------------------------------ setup
     def _kernel(self):
         if self.k is None:
-            from sbmdbg.model.kernel import Kernel
-            from sbmdbg.model.layout import DwarfLayouts
-            from sbmdbg.model.symbols import Symbols
+            from sbmdbg.sbm import open_kernel
             from sbmdbg.target.qmp import QmpTarget
             from sbmdbg.target.shm import ShmTarget
 
             regs = QmpTarget(self.vm.hmp, self.vm.qmp)
             shm = ShmTarget(self.info["ram"], self.info["ram_size"], regs_source=regs)
-            self.k = Kernel(shm, Symbols.from_elf(self.info["vmlinux"]),
-                            DwarfLayouts(self.info["vmlinux"]))
+            self.k = open_kernel(shm, self.info["vmlinux"])
         return self.k
 
     def probes(self) -> list[tuple[int, str, str, int]]:
@@ -458,7 +466,6 @@ class PluginTracer:
         ctl.cmd("arm")
         ctl.wait_applied()
         self._mark_start()
-        from sbmdbg.trace.context import GuestContext
         self.sink = EventSink(self.path)
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},

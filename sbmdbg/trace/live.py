@@ -14,6 +14,11 @@ API (for the CLI, tests and the dashboard)::
 If QEMU dies or gdb goes away, ``poll``/``wait``/``stop`` raise ``TraceLost``
 within about 0.2 s of noticing (the poll period is 0.1 s); the file keeps
 every event recorded so far and gets a ``trace_stop`` line saying why.
+
+``GdbTracer(gdb_session)`` is the one driver of the in-gdb tracer: the
+recorder, the dashboard and ``sbmdbg check`` start, pause (``stop_guest``:
+``sbm trace hold``, then interrupt until no posted resume is left), resume
+(``sbm trace release``) and stop it through it.
 """
 from __future__ import annotations
 
@@ -58,6 +63,88 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
+class GdbTracer:
+    """Drives ``sbm trace`` in a GdbSession (``g``).  Probe stops resume
+    themselves (a posted ``continue&``), so stopping the guest while tracing
+    is: ``sbm trace hold`` first, then interrupt until gdb stays quiet."""
+
+    def __init__(self, g):
+        self.g = g
+        self.on = False
+
+    def start(self, path: str, level: str = "full", emulate: bool = False, ram: str | None = None,
+              ram_size: int | None = None) -> dict:
+        """Stop the guest (it stays stopped: ``resume()``), read RAM from
+        ``ram`` when given, set the probes; the ``sbm trace start`` JSON."""
+        g = self.g
+        self.stop_guest()
+        if ram:
+            g.console(f"sbm target shm {ram} {ram_size or ''}".strip())
+        info = g.sbm_json(f"sbm trace start --file {path} --level {level}" + (" --emulate" if emulate else ""),
+                          timeout=120)
+        self.on = True
+        return info
+
+    def hold(self, timeout: float = 10.0) -> None:
+        """The next probe stop stays stopped (allowed while the guest runs)."""
+        if self.on:
+            self.g.console("sbm trace hold", timeout=timeout)
+
+    def stop_guest(self, step: float = 5.0) -> None:
+        """Every vCPU stopped; ``step`` bounds each wait for gdb."""
+        g = self.g
+        if not g.alive():
+            raise SbmdbgError("gdb exited")
+        self.hold(timeout=2 * step)
+        quiet = 0
+        deadline = time.monotonic() + 6 * step
+        for _ in range(100):
+            if time.monotonic() > deadline:
+                break
+            if not g.alive():
+                raise SbmdbgError("gdb exited")
+            g.poll(0.02)
+            if g.running:
+                quiet = 0
+                try:
+                    g.mi("-exec-interrupt --all", timeout=step)
+                except SbmdbgError:
+                    if not g.alive():
+                        raise SbmdbgError("gdb exited") from None
+                try:
+                    g.wait_stopped(timeout=step)
+                except SbmdbgError:
+                    pass
+            else:
+                quiet += 1
+                if quiet >= 3:   # no *running for 60 ms: a posted tracer resume would have shown
+                    return
+        raise SbmdbgError("the guest did not stop")
+
+    def resume(self) -> None:
+        """Continue the guest; the tracer resumes past its probes again."""
+        if self.on:
+            self.g.console("sbm trace release", timeout=10)
+        self.g.cont()
+
+    def stop(self, step: float = 5.0) -> dict:
+        """Stop the guest and end the trace (gdb writes trace_stop); the
+        ``sbm trace stop`` JSON.  The guest stays stopped."""
+        try:
+            for _ in range(20):
+                self.stop_guest(step)
+                text, err = self.g.console_result("sbm trace stop --json", timeout=60)
+                if err is None:
+                    from sbmdbg.vm.gdbmi import parse_json_object
+                    return parse_json_object(text) or {}
+                if "running" not in err:
+                    raise SbmdbgError(f"sbm trace stop: {err}")
+                self.g.running = True   # gdb interrupted it itself: wait for that stop
+            raise SbmdbgError("sbm trace stop: the guest kept running")
+        finally:
+            self.on = False
+
+
 class TraceRecorder:
     def __init__(self, vm_info: dict, path: str, level: str = "full", gdb_addr: str | None = None,
                  emulate: bool = False):
@@ -67,6 +154,7 @@ class TraceRecorder:
         self.level = level
         self.gdb_addr = gdb_addr or vm_info["gdb"]
         self.g = None
+        self.tracer: GdbTracer | None = None
         self.started = None
         self.lost: str | None = None
         self._drain: threading.Thread | None = None
@@ -80,13 +168,10 @@ class TraceRecorder:
 
         info = self.info
         self.g = GdbSession(info["vmlinux"], info.get("tree"), self.gdb_addr)
+        self.tracer = GdbTracer(self.g)
         try:
-            self.g.interrupt()
-            self.g.console(f"sbm target shm {info['ram']} {info.get('ram_size') or ''}".strip())
-            out = self.g.console(f"sbm trace start --json --file {self.path} --level {self.level}"
-                                 + (" --emulate" if self.emulate else ""), timeout=120)
-            start = json.loads(out[out.index("{"):])
-            self.g.cont()
+            start = self.tracer.start(self.path, self.level, self.emulate, info["ram"], info.get("ram_size"))
+            self.tracer.resume()
         except BaseException:
             self.g.close()
             self.g = None
@@ -136,12 +221,12 @@ class TraceRecorder:
         elif self.g is None:
             why = "gdb is not running"
         else:
-            proc = getattr(self.g._gdb, "gdb_process", None) if self.g._gdb else None
-            if proc is not None and proc.poll() is not None:
-                why = f"gdb exited (status {proc.returncode})"
+            status = self.g.exit_status()
+            if status is not None:
+                why = f"gdb exited (status {status})"
             else:
                 try:
-                    recs = self.g._poll(0)
+                    recs = self.g.poll(0)
                 except SbmdbgError as e:
                     recs, why = [], f"gdb went away ({e})"
                 for r in recs:
@@ -196,27 +281,7 @@ class TraceRecorder:
         self.poll()
         g = self.g
         try:
-            # Probe stops resume themselves (a posted `continue&`): first tell
-            # the tracer to hold, then interrupt whatever still runs.
-            g.console("sbm trace hold", timeout=10)
-            out = ""
-            for _ in range(20):
-                g._poll(0.05)
-                if g.running:
-                    try:
-                        g.mi("-exec-interrupt --all", timeout=5)
-                    except SbmdbgError:
-                        pass
-                    g.wait_stopped(timeout=10)
-                try:
-                    out = g.console("sbm trace stop --json", timeout=30)
-                    break
-                except SbmdbgError as e:
-                    if "running" not in str(e):
-                        raise
-                    g.running = True
-            out = out or g.console("sbm trace stop --json", timeout=30)
-            st = json.loads(out[out.index("{"):])
+            st = self.tracer.stop()
             try:
                 g.mi("-target-detach", timeout=5)
             except SbmdbgError:

@@ -91,12 +91,16 @@ class Tracer:
         except Exception as e:  # noqa: BLE001 - never stop the guest for a read
             ev["read_error"] = str(e)[:200]
             self.errors += 1
-        ev.update(cr3=hx(cr3), cr3_role=ctx.cr3_role(cr3, st), cpl=cs & 3, rip=hx(rip),
-                  sym=ctx.sym(rip), rsp=hx(rsp))
+        try:
+            role = ctx.cr3_role(cr3, st, task, ev.get("pid"))
+        except Exception:  # noqa: BLE001
+            role = None
+        ev.update(cr3=hx(cr3), cr3_role=role, cpl=cs & 3, rip=hx(rip), sym=ctx.sym(rip), rsp=hx(rsp))
         try:
             ev["stack"] = ctx.stack_class(rsp, task, st, cpu)
         except Exception:  # noqa: BLE001
-            ev["stack"] = "?"
+            ev["stack"] = "unknown"
+        ev["mode"] = ctx.mode(cs & 3, role, st, ev["sym"], ev["stack"])
         return ev, task, st
 
     def hit(self, point: str, cpu: int, reg: Reg) -> None:

@@ -8,6 +8,7 @@ nothing relies on pygdbmi's "0.2 s of silence" heuristic.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import socket
 import time
@@ -22,6 +23,19 @@ GDB_SCRIPT = REPO_ROOT / "gdb_scripts" / "sbmdbg.py"
 def mi_quote(text: str) -> str:
     """A C string for MI (``-interpreter-exec console "..."``)."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def parse_json_object(text: str):
+    """The first JSON object or array in ``text`` (gdb may print lines before
+    it), or None."""
+    dec = json.JSONDecoder()
+    for i, ch in enumerate(text):
+        if ch in "{[":
+            try:
+                return dec.raw_decode(text[i:])[0]
+            except ValueError:
+                continue
+    return None
 
 
 def check_listening(addr: str, timeout: float = 2.0) -> tuple[str, int]:
@@ -40,7 +54,8 @@ def check_listening(addr: str, timeout: float = 2.0) -> tuple[str, int]:
 
 
 class GdbSession:
-    """gdb (MI3) attached to a guest: ``console()``, ``mi()``, ``interrupt()``, ``cont()``."""
+    """gdb (MI3) attached to a guest: ``console()``, ``sbm_json()``, ``mi()``,
+    ``interrupt()``, ``cont()``, ``poll()``, ``alive()``."""
 
     def __init__(self, vmlinux: str | Path, tree: str | Path | None = None,
                  gdb_addr: str | None = None, *, load_sbmdbg: bool = True,
@@ -85,7 +100,12 @@ class GdbSession:
             raise
 
     # ------------------------------------------------------------ plumbing
-    def _poll(self, timeout: float = 0.1) -> list[dict]:
+    def poll(self, timeout: float = 0.0) -> list[dict]:
+        """Read what gdb printed (up to ``timeout`` s): the records, after
+        noting ``*running``/``*stopped`` (``running``, ``last_stop``, ``events``).
+        Front ends call it to drain gdb while the guest runs."""
+        if self._gdb is None:
+            raise SbmdbgError("gdb went away: the session is closed")
         try:
             out = self._gdb.get_gdb_response(timeout_sec=timeout, raise_error_on_timeout=False)
         except Exception as exc:  # gdb died: pygdbmi raises a plain exception
@@ -100,9 +120,27 @@ class GdbSession:
                     self.running = True
         return out
 
-    def _exec(self, line: str, timeout: float) -> tuple[dict, list[dict]]:
-        """Send one MI line with a token; wait for its result record."""
+    @property
+    def pid(self) -> int | None:
+        proc = getattr(self._gdb, "gdb_process", None) if self._gdb is not None else None
+        return proc.pid if proc is not None else None
+
+    def exit_status(self) -> int | None:
+        """gdb's exit status once it has exited (-1 once closed); None while it runs."""
+        proc = getattr(self._gdb, "gdb_process", None) if self._gdb is not None else None
+        if proc is None:
+            return -1
+        return proc.poll()
+
+    def alive(self) -> bool:
+        return self.exit_status() is None
+
+    def _exec(self, line: str, timeout: float, keep_on_error: bool = False) -> tuple[dict, list[dict]]:
+        """Send one MI line with a token; wait for its result record (an error
+        result raises SbmdbgError unless ``keep_on_error``)."""
         token = next(self._tokens)
+        if self._gdb is None:
+            raise SbmdbgError("gdb went away: the session is closed")
         try:
             self._gdb.write(f"{token}{line}", read_response=False)
         except Exception as exc:
@@ -110,10 +148,10 @@ class GdbSession:
         seen: list[dict] = []
         deadline = time.monotonic() + timeout
         while True:
-            for r in self._poll(0.1):
+            for r in self.poll(0.1):
                 seen.append(r)
                 if r.get("type") == "result" and r.get("token") == token:
-                    if r.get("message") == "error":
+                    if r.get("message") == "error" and not keep_on_error:
                         msg = (r.get("payload") or {}).get("msg", "unknown error")
                         raise SbmdbgError(f"gdb: {msg}")
                     return r, seen
@@ -127,15 +165,37 @@ class GdbSession:
 
     def console(self, cmd: str, timeout: float = 30.0) -> str:
         """Run a CLI command; the console text it printed."""
-        _, seen = self._exec(f"-interpreter-exec console {mi_quote(cmd)}", timeout)
-        return "".join(r.get("payload") or "" for r in seen
-                       if r.get("type") == "console" and r.get("payload"))
+        return self.console_result(cmd, timeout, raise_error=True)[0]
+
+    def console_result(self, cmd: str, timeout: float = 30.0, raise_error: bool = False) -> tuple[str, str | None]:
+        """Run a CLI command; (the console text it printed, gdb's error or None).
+        Keeps the text of a command that prints and then fails (``sbm audit``
+        above info) unless ``raise_error``."""
+        result, seen = self._exec(f"-interpreter-exec console {mi_quote(cmd)}", timeout,
+                                  keep_on_error=not raise_error)
+        text = "".join(r.get("payload") or "" for r in seen if r.get("type") == "console" and r.get("payload"))
+        err = (result.get("payload") or {}).get("msg", "unknown error") if result.get("message") == "error" else None
+        return text, err
+
+    def sbm_json(self, cmd: str, timeout: float = 120.0, fail_ok: bool = False) -> dict:
+        """Run an ``sbm ...`` command with ``--json``; its one JSON object.
+        A command that fails raises SbmdbgError, unless ``fail_ok`` and it
+        printed its JSON first (``sbm audit`` above info)."""
+        if "--json" not in cmd.split():
+            cmd += " --json"
+        text, err = self.console_result(cmd, timeout)
+        doc = parse_json_object(text)
+        if err is not None and (doc is None or not fail_ok):
+            raise SbmdbgError(f"gdb: {err}")
+        if doc is None:
+            raise SbmdbgError(f"`{cmd}` printed no JSON: {text.strip()[:300]!r}")
+        return doc
 
     def wait_stopped(self, timeout: float = 30.0) -> dict:
         """Wait for a ``*stopped`` record; its payload."""
         deadline = time.monotonic() + timeout
         while self.running:
-            self._poll(0.1)
+            self.poll(0.1)
             if time.monotonic() > deadline:
                 raise SbmdbgError(f"target did not stop in {timeout:g} s")
         return self.last_stop or {}
@@ -143,7 +203,7 @@ class GdbSession:
     # ------------------------------------------------------------ execution
     def interrupt(self, timeout: float = 30.0) -> dict:
         """Stop all vCPUs; the ``*stopped`` payload."""
-        self._poll(0)
+        self.poll(0)
         if not self.running:
             return self.last_stop or {}
         self.mi("-exec-interrupt --all", timeout=timeout)
@@ -151,13 +211,13 @@ class GdbSession:
 
     def cont(self, timeout: float = 30.0) -> None:
         """Resume all vCPUs and wait until gdb says they run."""
-        self._poll(0)
+        self.poll(0)
         if self.running:
             return
         self.mi("-exec-continue --all", timeout=timeout)
         deadline = time.monotonic() + timeout
         while not self.running:
-            self._poll(0.1)
+            self.poll(0.1)
             if time.monotonic() > deadline:
                 raise SbmdbgError(f"target did not resume in {timeout:g} s")
 

@@ -131,7 +131,7 @@ class VM:
                 raise SbmdbgError(f"kernel image {kernel} not found")
         initrd = opts.initrd or str(ensure_initramfs())
         if opts.trace_plugin is True:
-            from sbmdbg.trace.qplugin import plugin_path
+            from sbmdbg.vm.qplugin import plugin_path
 
             opts.trace_plugin = str(plugin_path())
         if shutil.which(QEMU) is None:
@@ -231,28 +231,11 @@ class VM:
         return self.serial.run(cmd, timeout=timeout)
 
     def qmp(self, cmd: str, **args):
-        """One QMP command (``cpu_index=`` becomes ``cpu-index``); its ``return`` value."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        """One QMP command (``cpu_index=`` becomes ``cpu-index``); its ``return`` value.
+        Connects for each command (the harness's own socket stays free)."""
+        from sbmdbg.vm.qmp import QmpClient
 
-        arguments = {k.replace("_", "-"): v for k, v in args.items()}
-        mon = QEMUMonitorProtocol(self.info.get("qmp_harness") or self.info["qmp"])
-        try:
-            mon.connect(negotiate=True)
-            mon.settimeout(30)
-            resp = mon.cmd_obj({"execute": cmd, "arguments": arguments} if arguments
-                               else {"execute": cmd})
-        except (OSError, Exception) as exc:  # qemu.qmp raises its own types
-            if isinstance(exc, SbmdbgError):
-                raise
-            raise SbmdbgError(f"QMP {cmd}: {exc}") from exc
-        finally:
-            try:
-                mon.close()
-            except Exception:
-                pass
-        if "error" in resp:
-            raise SbmdbgError(f"QMP {cmd}: {resp['error'].get('desc', resp['error'])}")
-        return resp.get("return")
+        return QmpClient(self.info.get("qmp_harness") or self.info["qmp"], keep_open=False).cmd(cmd, **args)
 
     def hmp(self, cmdline: str, cpu_index: int | None = None) -> str:
         """A human monitor command (e.g. ``info registers``) on one vCPU."""

@@ -22,8 +22,7 @@ U64 = (1 << 64) - 1
 
 
 def sbm_json(g, cmd: str) -> dict:
-    out = g.console(cmd + " --json")
-    return json.loads(out[out.index("{"):])
+    return g.sbm_json(cmd)
 
 
 def test_sbm_model_equals_drgn_on_a_vmcore(make_vm, gdb_session, tmp_path):

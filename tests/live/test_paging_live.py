@@ -56,9 +56,8 @@ def boot(request):
         o.close()
 
 
-def sbm_json(g, cmd: str):
-    out = g.console(cmd + " --json")
-    return json.loads(out[out.index("{"):])
+def sbm_json(g, cmd: str) -> dict:
+    return g.sbm_json(cmd)
 
 
 LX_FIELDS = """

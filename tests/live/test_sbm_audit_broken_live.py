@@ -2,8 +2,6 @@
 text mapped with _PAGE_USER) reports exactly that finding, and fails."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from sbmdbg.paths import REPO_ROOT
@@ -33,10 +31,10 @@ def test_audit_finds_user_executable_entry_text():
         g.wait_stopped(300)
         with pytest.raises(Exception, match="finding.*above info.*critical"):
             g.console("sbm audit")
-        # the JSON, through the shared function (the gdb error drops MI's console text)
-        raw = g.console('python exec("from sbmdbg.gdbcmd.state import STATE\\nfrom sbmdbg.sbm import commands as C\\n'
-                        'import json\\nprint(\'AUDIT\' + json.dumps(C.audit(STATE.get_kernel())))")')
-        d = json.loads(raw[raw.index("AUDIT") + 5:].strip())
+        # the JSON it printed before failing
+        with pytest.raises(Exception, match="finding.*above info.*critical"):
+            g.sbm_json("sbm audit")
+        d = g.sbm_json("sbm audit", fail_ok=True)
         above = [f for a in d["audits"] for f in a["findings"] if f["severity"] != "info"]
         assert len(above) == 1, above
         f = above[0]

@@ -26,9 +26,8 @@ pytestmark = pytest.mark.live
 U64 = (1 << 64) - 1
 
 
-def sbm_json(g, cmd: str):
-    out = g.console(cmd + " --json", timeout=120)
-    return json.loads(out[out.index("{"):])
+def sbm_json(g, cmd: str) -> dict:
+    return g.sbm_json(cmd)
 
 
 def gdb_int(g, expr: str) -> int:
@@ -114,8 +113,9 @@ def test_stopped_in_sandbox(guest, tmp_path):
                 "input_buffer", "output_buffer", "task_struct", "task_stack", "percpu",
                 "tss", "gdt", "idt", "entry_stack", "ist_stack"} <= kinds
         assert "unknown" not in kinds
-        # the sandbox root through the foundation commands (SANDBOX_ROOT_PROVIDERS)
+        # the sandbox root through the foundation commands (the SBM extension sbm.open_kernel attaches)
         st_va = show["state_page"]["va"]
+        assert sbm_json(g, "sbm vtop &linux_banner")["va"] == gdb_int(g, "&linux_banner")  # a gdb expression
         v = sbm_json(g, f"sbm vtop {st_va:#x} --root sandbox={sb['pid']}")
         assert v["pa"] == show["state_pa"] and v["root_label"] == sb["label"]
         assert sbm_json(g, f"sbm vtop {st_va:#x}")["pa"] != show["state_pa"]
@@ -153,14 +153,37 @@ def test_stopped_in_sandbox(guest, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout) == want["status"]
-        from sbmdbg.sbm import commands as C
-        from sbmdbg.sbm.offline import open_vmcore
+
+        def inspect(*argv):
+            r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "inspect", "--vmcore", str(core),
+                                "--vmlinux", vm.info["vmlinux"], *argv], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, (argv, r.stderr)
+            return r.stdout
+        # the paging commands of the table: same JSON (vCPU 0's roots on both sides), and
+        # `inspect pt` prints gdb's table, not JSON
+        g.console("thread 1")
+        text = gdb_int(g, "&_text")
+        lo_hi = f"{text:#x}-{text + 0x400000:#x}"
+        for cmd in (f"pt kernel --range {lo_hi}", f"pt sandbox --range {lo_hi}", f"vtop {text:#x} --root user",
+                    f"vtop {st_va:#x} --root sandbox", f"ptov {want['pcpu']['root']:#x}", "pcpu 1"):
+            gd, off = sbm_json(g, f"sbm {cmd}"), json.loads(inspect(*cmd.split(), "--json"))
+            gd.get("stats", {}).pop("seconds", None), off.get("stats", {}).pop("seconds", None)
+            assert off == gd, cmd
+        k_gdb, k_off = sbm_json(g, "sbm kernel"), json.loads(inspect("--json", "kernel"))
+        assert k_off.pop("memory")["memory"] == "vmcore" and k_gdb.pop("memory")["memory"] == "shm"
+        assert k_off == k_gdb
+        out_pt = inspect("pt", "kernel", "--range", lo_hi)
+        assert out_pt == g.console(f"sbm pt kernel --range {lo_hi}", timeout=120), out_pt[:2000]
+        assert "perms" in out_pt and "{" not in out_pt
+        assert inspect("vtop", f"{text:#x}") == g.console(f"sbm vtop {text:#x}")
+        from sbmdbg.commands import COMMANDS
+        from sbmdbg.inspect.offline import open_vmcore
         k = open_vmcore(str(core), vm.info["vmlinux"])
         try:
             ns = types.SimpleNamespace
             for name, args in (("list", ns()), ("show", ns(sandbox=None, no_map=False)),
                                ("stack", ns(cpu="all")), ("audit", ns(sandbox=None)), ("pcpu", ns(cpu="all"))):
-                assert json.loads(json.dumps(C.COMMANDS[name](k, args))) == want[name], name
+                assert json.loads(json.dumps(COMMANDS[name](k, args))) == want[name], name
         finally:
             k.target.close()
     finally:

@@ -84,10 +84,11 @@ def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
     assert st["log_plugin_gaps"] == 0, st      # every line the plugin wrote was read
     _per_vcpu_well_formed(events)
     enters = [e for e in events if e["kind"] == "enter"]
-    assert all(e["pid"] and e["comm"] == "sh" and e["cr3_role"] == "sandbox" and e["stack"] == "exception"
+    assert all(e["pid"] and e["comm"] == "sh" and e["cr3_role"] == f"sandbox:{e['pid']}"
+               and e["stack"] == "sbm_exception_stack" and e["mode"] == "transition"
                and (e["func_sym"] or "").startswith("__sbm_thunk_sbm_demo") for e in enters), enters[:2]
     rets = [e for e in events if e["kind"] == "return"]
-    assert all(e["cpl"] == 3 and e["stack"] == "sandbox" and e["ret"] is not None for e in rets)
+    assert all(e["cpl"] == 3 and e["stack"] == "sbm_sandbox_stack" and e["ret"] is not None for e in rets)
     # the faults, in the order the scenarios ran
     aborts = [e for e in events if e["kind"] == "abort"]
     assert len(aborts) == len(FAULTS)
@@ -102,7 +103,8 @@ def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
     irqs = [e for e in events if e["kind"] == "irq"]
     backs = [e for e in events if e["kind"] == "irq_return"]
     assert irqs and len(irqs) == len(backs)
-    assert all(i["cpl"] == 3 and i["cr3_role"] == "sandbox" for i in irqs)
+    assert all(i["cpl"] == 3 and i["cr3_role"] == f"sandbox:{i['pid']}" and i["mode"] == "sandbox"
+               for i in irqs)
     assert all(b["to_rip"] for b in backs)
     # clocks move forward per vCPU, and the Perfetto export takes the trace
     for c in (0, 1):

@@ -234,8 +234,8 @@ def test_known_json_keys_match_the_commands():
     """The top-level keys the validator accepts are those the commands print
     (the offline commands on the recorded snapshot, no SBM state needed)."""
     from sbmdbg.model.kernel import Kernel
-    from sbmdbg.sbm import commands as C
-    from sbmdbg.target.fixture import load_snapshot
+    from sbmdbg.commands import compute as C
+    from sbmdbg.model.fixture import load_snapshot
 
     t, syms, lays, _ = load_snapshot(str(REPO / "fixtures" / "pt" / "kaslr-pti-smp2.json.gz"))
     k = Kernel(t, syms, lays)
@@ -243,4 +243,6 @@ def test_known_json_keys_match_the_commands():
     from types import SimpleNamespace as NS
     assert set(C.vtop(k, NS(va=hex(k.sym("_text")), root="kernel"))) <= K.SBM_COMMANDS["vtop"]
     assert set(C.pt(k, NS(range=f"{k.sym('_text'):#x}-{k.sym('_text') + 0x2000:#x}"))) == K.SBM_COMMANDS["pt"]
-    assert set(C.COMMANDS) - {"status"} <= set(K.SBM_COMMANDS)
+    assert set(C.ptov(k, NS(pa=hex(k.phys_base + 0x1000)))) == K.SBM_COMMANDS["ptov"]
+    from sbmdbg.commands import TABLE
+    assert set(TABLE) <= set(K.SBM_COMMANDS)

@@ -72,16 +72,17 @@ def test_parser_survives_garbage():
 
 
 class TinyContext:
-    """The four GuestContext questions, answered without a guest."""
+    """The four GuestContext questions, answered without a guest (in the SBM
+    model's words)."""
 
     def sym(self, va):
         return {X86_SBM_RETURN: "x86_sbm_return"}.get(va, f"{va:#x}" if va else None)
 
     def stack_class(self, rsp, task, st, cpu=None):
-        return "sandbox" if st and st["stack"] <= rsp <= st["stack"] + 0x4000 else "other"
+        return "sbm_sandbox_stack" if st and st["stack"] <= rsp <= st["stack"] + 0x4000 else "unknown"
 
-    def cr3_role(self, cr3, st):
-        return "sandbox" if st and cr3 == st["sbm_cr3"] else "kernel"
+    def cr3_role(self, cr3, st, task=0, pid=None):
+        return f"sandbox:{pid}" if st and cr3 == st["sbm_cr3"] else "kernel"
 
     def where(self, addr, task=0, st=None, sbm=0, cpu=None):
         return "kernel half"
@@ -111,10 +112,12 @@ def test_assembly_of_calls_irqs_and_aborts(tmp_path):
                      "enter", "abort", "exit", "enter", "abort", "exit"]
     first = evs[1]
     assert first["func"] == "0xffffffff810bf60b" and first["sbm_cr3"] == "0x65a000"
-    assert first["pid"] == 70 and first["vcpu"] == 0 and first["cr3_role"] == "sandbox"
+    assert first["pid"] == 70 and first["vcpu"] == 0 and first["cr3_role"] == "sandbox:70"
     irq = evs[2]
     assert irq["vector"] == 0xEC and irq["vcpu"] == 0 and irq["cpl"] == 3 and irq["pid"] == 70
+    assert irq["cr3_role"] == "sandbox:70" and irq["mode"] == "sandbox" and first["mode"] == "transition"
     assert evs[3]["to_rip"] == irq["fault_rip"]          # resumed where it was interrupted
+    assert evs[3]["mode"] == "sandbox (in kernel handler)" and evs[5]["mode"] == "transition"
     ret = evs[4]
     assert ret["ret"] == 2016 and ret["error_code"] == 0x15 and ret["cr2"] == hex(X86_SBM_RETURN)
     assert evs[5]["ret"] == 2016 and evs[5]["aborted"] is False and evs[5]["error"] == 0

@@ -47,7 +47,7 @@ def hostile_kernel():
     """The sbm-in-sandbox snapshot with the sandbox task's comm overwritten."""
     from sbmdbg.model.kernel import Kernel
     from sbmdbg.sbm import model as M
-    from sbmdbg.target.fixture import load_snapshot
+    from sbmdbg.model.fixture import load_snapshot
     t, syms, lays, _ = load_snapshot(str(FIX / "sbm-in-sandbox.json.gz"))
     k = Kernel(t, syms, lays)
     sb = M.sandboxes(k)[0]
@@ -66,18 +66,16 @@ def hostile_kernel():
 
 
 def test_inspect_renderers(hostile_kernel):
-    from sbmdbg.sbm import commands as C
-    from sbmdbg.sbm import render as R
-    ns = types.SimpleNamespace
-    args = {"status": ns(), "list": ns(), "show": ns(sandbox=None, no_map=False), "audit": ns(sandbox=None)}
+    from sbmdbg.commands import TABLE, command_parser
     seen = 0
-    for cmd, a in args.items():
-        d = C.COMMANDS[cmd](hostile_kernel, a)
+    for argv in (["status"], ["list"], ["show"], ["audit"], ["stack"]):
+        args = command_parser("sbmdbg inspect").parse_args(argv)
+        cmd = TABLE[args.cmd]
+        d = cmd.compute(hostile_kernel, args)
         raw = json.dumps(d, ensure_ascii=False)
         assert not has_raw_control(raw)
         seen += "pwned" in raw
-        if cmd in R.RENDER:
-            _no_raw(_text(*R.RENDER[cmd](d)))
+        _no_raw(_text(*cmd.render(d)))
     assert seen >= 2   # the comm really went through (list, show)
 
 

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from sbmdbg import cli
 from sbmdbg.check import spec
+from sbmdbg.commands.parser import ArgError, HelpShown
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import has_raw_control
 
@@ -137,6 +138,10 @@ def test_cli_parsers(files, monkeypatch):
                 args = cli.build_parser().parse_args(argv)
             except SystemExit as e:
                 code = e.code
+            except ArgError:
+                code = cli.main(argv)   # what the face prints for it: usage + one line, exit 2
+            except HelpShown as e:
+                code = e.status
             else:
                 if tuple(argv[:2]) in SAFE:
                     code = cli.main(argv)

@@ -9,7 +9,7 @@ import pytest
 
 from sbmdbg.model.kernel import Kernel, KernelError
 from sbmdbg.model.percpu import pcpu_hot
-from sbmdbg.target.fixture import load_snapshot
+from sbmdbg.model.fixture import load_snapshot
 from sbmdbg.x86 import paging as pg
 
 pytestmark = pytest.mark.unit

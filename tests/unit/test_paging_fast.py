@@ -143,7 +143,7 @@ def test_recorded_kernel_tables_match_reference_and_info_tlb(name):
 
 
 def test_recorded_snapshot_kernel_half():
-    from sbmdbg.target.fixture import load_snapshot
+    from sbmdbg.model.fixture import load_snapshot
     t, _, _, exp = load_snapshot(str(FIXTURES / "kaslr-pti-smp2.json.gz"))
     cr3 = t.registers(0)["cr3"] & ~0x1FFF
     assert_same(t.read_phys, cr3, start=1 << 63)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import sbmdbg.sbm  # noqa: F401  (hooks)
 from sbmdbg.model.kernel import Kernel
-from sbmdbg.sbm import commands as C
+from sbmdbg.commands import COMMANDS
+from sbmdbg.commands import compute as C
 from sbmdbg.sbm import model as M
-from sbmdbg.target.fixture import load_snapshot
+from sbmdbg.model.fixture import load_snapshot
 
 pytestmark = pytest.mark.unit
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "pt"
@@ -23,14 +23,14 @@ ARGS = {"status": ns(), "list": ns(), "show": ns(sandbox=None, no_map=False), "s
 
 def kernel(name):
     t, syms, lays, exp = load_snapshot(str(FIX / f"{name}.json.gz"))
-    return Kernel(t, syms, lays), exp
+    return M.open_kernel(t, symbols=syms, layouts=lays), exp
 
 
 @pytest.mark.parametrize("name", ["sbm-in-sandbox", "sbm-in-handler"])
 def test_commands_replay(name):
     k, exp = kernel(name)
     for cmd, args in ARGS.items():
-        assert json.loads(json.dumps(C.COMMANDS[cmd](k, args))) == exp[cmd], cmd
+        assert json.loads(json.dumps(COMMANDS[cmd](k, args))) == exp[cmd], cmd
 
 
 def test_in_sandbox_facts():
@@ -41,7 +41,7 @@ def test_in_sandbox_facts():
     assert st["mode"] == "sandbox" and st["cpl"] == 3 and st["cr3"] & ~0xFFF == sb.pgd_pa
     # discovery on a vCPU stopped in the sandbox ends on a kernel root: the
     # task's own (state->kernel_cr3), not the sandbox's
-    k2 = Kernel(k.target, k.symbols, k.layouts, cpu=cpu)
+    k2 = M.open_kernel(k.target, symbols=k.symbols, layouts=k.layouts, cpu=cpu)
     assert k2.root != sb.pgd_pa and k2.root == sb.fields["kernel_cr3"] & ~0xFFF
     assert k2.slide == k.slide
     views = M.state_page_views(k, sb)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from sbmdbg.errors import SbmdbgError
-from sbmdbg.trace.stopfloor import RspClient, measure
+from sbmdbg.bench.stopfloor import RspClient, measure
 
 pytestmark = pytest.mark.unit
 

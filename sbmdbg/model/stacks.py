@@ -1,4 +1,4 @@
-"""x86-64 kernel stacks: cpu_entry_area parts (GDT, TSS, entry stack, IST
+"""Linux x86-64 kernel stacks: cpu_entry_area parts (GDT, TSS, entry stack, IST
 stacks, RO IDT), the per-CPU IRQ stack, task stacks, pt_regs decoding and a
 bounded frame-pointer walk.  Layouts from DWARF; reads through explicit roots.
 """
@@ -14,16 +14,8 @@ CPU_ENTRY_AREA_PER_CPU = CPU_ENTRY_AREA_RO_IDT + 0x1000
 ReadErrors = (SbmdbgError, TargetError)
 
 
-def kernel_cache(kernel, name: str) -> dict:
-    """A dict stored on the Kernel object (lives as long as the model)."""
-    d = kernel.__dict__.get(name)
-    if d is None:
-        d = kernel.__dict__[name] = {}
-    return d
-
-
 def _static(kernel) -> dict:
-    return kernel_cache(kernel, "_x86_stacks_static")
+    return kernel.cache("stacks", per_stop=False)
 
 
 def cea_base(kernel, cpu: int) -> int | None:

@@ -82,7 +82,7 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "l
             # What QEMU's own stop/resume costs, with no gdb and no single step.
             from sbmdbg.model.symbols import Symbols
             from sbmdbg.trace.points import function_code
-            from sbmdbg.trace.stopfloor import measure
+            from sbmdbg.bench.stopfloor import measure
             addr, code = function_code(Symbols.from_elf(vm.info["vmlinux"]), "x86_sbm_exec")
             res["raw_rsp_floor"] = measure(vm, addr + 1, code[1:], repeat)
         res["untraced_calls_per_s"] = round(repeat / res["untraced_s"], 1)

@@ -2,7 +2,8 @@
 QEMU gdbstub's physical mode (``maintenance packet Qqemu.PhyMemMode:1``) or
 through a memory-backend-file when one is known.
 
-This is the one target module that imports ``gdb``; only faces import it.
+A Target (sbmdbg.target.base) that lives in the gdb face: the only
+package that imports ``gdb``.
 """
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 vs the gdbstub-only path; one ``sbm vtop`` vs scripts/gdb ``translate-vm``."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -18,27 +17,14 @@ def _t(fn, repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def _json(out: str):
-    return json.loads(out[out.index("{"):])
-
-
 def _in_gdb_time(g, cmd: str, n: int, cold: bool = False) -> float:
-    """Mean seconds of ``cmd`` run ``n`` times by gdb's Python (no MI round
-    trip); ``cold``: drop the memory caches before each run (not timed)."""
-    code = ("import gdb, time\nfrom sbmdbg.gdbcmd.state import STATE\nT = 0.0\n"
-            f"for _ in range({n}):\n"
-            + ("    STATE.invalidate()\n" if cold else "")
-            + f"    t0 = time.perf_counter(); gdb.execute({cmd!r}, to_string=True)\n"
-            "    T += time.perf_counter() - t0\n"
-            f"print('SBMDBG-T=%r' % (T / {n}))")
-    out = g.console(f"python exec({code!r})", timeout=600)
-    return float(out[out.index("SBMDBG-T=") + 9:].split()[0])
+    """Mean seconds of ``cmd`` run ``n`` times inside gdb (``sbm time``: no MI
+    round trip); ``cold``: drop the memory caches before each run (not timed)."""
+    return g.sbm_json(f"sbm time --json --repeat {n} {'--cold ' if cold else ''}{cmd}", timeout=600)["mean_ms"] / 1e3
 
 
 def bench_pt(opts, repeat: int = 3) -> dict:
-    from sbmdbg.model.kernel import Kernel
-    from sbmdbg.model.layout import DwarfLayouts
-    from sbmdbg.model.symbols import Symbols
+    from sbmdbg.sbm import open_kernel
     from sbmdbg.target.qmp import QmpTarget
     from sbmdbg.target.shm import ShmTarget
     from sbmdbg.vm import VM
@@ -51,7 +37,7 @@ def bench_pt(opts, repeat: int = 3) -> dict:
         q = QmpTarget(vm.hmp, vm.qmp)
         shm = ShmTarget(vm.info["ram"], vm.info["ram_size"], regs_source=q)
         try:
-            k = Kernel(shm, Symbols.from_elf(vm.info["vmlinux"]), DwarfLayouts(vm.info["vmlinux"]))
+            k = open_kernel(shm, vm.info["vmlinux"])
             cr3 = q.registers(0)["cr3"]
 
             def shm_walk():
@@ -71,15 +57,14 @@ def bench_pt(opts, repeat: int = 3) -> dict:
             res["qmp_info_tlb_s"], res["info_tlb_lines"] = _t(tlb, repeat)
 
             # in gdb: the RAM file is found by itself (sbm target auto)
-            res["gdb_memory_auto"] = _json(g.console("sbm target --json"))["memory"]
+            res["gdb_memory_auto"] = g.sbm_json("sbm target --json")["memory"]
             shm_cmd = f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}"
 
             def in_gdb(source_cmd):
                 g.console(source_cmd)
 
                 def run():
-                    out = g.console(f"sbm pt {cr3:#x} --raw --json", timeout=600)
-                    return len(_json(out)["mappings"])
+                    return len(g.sbm_json(f"sbm pt {cr3:#x} --raw --json", timeout=600)["mappings"])
                 return run
             res["gdbstub_walk_s"], n_gdb = _t(in_gdb("sbm target gdb"), 1)
             res["gdb_shm_walk_s"], n_gshm = _t(in_gdb(shm_cmd), repeat)

@@ -8,33 +8,16 @@ inside a sandbox (breakpoint on the demo's sandboxed function) and with the
 guest idle."""
 from __future__ import annotations
 
-import json
 import threading
-
-TIMING = r'''
-import time, json, statistics
-from sbmdbg.gdbcmd.state import STATE
-from sbmdbg.sbm import commands as C
-k = STATE.get_kernel()
-C.status(k)
-ts = []
-for _ in range(%(n)d):
-    t0 = time.perf_counter()
-    STATE.invalidate()
-    d = C.status(k)
-    ts.append(time.perf_counter() - t0)
-k.target.invalidate()
-t0 = time.perf_counter(); C.status(k); cold = time.perf_counter() - t0
-print("BENCH" + json.dumps({"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-      "max_ms": max(ts) * 1e3, "regs_refetch_ms": cold * 1e3,
-      "modes": [c["mode"] for c in d["cpus"]]}))
-'''
 
 
 def _in_gdb(g, n: int) -> dict:
-    code = (TIMING % {"n": n}).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-    out = g.console(f'python exec("{code}")', timeout=120)
-    return json.loads(out[out.index("BENCH") + 5:].strip().splitlines()[0])
+    """``sbm time``: the status compute, caches dropped before each run."""
+    modes = [c["mode"] for c in g.sbm_json("sbm --json")["cpus"]]   # also builds the model (not timed)
+    t = g.sbm_json(f"sbm time --json --cold --compute --repeat {n} sbm status")
+    cold = g.sbm_json("sbm time --json --cold --compute --repeat 1 sbm status")
+    return {"median_ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"],
+            "regs_refetch_ms": cold["median_ms"], "modes": modes}
 
 
 def bench_status(opts, repeat: int = 50) -> dict:

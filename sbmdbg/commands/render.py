@@ -1,11 +1,19 @@
-"""Text (rich) renderings of the command dicts, shared by gdb and the CLI.
-Guest strings (comm, symbols) are escaped before markup."""
+"""The render half of the command table: ``(data) -> [renderable]`` for the
+dict a command computed, the same text in gdb and ``sbmdbg inspect``.  A
+renderable is a rich object, a markup string, or ``Plain`` text (printed as
+is: no markup, no wrapping; the cheap path of ``sbm vtop``).  Guest strings
+(comm, symbols) are escaped before markup."""
 from __future__ import annotations
 
 from rich.markup import escape
 from rich.table import Table
 
+from sbmdbg.x86 import paging as pg
 from sbmdbg.x86.paging import RENDER_MAX_ROWS, truncated_line
+
+
+class Plain(str):
+    """Text printed verbatim by the faces (not parsed as rich markup)."""
 
 
 def _h(v) -> str:
@@ -163,4 +171,111 @@ def diff(d: dict) -> list:
     return out
 
 
-RENDER = {"status": status, "list": sandbox_list, "show": show, "stack": stack, "audit": audit, "diff": diff}
+def _perm(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    return "r" + ("w" if p["w"] else "-") + ("x" if p["x"] else "-") + (" user" if p["u"] else " supv")
+
+
+def _size(n: int) -> str:
+    for unit, sh in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << sh and n % (1 << sh) == 0:
+            return f"{n >> sh}{unit}"
+    return str(n)
+
+
+def pcpu(d: dict) -> list:
+    rows = d["cpus"]
+    t = Table(title=f"pcpu_hot (kernel root {d['root']:#x})", title_justify="left")
+    t.add_column("field")
+    for r in rows:
+        t.add_column(f"cpu {r['cpu']}", no_wrap=True)
+    names: list = []
+    for r in rows:
+        names += [n for n in r["fields"] if n not in names]
+
+    def mode(r):
+        cpl = r["vcpu"]["cpl"]
+        return "user" if cpl == 3 else "kernel" if cpl == 0 else f"cpl{cpl}"
+    t.add_row("vCPU mode", *[mode(r) for r in rows])
+    for name in names:
+        vals = []
+        for r in rows:
+            v = r["fields"].get(name)
+            if isinstance(v, bool):
+                vals.append(str(int(v)))
+            elif name == "preempt_count" and isinstance(v, int):
+                vals.append(f"{v & 0xFFFFFFFF:#x}")
+            elif isinstance(v, int) and abs(v) < 4096:
+                vals.append(str(v))
+            else:
+                vals.append(f"{v & ((1 << 64) - 1):#x}" if isinstance(v, int) else escape(str(v)))
+        t.add_row(name, *vals)
+        if name == "current_task":
+            t.add_row("  pid", *[str((r.get("current") or {}).get("pid", "?")) for r in rows])
+            t.add_row("  comm", *[escape(str((r.get("current") or {}).get("comm", "?"))) for r in rows])
+    return [t]
+
+
+def vtop(d: dict) -> list:
+    """Plain text, not a rich Table: rendering one costs ~3 ms, more than the
+    translation (nothing here comes from guest strings)."""
+    rows = [("level", "idx", "entry @pa", "value", "flags", "next / frame")]
+    for j in d["entries"]:
+        e = pg.Entry(j["level"], j["index"], j["entry_pa"], j["raw"])
+        flags = e.flags_str() if e.present else "not present"
+        if e.leaf and e.present:
+            flags += f" pkey={e.pkey} pat={e.cache_index}"
+        if j.get("reserved_bits"):
+            flags += f" RSVD={j['reserved_bits']:#x}"
+        rows.append((e.name, str(e.index), f"{e.entry_pa:#x}", f"{e.raw:#018x}", flags,
+                     f"{j['target']:#x}" if e.present else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{d['va']:#x} via {d['root_label']} root {d['root']:#x} ({d['levels']}-level)"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if d["pa"] is not None:
+        lines.append(f"pa = {d['pa']:#x}  ({_size(d['page_size'])} page, {_perm(d['perms'])}, "
+                     f"global={d['global']})")
+    else:
+        lines.append(f"no translation: {d['fault']}")
+    return [Plain("\n".join(lines))]
+
+
+def pt(d: dict) -> list:
+    maps = d["mappings"]
+    t = Table(title=f"{escape(d['root_label'])} root {d['root']:#x}: {len(maps)} ranges", title_justify="left")
+    for col in ("va", "end", "pa", "size", "page", "perms", "G", "pat", "pkey"):
+        t.add_column(col)
+    for mp in maps[:RENDER_MAX_ROWS]:
+        t.add_row(f"{mp['va']:#x}", f"{mp['end']:#x}", f"{mp['pa']:#x}", _size(mp["size"]), _size(mp["page_size"]),
+                  _perm(mp["perms"]), "G" if mp["global"] else "", str(mp["cache_index"]), str(mp["pkey"]))
+    more = max(0, len(maps) - RENDER_MAX_ROWS) + d.get("more_ranges", 0)
+    line = truncated_line(more, bool(d.get("truncated")) or more > 0)
+    return [t] + ([line] if line else []) + \
+        [f"finding: {escape(f['kind'])}: {escape(f['message'])}" for f in d["findings"][:20]]
+
+
+def ptov(d: dict) -> list:
+    if not d["vas"]:
+        return [f"{d['pa']:#x} is not mapped under the {escape(d['root_label'])} root"]
+    return [f"{v['va']:#x}  {_perm(v['perms'])}  {_size(v['page_size'])}"
+            + (f" <{escape(v['symbol'])}>" if v.get("symbol") else "") for v in d["vas"]]
+
+
+def memory_line(info: dict) -> str:
+    """Where physical memory comes from (``sbm target``, ``sbm kernel``)."""
+    if info["memory"] == "shm":
+        return f"physical memory: shm {escape(str(info['ram_file']))} ({info['how']})"
+    if info["memory"] == "vmcore":
+        return f"physical memory: vmcore {escape(str(info['vmcore']))}"
+    return f"physical memory: gdbstub physical mode ({info['how']})"
+
+
+def kernel(d: dict) -> list:
+    out = []
+    for key, v in d.items():
+        if key != "memory":
+            out.append(f"{key:18} {v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{key:18} {v}")
+    if "memory" in d:
+        out.append(f"{'memory':18} " + memory_line(d["memory"]).partition(": ")[2])
+    return out

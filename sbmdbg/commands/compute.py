@@ -1,6 +1,6 @@
-"""The non-live commands as plain functions ``(kernel, args) -> dict``, shared
-by the gdb face (sbmdbg.gdbcmd.sbmcmds) and the CLI (``sbmdbg inspect``), so
-both print the same JSON.  ``args`` is any object with the attributes the
+"""The compute half of the command table: ``(kernel, args) -> JSON-able dict``,
+the same for every face (gdb's ``sbm CMD --json``, ``sbmdbg inspect``, the
+dashboard, ``sbmdbg check``).  ``args`` is any object with the attributes the
 command reads (argparse Namespace); missing ones take their defaults."""
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ from sbmdbg.sbm import audit as au
 from sbmdbg.sbm import model as m
 from sbmdbg.sbm import regions as rg
 from sbmdbg.sbm import stacks as stk
-from sbmdbg.validate import address, va_range
 from sbmdbg.x86 import paging as pg
-
-
 
 
 def _a(args, name, default=None):
@@ -94,20 +91,44 @@ def audit(kernel, args=None) -> dict:
     return jsonable({"worst": worst, "above_info": au.severity_rank(worst) > 0, "audits": res})
 
 
-def resolve(kernel, spec: str, cpu: int = 0):
-    return kernel.resolve_root(spec, cpu=cpu)
+def _int(s, what: str) -> int:
+    """A number (0x..., decimal) from an argument; the gdb face evaluates gdb
+    expressions before calling in."""
+    try:
+        return int(str(s), 0) & m.U64
+    except ValueError:
+        raise SbmdbgError(f"bad {what} {s!r}") from None
+
+
+def _range(s: str | None):
+    """``--range START-END`` -> (start, end) or None."""
+    if not s:
+        return None
+    a, sep, b = s.partition("-")
+    if not sep:
+        raise SbmdbgError(f"bad range {s!r}: want START-END")
+    lo, hi = _int(a, "range start"), _int(b, "range end")
+    if hi <= lo:
+        raise SbmdbgError(f"empty range {s!r}")
+    return lo, hi
+
+
+def _root(kernel, args, name: str = "root"):
+    """A ROOT argument (kernel|user|sandbox[=N]|CR3); user and sandbox are
+    those of the vCPU the face selected (``args.root_cpu``, default 0)."""
+    return kernel.resolve_root(_a(args, name) or "kernel", cpu=_a(args, "root_cpu", 0) or 0)
 
 
 def diff(kernel, args) -> dict:
-    ra, rb = resolve(kernel, args.root_a, _a(args, "cpu", 0) or 0), resolve(kernel, args.root_b, _a(args, "cpu", 0) or 0)
-    rng = va_range(args.range) if _a(args, "range") else None
-    d = au.diff_roots(kernel, ra.pgd_pa, rb.pgd_pa, rng)
+    """`sbm diff ROOT_A ROOT_B`: what one root maps that the other does not."""
+    ra, rb = _root(kernel, args, "root_a"), _root(kernel, args, "root_b")
+    d = au.diff_roots(kernel, ra.pgd_pa, rb.pgd_pa, _range(_a(args, "range")))
     d.update(root_a={"label": ra.label, "pgd": ra.pgd_pa}, root_b={"label": rb.label, "pgd": rb.pgd_pa})
     return jsonable(d)
 
 
-# --- generic commands, same JSON as the gdb face's sbm pcpu / vtop / pt
 def pcpu(kernel, args=None) -> dict:
+    """`sbm pcpu [CPU|all]`: pcpu_hot of each CPU, read through the kernel root."""
     from sbmdbg.model.percpu import pcpu_hot, vcpu_state
     rows = []
     for c in _cpus(kernel, _a(args, "cpu")):
@@ -118,25 +139,41 @@ def pcpu(kernel, args=None) -> dict:
 
 
 def vtop(kernel, args) -> dict:
-    root = resolve(kernel, _a(args, "root", "kernel"), _a(args, "cpu", 0) or 0)
-    va = address(args.va, "vtop ADDRESS")
-    tr = pg.translate(kernel._reader, root.pgd_pa, va, la57=kernel.la57, nxe=kernel.nxe)
+    """`sbm vtop VA [--root R]`: one translation, every level."""
+    root = _root(kernel, args)
+    va = _int(args.va, "address")
+    tr = kernel.translate(root.pgd_pa, va)
     d = tr.to_json()
     d["root_label"] = root.label
     return jsonable(d)
 
 
 def pt(kernel, args) -> dict:
-    root = resolve(kernel, _a(args, "root", "kernel") or "kernel", _a(args, "cpu", 0) or 0)
-    rng = va_range(args.range) if _a(args, "range") else None
-    maps, w = pg.walk(kernel._reader, root.pgd_pa, la57=kernel.la57, nxe=kernel.nxe, range=rng,
-                      flags=pg.parse_flags(_a(args, "flags")), merge_runs=not _a(args, "raw", False),
-                      max_entries=_a(args, "max_entries", 4_000_000),
-                      max_ranges=_a(args, "max_ranges", pg.OUTPUT_MAX_RANGES))
+    """`sbm pt [ROOT]`: the mappings of a root as merged ranges (or --raw pages)."""
+    root = _root(kernel, args)
+    maps, w = kernel.walk(root.pgd_pa, range=_range(_a(args, "range")), flags=pg.parse_flags(_a(args, "flags")),
+                          merge_runs=not _a(args, "raw", False), max_entries=_a(args, "max_entries", 4_000_000),
+                          max_ranges=_a(args, "max_ranges", pg.OUTPUT_MAX_RANGES))
     return jsonable({"root": root.pgd_pa, "root_label": root.label,
                      "mappings": [mp.to_json() for mp in maps], **pg.truncation(w),
                      "findings": [f.to_json() for f in w.findings], "stats": vars(w.stats)})
 
 
-COMMANDS = {"status": status, "list": list_, "show": show, "stack": stack, "audit": audit,
-            "diff": diff, "pcpu": pcpu, "vtop": vtop, "pt": pt}
+def ptov(kernel, args) -> dict:
+    """`sbm ptov PA [--root R]`: every virtual address mapping a physical one."""
+    root = _root(kernel, args)
+    pa = _int(args.pa, "physical address")
+    hits, _ = kernel.ptov(root.pgd_pa, pa)
+    vas = []
+    for va, mp in hits:
+        sym = kernel.lookup(va)
+        vas.append({"va": va, "perms": mp.to_json()["perms"], "page_size": mp.page_size,
+                    "symbol": f"{sym[0]}+{sym[1]:#x}" if sym and sym[1] < 1 << 24 else None})
+    return jsonable({"pa": pa, "root": root.pgd_pa, "root_label": root.label, "vas": vas})
+
+
+def kernel_summary(kernel, args=None) -> dict:
+    """`sbm kernel`: what the kernel model found (the faces add "memory")."""
+    s = kernel.summary()
+    s["pti"] = kernel.pti_enabled()
+    return jsonable(s)
