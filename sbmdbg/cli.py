@@ -9,6 +9,7 @@
     sbmdbg demo
     sbmdbg dump (--qmp SOCK | --vm ID) -o FILE
     sbmdbg inspect --vmcore F --vmlinux V [--json] CMD [ARGS]   (status, list, show, stack, audit, ...)
+    sbmdbg fixture record [--out DIR] [NAME...]                  (regenerate fixtures/pt/, see sbmdbg.fixture)
     sbmdbg bench status [--json]
     sbmdbg dashboard [--vm ID | --gdb H:P --qmp SOCK --vmlinux V] [--rate HZ] [--once] [--svg F]
     sbmdbg check FILE... [--junit OUT.xml] [--json OUT.json] [--kernel BZ --vmlinux V] [--extra-patch F]
@@ -264,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     from sbmdbg.inspect import add_parsers as _add_inspect_parsers
     _add_inspect_parsers(sub)  # sbmdbg dump, sbmdbg inspect (the command table on a vmcore)
 
+    from sbmdbg.fuzz.cli import add_parser as _add_fuzz_parser
+    _add_fuzz_parser(sub)
     from sbmdbg.trace.cli import add_parser as _add_trace_parser
     _add_trace_parser(sub)  # sbmdbg trace record|show|export|check
+    from sbmdbg.fixture.live import add_parser as _add_fixture_parser
+    _add_fixture_parser(sub)  # sbmdbg fixture record
 
     from sbmdbg.check import add_parser as _add_check_parser
     _add_check_parser(sub)  # sbmdbg check FILE... (scripted regression checks, docs/checks.md)

@@ -1,17 +1,31 @@
 """Shared fixtures.  Teammates' live tests use these; keep names and signatures.
 
     kernel_build                 session: KernelBuild (ensure_kernel())
-    make_vm(**VMOptions fields)  factory: a booted VM, always stopped at test end
+    make_vm(**VMOptions fields)  factory: a booted VM of this test alone, always stopped at test end
+    shared_vm(**VMOptions fields) factory: a VM shared by every test that asks for the same
+                                 options (booted once per session; see VMPool).  Tests that kill
+                                 QEMU or gdb, or need a broken kernel, use make_vm instead.
     gdb_session(vm, **kw)        factory: a GdbSession attached to vm, always closed
+    boots                        the QEMU processes started by this test so far (BootLog)
+
+Every test must carry the ``unit`` or the ``live`` marker (collection fails
+otherwise), and the terminal summary counts the VMs the run booted.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import tempfile
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from sbmdbg.kernel.build import KernelBuild, ensure_kernel
+
+BOOT_LOG_ENV = "SBMDBG_BOOT_LOG"   # sbmdbg.vm.vm writes one line per QEMU it starts
 
 
 def pytest_configure(config):
@@ -23,6 +37,52 @@ def pytest_configure(config):
         signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread
         pass
+    if not os.environ.get(BOOT_LOG_ENV):
+        fd, path = tempfile.mkstemp(prefix="sbmdbg-boots-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[BOOT_LOG_ENV] = path
+        config._sbmdbg_boot_log_owned = path
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_sbmdbg_boot_log_owned", None)
+    if path:
+        Path(path).unlink(missing_ok=True)
+        os.environ.pop(BOOT_LOG_ENV, None)
+
+
+class BootLog:
+    """The QEMU starts recorded in $SBMDBG_BOOT_LOG (in-process and by subprocesses)."""
+
+    @staticmethod
+    def entries() -> list[dict]:
+        path = os.environ.get(BOOT_LOG_ENV)
+        if not path or not Path(path).exists():
+            return []
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+    def __init__(self, nodeid: str):
+        self.nodeid = nodeid
+
+    def pids(self) -> list[int]:
+        """QEMU pids started while this test ran (the harness's own record, not pgrep)."""
+        return [e["pid"] for e in self.entries() if e["test"].split(" (")[0] == self.nodeid]
+
+
+@pytest.fixture
+def boots(request) -> BootLog:
+    return BootLog(request.node.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    entries = BootLog.entries()
+    if not entries:
+        return
+    per_file = Counter(e["test"].split("::")[0] or "(outside a test)" for e in entries)
+    tr = terminalreporter
+    tr.write_sep("-", f"VM boots: {len(entries)}")
+    for f, n in sorted(per_file.items(), key=lambda kv: (-kv[1], kv[0])):
+        tr.write_line(f"{n:4d}  {f}")
 
 
 @pytest.fixture(scope="session")
@@ -31,25 +91,93 @@ def kernel_build() -> KernelBuild:
     return ensure_kernel()
 
 
+def _reference_opts(kernel_build, opts: dict):
+    from sbmdbg.vm import VMOptions
+
+    o = VMOptions(**opts)
+    if o.kernel is None:
+        o.kernel, o.vmlinux, o.tree = (str(kernel_build.bzImage), str(kernel_build.vmlinux),
+                                       str(kernel_build.tree))
+    return o
+
+
 @pytest.fixture
 def make_vm(kernel_build):
     """``vm = make_vm(pti="on", kaslr=True, ...)``: boots; stopped after the test."""
-    from sbmdbg.vm import VM, VMOptions
+    from sbmdbg.vm import VM
 
     vms = []
 
     def factory(**opts) -> VM:
-        o = VMOptions(**opts)
-        if o.kernel is None:
-            o.kernel, o.vmlinux, o.tree = (str(kernel_build.bzImage), str(kernel_build.vmlinux),
-                                           str(kernel_build.tree))
-        vm = VM(o)
+        vm = VM(_reference_opts(kernel_build, opts))
         vms.append(vm)
         return vm
 
     yield factory
     for vm in vms:
         vm.close()
+
+
+class VMPool:
+    """Reference-kernel VMs shared by the tests that ask for the same options.
+
+    A VM is handed out again only while it is healthy (QEMU alive, the guest
+    running and its shell answering); otherwise it is replaced.  At most
+    ``keep`` VMs stay booted (the least recently used one is stopped)."""
+
+    def __init__(self, kernel_build, keep: int = 4):
+        self.kernel_build = kernel_build
+        self.keep = keep
+        self.vms: dict[tuple, object] = {}
+
+    @staticmethod
+    def _healthy(vm) -> bool:
+        try:
+            if vm.alive() and vm.qmp("query-status")["status"] in ("paused", "debug"):
+                vm.qmp("cont")    # a gdb killed while the guest ran leaves it paused
+            return (vm.alive() and vm.qmp("query-status")["status"] == "running"
+                    and vm.run("echo pool-ok", timeout=60).output == "pool-ok\n")
+        except Exception:  # noqa: BLE001 - any trouble: boot a fresh one
+            return False
+
+    def get(self, **opts):
+        from sbmdbg.vm import VM
+
+        from dataclasses import asdict
+
+        from sbmdbg.vm import VMOptions
+
+        key = tuple(sorted(asdict(VMOptions(**opts)).items()))   # defaults spelt out or not
+        vm = self.vms.pop(key, None)
+        if vm is not None and not self._healthy(vm):
+            vm.close()
+            vm = None
+        if vm is None:
+            while len(self.vms) >= self.keep:
+                oldest = next(iter(self.vms))
+                self.vms.pop(oldest).close()
+            vm = VM(_reference_opts(self.kernel_build, opts))
+        self.vms[key] = vm          # most recently used last
+        return vm
+
+    def close(self) -> None:
+        for vm in self.vms.values():
+            vm.close()
+        self.vms.clear()
+
+
+@pytest.fixture(scope="session")
+def vm_pool(kernel_build):
+    pool = VMPool(kernel_build)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def shared_vm(vm_pool):
+    """``vm = shared_vm(pti="off", kaslr=True)``: a VM of the session pool.
+    The test must leave the guest as it found it (running, no background jobs)."""
+    return vm_pool.get
 
 
 @pytest.fixture
@@ -71,12 +199,10 @@ def gdb_session():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests under tests/unit/ or tests/live/ get that marker if they have neither."""
-    for item in items:
-        if item.get_closest_marker("unit") or item.get_closest_marker("live"):
-            continue
-        parts = item.path.parts
-        if "unit" in parts:
-            item.add_marker(pytest.mark.unit)
-        elif "live" in parts:
-            item.add_marker(pytest.mark.live)
+    """Every test is marked unit or live: an unmarked test fails collection
+    (`./run tests` selects -m "unit or live", so it would never run)."""
+    unmarked = [it.nodeid for it in items
+                if not (it.get_closest_marker("unit") or it.get_closest_marker("live"))]
+    if unmarked:
+        raise pytest.UsageError("tests without a unit or live marker (add pytestmark = "
+                                "pytest.mark.unit or .live): " + ", ".join(unmarked[:20]))

@@ -116,7 +116,7 @@ def _num(v):
 
 def _eq(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
-        return a is b or a == b
+        return isinstance(a, bool) and isinstance(b, bool) and a == b  # false is not 0
     na, nb = _num(a), _num(b)
     if na is not None and nb is not None:
         return na == nb

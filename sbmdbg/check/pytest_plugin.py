@@ -46,6 +46,25 @@ def _runner(config):
     return r
 
 
+def _vm_key(item) -> str:
+    from sbmdbg.check import spec
+
+    try:
+        sc = spec.load(item.path)
+    except spec.ScenarioError:
+        return ""
+    return repr((sc.kernel, [str(p) for p in sc.extra_patches], sorted(sc.vm.items())))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Scenario files with the same kernel and VM options run one after the
+    other (in the slots the scenario items already take), so they share a VM."""
+    slots = [i for i, it in enumerate(items) if isinstance(it, ScenarioItem)]
+    ordered = sorted((items[i] for i in slots), key=_vm_key)   # stable: file order within a key
+    for i, it in zip(slots, ordered):
+        items[i] = it
+
+
 def pytest_unconfigure(config):
     r = config.stash.get(_RUNNER, None)
     if r is not None:

@@ -19,6 +19,7 @@ from typing import Callable
 from sbmdbg import validate as V
 from sbmdbg.commands import compute as C
 from sbmdbg.commands import render as R
+from sbmdbg.commands import why as WHY
 from sbmdbg.commands.parser import ArgError, HelpShown, Parser  # noqa: F401  (re-exported)
 
 ROOT_HELP = "kernel | user | sandbox[=N] | a CR3 value"
@@ -149,6 +150,15 @@ Usage: sbm ptov PA [--root kernel|user|sandbox[=N]|CR3] [--json]""", _ptov_args,
     Command("kernel", """Show what the kernel model found: root, paging levels, KASLR slide, bases.
 
 Usage: sbm kernel [--json]""", _no_args, C.kernel_summary, R.kernel),
+    Command("why", """Explain a sandbox abort: the faulting instruction (vmlinux), its source line and
+inlined chain (DWARF), the access, what the address is (buffer, region, the
+kernel's view), the sandbox and kernel page-table walks, the design rule.
+
+Usage: sbm why [SANDBOX] [--rip X --cr2 X --error-code N --vector N] [--json]
+Stop in the fault path (e.g. `break handle_sbm_fault`); offline: `sbmdbg trace why`.""",
+            WHY.args, WHY.compute, WHY.render,
+            frozenset({"fault", "instruction", "source", "access", "address", "walks", "denied",
+                       "rule", "summary", "sandbox"}), complete="sandbox"),
 )}
 
 #: name -> compute function (the JSON of every face)

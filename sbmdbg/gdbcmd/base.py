@@ -57,7 +57,7 @@ class SbmCommand(gdb.Command):
 
     def invoke(self, arg, from_tty):
         try:
-            args = self.parser.parse_args(gdb.string_to_argv(arg))
+            args = self.parser.parse_intermixed_args(gdb.string_to_argv(arg))  # options before positionals too
         except HelpShown:
             return
         except ArgError as e:

@@ -77,7 +77,7 @@ class TableCommand(SbmCommand):
     def parse(self, argv: list[str]):
         """The arguments of ``sbm CMD ARGV`` ready for compute (``sbm time``)."""
         try:
-            return self.prepare(self.parser.parse_args(argv))
+            return self.prepare(self.parser.parse_intermixed_args(argv))
         except (ArgError, HelpShown) as e:
             raise SbmdbgError(f"sbm {self.name}: bad arguments {argv!r}: {e}") from None
 

@@ -4,6 +4,7 @@
                         [--run 'CMD'] [--seconds S] [--json]      (alias: start)
     sbmdbg trace show FILE [--last N] [--kind K,K] [--vcpu N] [--json]
     sbmdbg trace export FILE --perfetto OUT
+    sbmdbg trace why FILE [SEQ] [--vmlinux V] [--json]
     sbmdbg trace check FILE --qemu-log LOG [--start-offset B]
 """
 from __future__ import annotations
@@ -107,6 +108,24 @@ def _check(args) -> int:
     return 0 if not r["missing_from_log"] and not r["missing_from_trace"] else 1
 
 
+def _why(args) -> int:
+    from sbmdbg.sbm.why import lines
+    from sbmdbg.trace.events import read_events
+    from sbmdbg.trace.why import why
+
+    out = why(read_events(args.file), args.vmlinux, args.event)
+    if args.json:
+        print(json.dumps(out if args.event is None else out[0], indent=2))
+    else:
+        def clean(s: str) -> str:   # trace files are input: no terminal control characters
+            return "".join(c if c.isprintable() else "?" for c in s)
+        for d in out:
+            print(clean(f"abort seq {d['event']['seq']} (vCPU {d['event']['vcpu']}, "
+                        f"pid {d['event']['pid']} {d['event']['comm']}):"))
+            print("\n".join(clean(x) for x in lines(d)))
+    return 0
+
+
 def add_parser(sub) -> None:
     t = sub.add_parser("trace", help="live SBM transition tracer").add_subparsers(
         dest="tcmd", required=True, parser_class=sub._parser_class)
@@ -140,6 +159,12 @@ def add_parser(sub) -> None:
     e.add_argument("file")
     e.add_argument("--perfetto", required=True, metavar="OUT", type=V.arg_out_file("--perfetto"))
     e.set_defaults(func=_export)
+    w = t.add_parser("why", help="explain the aborts of a trace (sbm why, offline)")
+    w.add_argument("file")
+    w.add_argument("event", nargs="?", type=int, help="seq of one abort event (default: all)")
+    w.add_argument("--vmlinux", help="the traced kernel's vmlinux (default: the trace's)")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=_why)
     c = t.add_parser("check", help="cross-check a trace against QEMU's -d int log")
     c.add_argument("file")
     c.add_argument("--qemu-log", required=True, type=V.arg_in_file("--qemu-log"))

@@ -472,7 +472,8 @@ class PluginTracer:
                              clock=self.clock)
         meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
                 "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
-                "slide": hx(k.slide), "ncpus": ncpus, "x86_sbm_return": hx(ret_ip),
+                "slide": hx(k.slide), "ncpus": ncpus, "vmlinux": self.info.get("vmlinux"),
+                "build_id": k.symbols.build_id, "x86_sbm_return": hx(ret_ip),
                 "probes": [{"name": t, "site": hx(a), "kind": kd} for a, t, kd, _ in plist
                            if not t.startswith("v")],
                 "stamps": sum(1 for p in plist if p[1].startswith("v")),

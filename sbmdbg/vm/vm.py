@@ -90,6 +90,16 @@ def kill_pid(pid: int, proc: subprocess.Popen | None = None, grace: float = 5.0)
             pass
 
 
+def _note_boot(vm_id: str, pid: int) -> None:
+    """One line per QEMU started, in $SBMDBG_BOOT_LOG when it is set (the test
+    suite counts its boots with it, subprocesses included)."""
+    log = os.environ.get("SBMDBG_BOOT_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"id": vm_id, "pid": pid,
+                                "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\n")
+
+
 class VM:
     """A QEMU guest running the reference kernel and the sbmdbg initramfs."""
 
@@ -162,6 +172,7 @@ class VM:
                 continue  # the gdb port was taken between free_port() and QEMU
             raise SbmdbgError(f"QEMU exited at start (status {self.proc.returncode}): "
                               f"{_tail(stderr, 5) or 'no message'}")
+        _note_boot(self.id, self.pid)
         self.serial = SerialConsole(str(paths.serial))
         self.info = {
             "id": self.id,

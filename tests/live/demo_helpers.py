@@ -1,17 +1,70 @@
-"""Driving the reference kernel's demo module from live tests."""
+"""Helpers of the live tests, one per job: the demo module, gdb JSON, waits."""
+from __future__ import annotations
+
+import json
 import re
+import time
+
+# plain gdb and the guest as independent sources: the same readers the fixture recorder uses
+from sbmdbg.fixture.sources import U64, gdb_int, kallsyms  # noqa: F401
+
+DEMO = "/sys/kernel/debug/sbm_demo"
+
+# The demo's fault scenarios: scenario -> (vector, #PF error bits that must be
+# set, bits that must be clear).  Insertion order = the order tests run them.
+FAULTS = {
+    "write_ro_input": (14, {"P", "W", "U"}, set()),
+    "read_guard": (14, {"U"}, {"P", "W"}),
+    "write_kernel_data": (14, {"P", "W", "U"}, set()),
+    "write_kernel_bss": (14, {"P", "W", "U"}, set()),
+    "write_stack": (14, {"P", "W", "U"}, set()),
+    "stack_overflow": (14, {"W", "U"}, {"P"}),
+    "noncanonical": (13, set(), set()),
+    "read_null": (14, {"U"}, {"P", "W"}),
+}
 
 
 def demo_stats(vm) -> tuple[int, int, int]:
-    """(calls, returns, aborts) from /sys/kernel/debug/sbm_demo/stats."""
-    m = re.search(r"calls=(\d+) returns=(\d+) aborts=(\d+)", vm.run("cat /sys/kernel/debug/sbm_demo/stats").output)
+    """(calls, returns, aborts) from the demo module's own counters."""
+    m = re.search(r"calls=(\d+) returns=(\d+) aborts=(\d+)", vm.run(f"cat {DEMO}/stats").output)
     assert m, "no sbm_demo stats in the guest"
     return tuple(int(x) for x in m.groups())
 
 
-def run_scenario(vm, name: str, timeout: float = 120) -> str:
-    """Run one demo scenario; its report line must say result=PASS."""
-    out = vm.run(f"echo {name} > /sys/kernel/debug/sbm_demo/run && cat /sys/kernel/debug/sbm_demo/run",
-                 timeout=timeout).output
-    assert "result=PASS" in out, out
-    return out
+def run_scenario(vm, name: str, timeout: float = 120, expect_pass: bool = True) -> dict:
+    """Run one demo scenario; its report line as fields (``scenario``, ``ret``,
+    ``sbm_error``, ``result``, ...).  With *expect_pass*, result must be PASS."""
+    r = vm.run(f"echo {name} > {DEMO}/run && cat {DEMO}/run", timeout=timeout)
+    assert r.status == 0, r.output
+    fields = dict(re.findall(r"(\w+)=(\S+)", r.output))
+    assert fields.get("scenario") == name.split()[0], r.output
+    if expect_pass:
+        assert fields.get("result") == "PASS", r.output
+    return fields
+
+
+def sbm_json(g, cmd: str, timeout: float = 120) -> dict:
+    """``CMD --json`` in gdb, parsed (GdbSession.sbm_json)."""
+    return g.sbm_json(cmd, timeout=timeout)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
+    """Poll *pred* until it returns a true value (returned); fail after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_gone(pid: int) -> bool:
+    """No such process, or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return True
+    return st[st.rindex(")") + 2:].split()[0] in ("Z", "X")

@@ -1,9 +1,10 @@
-"""Negative proof of the scenario suite (issue 8): the same scenario files
-pass on the reference kernel and fail, with the right messages, on a
-deliberately broken variant (fixtures/kernel/broken/0101-...: input buffers
-mapped writable in the sandbox).  Both runs go through the CLI (`sbmdbg
-check`), as CI would; the broken kernel is built once through the pipeline
-(cached afterwards)."""
+"""Negative proof of the scenario suite (issue 8): the scenario files fail,
+with the right messages, on a deliberately broken variant
+(fixtures/kernel/broken/0101-...: input buffers mapped writable in the
+sandbox).  That the same files pass on the reference kernel is what pytest's
+collection of checks/ asserts in the same run (each scenario runs once per
+configuration).  The run goes through the CLI (`sbmdbg check`), as CI would;
+the broken kernel is built once through the pipeline (cached afterwards)."""
 from __future__ import annotations
 
 import subprocess
@@ -19,17 +20,15 @@ BROKEN = REPO / "fixtures" / "kernel" / "broken" / "0101-test-only-checks-input-
 FILES = [str(REPO / "checks" / "check_demo_scenarios.toml"), str(REPO / "checks" / "check_isolation_audit.toml")]
 
 
-def _check(*args, timeout=1500):
+def _check(*args, timeout=1500):   # below the test's own pytest timeout
     return subprocess.run([sys.executable, "-m", "sbmdbg.cli", "check", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
 
 
-def test_suite_passes_on_reference_and_fails_on_broken_kernel(tmp_path, kernel_build):
-    ok = _check(*FILES, "--junit", str(tmp_path / "ref.xml"))
-    assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-2000:]
-    ref = ET.parse(tmp_path / "ref.xml").getroot()
-    assert ref.get("failures") == "0" and ref.get("errors") == "0" and int(ref.get("tests")) >= 15
-
+@pytest.mark.timeout(1800)
+def test_suite_fails_on_broken_kernel(tmp_path, kernel_build):
+    for f in FILES:     # the files are the ones pytest runs on the reference kernel
+        assert Path(f).is_file() and Path(f).parent.name == "checks"
     bad = _check(*FILES, "--extra-patch", str(BROKEN), "--junit", str(tmp_path / "broken.xml"),
                  "--json", str(tmp_path / "broken.json"))
     out = bad.stdout
@@ -45,6 +44,7 @@ def test_suite_passes_on_reference_and_fails_on_broken_kernel(tmp_path, kernel_b
     assert "console tail:" in out
     # The other scenarios still pass on the broken kernel: the failures are specific.
     root = ET.parse(tmp_path / "broken.xml").getroot()
+    assert int(root.get("tests")) >= 15
     failed = {tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None}
     assert any("write_ro_input" in n for n in failed), failed
     assert not any(n.endswith("demo ok") or "read_null" in n for n in failed), failed

@@ -18,17 +18,13 @@ pytestmark = pytest.mark.live
 
 import drgn  # noqa: E402  (in the test extra: a missing drgn is an error, not a skip)
 
-U64 = (1 << 64) - 1
+from demo_helpers import U64, sbm_json  # noqa: E402
 
 
-def sbm_json(g, cmd: str) -> dict:
-    return g.sbm_json(cmd)
-
-
-def test_sbm_model_equals_drgn_on_a_vmcore(make_vm, gdb_session, tmp_path):
+def test_sbm_model_equals_drgn_on_a_vmcore(shared_vm, gdb_session, tmp_path):
     from drgn.helpers.linux.percpu import per_cpu
 
-    vm = make_vm(smp=2, pti="on", kaslr=True)
+    vm = shared_vm(smp=2, pti="on", kaslr=True)
     g = gdb_session(vm)
     kinfo = sbm_json(g, "sbm kernel")
     slide = kinfo.get("slide") or kinfo.get("kernel", {}).get("slide") or 0
@@ -94,3 +90,6 @@ def test_sbm_model_equals_drgn_on_a_vmcore(make_vm, gdb_session, tmp_path):
     assert str(backlink) in json.dumps(st), \
         "sbm stack does not show the back-link"
     g.cont()
+    # the scenario typed before the stop finishes (the shared VM's shell is free again)
+    out = vm.run("cat /sys/kernel/debug/sbm_demo/run").output
+    assert "scenario=ok" in out and "result=PASS" in out, out

@@ -15,41 +15,79 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import types
 
 import pytest
+from demo_helpers import gdb_int, sbm_json
 
 pytestmark = pytest.mark.live
-U64 = (1 << 64) - 1
-
-
-def sbm_json(g, cmd: str) -> dict:
-    return g.sbm_json(cmd)
-
-
-def gdb_int(g, expr: str) -> int:
-    return int(g.console(f"output/x {expr}").strip().split()[-1], 16) & U64
 
 
 @pytest.fixture(scope="module")
-def guest(kernel_build):
-    from sbmdbg.vm import VM, VMOptions
+def guest(vm_pool):
+    """The session's shared PTI-on VM, one gdb for the module."""
     from sbmdbg.vm.gdbmi import GdbSession
-    vm = VM(VMOptions(smp=2, pti="on", kernel=str(kernel_build.bzImage),
-                      vmlinux=str(kernel_build.vmlinux), tree=str(kernel_build.tree)))
+    vm = vm_pool.get(smp=2, pti="on")
+    g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
     try:
-        g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
-        try:
-            g.interrupt()
-            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-            yield vm, g
-        finally:
-            g.close()
+        g.interrupt()
+        g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
+        g.cont()
+        yield vm, g
     finally:
-        vm.close()
+        g.close()
+
+
+def _info_mem(vm, cpu: int) -> list[tuple[int, int, str]]:
+    """QEMU's `info mem` for *cpu*'s CR3: (start, end, "urw"-style perms)."""
+    out = []
+    for line in vm.hmp("info mem", cpu_index=cpu).splitlines():
+        m = re.match(r"([0-9a-f]{16})-([0-9a-f]{16}) [0-9a-f]+ ([u-][r-][w-])$", line.strip())
+        if m:
+            out.append((int(m.group(1), 16), int(m.group(2), 16), m.group(3)))
+    assert out, "QEMU printed no `info mem` ranges"
+    return out
+
+
+def _merge(iv) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    pairs = [(x["va"], x["end"]) if isinstance(x, dict) else (x[0], x[1]) for x in iv]
+    for lo, hi in sorted(pairs):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [tuple(x) for x in out]
+
+
+def _minus(a, b) -> list[tuple[int, int]]:
+    """Merged intervals of *a* not covered by *b*."""
+    out, b = [], _merge(b)
+    for lo, hi in _merge(a):
+        for blo, bhi in b:
+            if bhi <= lo or blo >= hi:
+                continue
+            if blo > lo:
+                out.append((lo, blo))
+            lo = max(lo, bhi)
+        if lo < hi:
+            out.append((lo, hi))
+    return _merge(out)
+
+
+def _perm_clash(a, b) -> list[tuple[int, int]]:
+    """Where both map with different user/write bits (what `info mem` shows)."""
+    out = []
+    for alo, ahi, ap in a:
+        for blo, bhi, bp in b:
+            lo, hi = max(alo, blo), min(ahi, bhi)
+            if lo < hi and ap != bp:
+                out.append((lo, hi))
+    return _merge(out)
 
 
 class Stop:
@@ -140,11 +178,23 @@ def test_stopped_in_sandbox(guest, tmp_path):
         d = sbm_json(g, "sbm diff kernel sandbox")
         assert d["only_a"] and d["perms_differ"]       # the sandbox maps a subset, user text etc.
         assert any(r["va"] <= st_va < r["end"] for r in d["pa_differ"])   # the state page
+        # `sbm diff` of the two vCPUs' roots against QEMU's `info mem` of each
+        cr3 = {c["cpu"]: c["vcpu"]["cr3"] for c in sbm_json(g, "sbm pcpu")["cpus"]}
+        other = 1 - s.cpu
+        dq = sbm_json(g, f"sbm diff {cr3[other]:#x} {cr3[s.cpu]:#x}")
+        qa, qb = _info_mem(vm, other), _info_mem(vm, s.cpu)
+        assert _merge(dq["only_a"]) == _minus(qa, qb)
+        assert _merge(dq["only_b"]) == _minus(qb, qa)
+        clash = _perm_clash(qa, qb)
+        assert clash and _minus(clash, dq["perms_differ"]) == [], (clash, dq["perms_differ"])
 
         # offline: a vmcore taken at this stop gives the same JSON
         want = {"status": st, "list": {"sandboxes": lst}, "show": sbm_json(g, "sbm show"),
                 "stack": sbm_json(g, "sbm stack"), "audit": sbm_json(g, "sbm audit"),
                 "pcpu": sbm_json(g, "sbm pcpu")}
+        for cmd in ("diff kernel sandbox", f"vtop {st_va:#x} --root sandbox={sb['pid']}",
+                    f"pt sandbox={sb['pid']} --raw"):
+            want[cmd] = sbm_json(g, "sbm " + cmd)
         core = tmp_path / "vmcore"
         subprocess.run([sys.executable, "-m", "sbmdbg.cli", "dump", "--qmp", vm.info["qmp"], "-o", str(core)],
                        check=True, timeout=300)
@@ -159,6 +209,13 @@ def test_stopped_in_sandbox(guest, tmp_path):
                                 "--vmlinux", vm.info["vmlinux"], *argv], capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, (argv, r.stderr)
             return r.stdout
+        # the CLI's diff, vtop and pt give gdb's JSON (taken at the same stop)
+        for cmd in ("diff kernel sandbox", f"vtop {st_va:#x} --root sandbox={sb['pid']}",
+                    f"pt sandbox={sb['pid']} --raw"):
+            got = json.loads(inspect("--json", *cmd.split()))
+            for d in (got, want[cmd]):
+                d.get("stats", {}).pop("seconds", None)       # a timing, not an answer
+            assert got == want[cmd], cmd
         # the paging commands of the table: same JSON (vCPU 0's roots on both sides), and
         # `inspect pt` prints gdb's table, not JSON
         g.console("thread 1")

@@ -4,10 +4,9 @@ tracer (an independent mechanism: breakpoints), and QEMU dying mid-trace.
 Each test boots its own VM and leaves no QEMU behind."""
 import os
 import signal
-import time
 
 import pytest
-from demo_helpers import demo_stats, run_scenario
+from demo_helpers import FAULTS, demo_stats, run_scenario
 
 from sbmdbg.trace.events import read_events, summarize, validate
 from sbmdbg.trace.export import to_perfetto
@@ -16,16 +15,6 @@ from sbmdbg.trace.live import TraceRecorder
 
 pytestmark = pytest.mark.live
 
-FAULTS = {   # scenario -> (vector, #PF error bits that must be set, bits that must be clear)
-    "write_ro_input": (14, {"P", "W", "U"}, set()),
-    "read_guard": (14, {"U"}, {"P", "W"}),
-    "write_kernel_data": (14, {"P", "W", "U"}, set()),
-    "write_kernel_bss": (14, {"P", "W", "U"}, set()),
-    "write_stack": (14, {"P", "W", "U"}, set()),
-    "stack_overflow": (14, {"W", "U"}, {"P"}),
-    "noncanonical": (13, set(), set()),
-    "read_null": (14, {"U"}, {"P", "W"}),
-}
 
 def _per_vcpu_well_formed(events):
     """enter, then irq/irq_return pairs, then return or abort, then exit: per vCPU."""
@@ -53,8 +42,8 @@ def _per_vcpu_well_formed(events):
 
 
 @pytest.mark.parametrize("pti,kaslr", [("on", True), ("off", False)])
-def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
-    vm = make_vm(smp=2, pti=pti, kaslr=kaslr)
+def test_plugin_trace_counts_faults_and_context(shared_vm, tmp_path, pti, kaslr):
+    vm = shared_vm(smp=2, pti=pti, kaslr=kaslr)
     path = tmp_path / "t.jsonl"
     before = demo_stats(vm)
     t = PluginTracer(vm, str(path))
@@ -110,13 +99,19 @@ def test_plugin_trace_counts_faults_and_context(make_vm, tmp_path, pti, kaslr):
     for c in (0, 1):
         ns = [e["host_ns"] for e in events if e.get("vcpu") == c and e["kind"] != "trace_stop"]
         assert ns == sorted(ns)
-    assert to_perfetto(events)["traceEvents"]
+    # one Perfetto slice per sandbox call, on the track of its vCPU
+    doc = to_perfetto(events)
+    slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert len(slices) == s["calls"] and {int(e["tid"]) for e in slices} == {0, 1}, \
+        (len(slices), s["calls"], {e["tid"] for e in slices})
+    assert sum(e["cat"] == "abort" for e in slices) == s["aborts"] == len(FAULTS)
+    assert sum(e["ph"] == "i" and e["cat"] == "abort" for e in doc["traceEvents"]) == s["aborts"]
 
 
-def test_plugin_trace_agrees_with_gdb_tracer(make_vm, tmp_path):
+def test_plugin_trace_agrees_with_gdb_tracer(shared_vm, tmp_path):
     """The same scenarios traced by gdb breakpoints and by the QEMU log:
     the same calls, the same faults (vector, error code, where)."""
-    vm = make_vm(smp=2, pti="on")
+    vm = shared_vm(smp=2, pti="on")
     scen = ["ok", "write_kernel_data", "noncanonical", "write_stack", "irq_in_sandbox"]
 
     def key(events):
@@ -156,10 +151,8 @@ def test_plugin_trace_qemu_killed(make_vm, tmp_path):
         t.start()
         run_scenario(vm, "repeat 20")
         os.kill(vm.pid, signal.SIGKILL)
-        t0 = time.monotonic()
         with pytest.raises(TraceLost) as ei:
             t.wait(10)
-        assert time.monotonic() - t0 < 2.0
         assert "died" in str(ei.value)
     finally:
         t.close()

@@ -38,7 +38,8 @@ def _argv(k) -> dict[str, str]:
 
 
 def test_every_command_has_args_compute_render():
-    assert {"status", "list", "show", "stack", "audit", "diff", "pcpu", "vtop", "pt", "ptov", "kernel"} == set(TABLE)
+    assert {"status", "list", "show", "stack", "audit", "diff", "pcpu", "vtop", "pt", "ptov", "kernel",
+            "why"} == set(TABLE)
     for name, c in TABLE.items():
         assert isinstance(c, Command) and c.name == name
         assert callable(c.args) and callable(c.compute) and callable(c.render), name

@@ -14,6 +14,8 @@ from sbmdbg.dashboard import backend as B
 from sbmdbg.dashboard import panels as P
 from sbmdbg.errors import SbmdbgError
 
+pytestmark = pytest.mark.unit
+
 EVIL = "[red]x[/red][link=file:///etc]"
 
 

@@ -129,8 +129,21 @@ def test_fanout_is_bounded():
     assert w.stats.truncated and any(f.kind == "budget" for f in w.findings)
     assert len(maps) < 20000
     assert len(w.findings) <= w.max_findings
-    maps, w = pg.walk(b.read_phys, b.root, max_seconds=0.05, merge_runs=False)
-    assert w.stats.truncated
+
+
+def test_walk_time_budget_gives_a_timeout_finding(monkeypatch):
+    """The time budget (not the entry budget) stops the walk, with a finding.
+    A fake clock that moves 1 s per reading: no dependence on the machine's load."""
+    b = PageTableBuilder()
+    for i in range(64):
+        b.map(i << 30, i << 21)            # 64 PDPT entries -> 64 separate tables
+    clock = iter(range(10**6))
+    monkeypatch.setattr(pg.time, "monotonic", lambda: float(next(clock)))
+    maps, w = pg.walk(b.read_phys, b.root, max_seconds=5, max_entries=10**6, merge_runs=False)
+    kinds = [f.kind for f in w.findings]
+    assert w.stats.truncated and kinds.count("timeout") >= 1 and "budget" not in kinds, kinds
+    assert 0 < len(maps) < 64 and w.stats.entries < 10**6
+    assert "after 5.0s" in next(f for f in w.findings if f.kind == "timeout").message
 
 
 def test_unreadable_table():

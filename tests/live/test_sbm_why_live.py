@@ -1,0 +1,193 @@
+"""`sbm why` at a real LZ4_decompress_fast overread, checked field by field
+against gdb and QEMU; and a short fuzz campaign (patch 0007, sbm_codec).
+
+* A truncated LZ4 block (a token for 14 literals, 5 present) makes the
+  unmodified LZ4_decompress_fast() read past its input: the input copy's data
+  ends at a page end, so the read hits the unmapped page after it.  gdb stops
+  in handle_sbm_fault; `sbm why --json` must give gdb's fault (regs->ip, the
+  error code and address arguments), gdb's `info line *RIP` and `x/i RIP`,
+  "0 bytes past the end of input buffer #0" for CR2, and a sandbox walk that
+  ends in a non-present entry where QEMU's `gva2gpa` through the sandbox CR3
+  (gdb writes $cr3, restored before continuing) says "Unmapped", while the
+  input's last byte maps to the same physical address for both.
+* `sbmdbg fuzz`-style campaigns (a few hundred cases, lz4 and zlib): every
+  valid output equals Python's, every abort is in the trace and has a why
+  whose source line is gdb's `info line *RIP`, the kernel stays clean.
+"""
+from __future__ import annotations
+
+import random
+import re
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.live
+U64 = (1 << 64) - 1
+
+
+@pytest.fixture(scope="module")
+def guest(kernel_build):
+    from sbmdbg.fuzz.guest import CodecGuest
+    from sbmdbg.sbm import open_kernel
+    from sbmdbg.target.qmp import QmpTarget
+    from sbmdbg.target.shm import ShmTarget
+    from sbmdbg.vm import VM, VMOptions
+    from sbmdbg.vm.gdbmi import GdbSession
+    vm = VM(VMOptions(smp=2, pti="on", kernel=str(kernel_build.bzImage),
+                      vmlinux=str(kernel_build.vmlinux), tree=str(kernel_build.tree)))
+    try:
+        k = open_kernel(ShmTarget(vm.info["ram"], vm.info["ram_size"],
+                                  regs_source=QmpTarget(vm.hmp, vm.qmp)), vm.info["vmlinux"])
+        cg = CodecGuest(vm, k)
+        g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
+        try:
+            g.interrupt()
+            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
+            g.console("set disassembly-flavor intel")
+            yield vm, g, k, cg
+        finally:
+            g.close()
+            cg.close()
+    finally:
+        vm.close()
+
+
+def gdb_int(g, expr: str) -> int:
+    return int(g.console(f"output/x {expr}").strip().split()[-1], 16) & U64
+
+
+def overread_input() -> tuple[bytes, int]:
+    """One LZ4 sequence announcing 14 literals (token 0xE0) of which 5 are
+    there: far from the output's end, LZ4_decompress_fast wild-copies the
+    literals 8 bytes at a time (LZ4_copy8), reading past the input."""
+    return bytes([0xE0]) + random.Random(16).randbytes(5), 1000
+
+
+def stop_in_overread(guest, sym: str):
+    """Break at ``sym`` and run LZ4_decompress_fast on the overreading input
+    in the background; (thread, result dict, the stop record)."""
+    vm, g, k, cg = guest
+    comp, olen = overread_input()
+    cg.stage(0, comp)
+    result = {}
+    g.interrupt()
+    g.mi(f"-break-insert -t {sym}")
+    g.cont()
+    t = threading.Thread(target=lambda: result.update(out=vm.run(
+        f"echo lz4_fast {olen} 0 {len(comp)} > /sys/kernel/debug/sbm_codec/run; "
+        "cat /sys/kernel/debug/sbm_codec/run", timeout=180).output), daemon=True)
+    t.start()
+    stop = g.wait_stopped(90)
+    assert stop.get("reason") == "breakpoint-hit", stop
+    return t, result, stop
+
+
+def test_why_at_lz4_fast_overread(guest):
+    vm, g, k, cg = guest
+    t, result, stop = stop_in_overread(guest, "handle_sbm_fault")
+    cpu = int(stop["thread-id"]) - 1
+    restore_cr3 = None
+    try:
+        d = g.sbm_json("sbm why")
+        rip = gdb_int(g, "regs->ip")
+        cr2, err = gdb_int(g, "address"), gdb_int(g, "error_code")
+        # the fault: handle_sbm_fault's own arguments
+        assert d["fault"] == {"vector": 14, "error_code": err, "cr2": cr2, "rip": rip}, d["fault"]
+        assert err & 0x7 == 0x4, f"a user read of a non-present page, got {err:#x}"
+        # source line: gdb's line table
+        li = g.console(f"info line *{rip:#x}")
+        m = re.search(r'Line (\d+) of "([^"]+)"', li)
+        assert m, li
+        assert d["source"]["line"] == int(m.group(1)), (d["source"], li)
+        assert d["source"]["file"].endswith(m.group(2).rsplit("/", 1)[-1]), (d["source"], li)
+        assert d["source"]["function"] == "LZ4_decompress_fast", d["source"]
+        assert d["source"]["file"].startswith(("lib/lz4/", "arch/x86/lib/")), d["source"]
+        # the instruction: gdb's disassembler on the running text
+        xi = g.console(f"x/2i {rip:#x}")
+        lines = [ln for ln in xi.splitlines() if "0x" in ln]
+        mnem = lines[0].split(":", 1)[1].split()[0]
+        nxt = int(re.search(r"0x[0-9a-f]+", lines[1].replace("=>", "")).group(0), 16)
+        assert d["instruction"]["mnemonic"] == mnem, (d["instruction"], xi)
+        assert d["instruction"]["length"] == nxt - rip, (d["instruction"], xi)
+        # the access
+        a = d["access"]
+        assert a["kind"] == "read" and a["address"] == cr2 and a["cpl"] == 3
+        assert a["size"] == d["instruction"]["memory"]["size"] and a["size"] in (1, 2, 4, 8, 16)
+        # the address: just past input buffer #0 (its data ends at a page end)
+        b = d["address"]["buffer"]
+        assert b["direction"] == "input" and b["index"] == 0 and b["relation"] == "past_end", b
+        assert b["end"] % 4096 == 0 and b["offset"] == cr2 - b["end"] and 0 <= b["offset"] < 4096, b
+        assert d["rule"]["id"] == "past_buffer"
+        # the page tables: ours vs QEMU's through the sandbox CR3
+        sbm_cr3 = d["sandbox"]["sbm_cr3"]
+        sw, kw = d["walks"]["sandbox"], d["walks"]["kernel"]
+        assert sw["pa"] is None and not sw["levels"][-1]["present"], sw
+        assert d["denied"]["bit"] == "P" and d["denied"]["level"] == sw["levels"][-1]["level"]
+        assert kw["pa"] is None or kw["levels"], kw
+        last_in = b["end"] - 1
+        ours_last = k.translate(sbm_cr3 & ~0xFFF, last_in).pa
+        restore_cr3 = gdb_int(g, "$cr3")
+        g.console(f"set $cr3 = (void *){sbm_cr3:#x}")
+        assert gdb_int(g, "$cr3") == sbm_cr3
+        q_fault = vm.hmp(f"gva2gpa {cr2:#x}", cpu_index=cpu)
+        q_last = vm.hmp(f"gva2gpa {last_in:#x}", cpu_index=cpu)
+        assert "Unmapped" in q_fault, q_fault
+        m = re.search(r"gpa: (0x[0-9a-f]+)", q_last)
+        assert m and int(m.group(1), 16) == ours_last, (q_last, ours_last)
+    finally:
+        if restore_cr3 is not None:
+            g.console(f"set $cr3 = (void *){restore_cr3:#x}")
+        g.cont()
+        t.join(120)
+    out = result.get("out", "")
+    assert "codec=lz4_fast ret=-14 sbm_error=-14" in out, out
+
+
+def test_why_without_a_fault_is_one_error(guest):
+    """Stopped at the start of the sandboxed wrapper (no fault yet): the
+    exception stack holds only x86_sbm_exec's IRET frame, not a frame saved
+    from the sandbox, so `sbm why` says so instead of explaining garbage."""
+    from sbmdbg.errors import SbmdbgError
+    vm, g, k, cg = guest
+    t, result, _stop = stop_in_overread(guest, "__sbm_thunk_sbm_codec_lz4_fast")
+    try:
+        with pytest.raises(SbmdbgError, match="no fault in progress"):
+            g.sbm_json("sbm why")
+    finally:
+        g.cont()
+        t.join(120)
+
+
+@pytest.mark.parametrize("family", ["lz4", "zlib"])
+def test_fuzz_campaign(guest, family):
+    from sbmdbg.fuzz.campaign import run
+    vm, g, k, cg = guest
+    g.interrupt()
+    g.mi("-break-delete")
+    g.cont()
+    rep = run(vm, k, family, 300, seed=7)
+    assert rep["cases"] == 300 and sum(rep["classes"].values()) == 300
+    assert rep["valid_wrong"] == [] and rep["classes"].get("ok", 0) >= rep["kinds"]["valid"]
+    assert rep["kernel"]["alive"] and rep["kernel"]["clean"], rep["kernel"]
+    assert rep["aborts_traced"] == rep["aborts_returned"]
+    assert sum(gr["count"] for gr in rep["why_groups"]) == rep["aborts_returned"]
+    for gr in rep["why_groups"]:
+        assert ".c:" in gr["why"] or ".S:" in gr["why"] or ".h:" in gr["why"], gr
+    if family == "lz4":
+        assert rep["classes"].get("sandbox abort", 0) > 0   # LZ4_decompress_fast trusts its input
+    # every fault site's source line is gdb's own `info line *RIP` (on vmlinux)
+    sites = rep["fault_sites"]
+    assert len(sites) == rep["distinct_fault_sites"]
+    if sites:
+        import subprocess
+        cmd = ["gdb", "-batch", "-nx"]
+        for st in sites:
+            cmd += ["-ex", f"info line *{st['rip']}"]
+        got = subprocess.run(cmd + [vm.info["vmlinux"]], capture_output=True, text=True,
+                             timeout=300).stdout
+        answers = re.findall(r'Line (\d+) of "([^"]+)"\s+starts at address (0x[0-9a-f]+)', got)
+        assert len(answers) == len(sites), got[-2000:]
+        for st, (line, file, _start) in zip(sites, answers):
+            assert (st["line"], st["file"].rsplit("/", 1)[-1]) == (int(line), file.rsplit("/", 1)[-1]), \
+                (st, line, file)
