@@ -634,8 +634,8 @@ class Walker:
             self._flush()
         if time.monotonic() > self._deadline:   # checked for every table, readable or not
             st.truncated = self._stop = True
-            self._finding("timeout", f"walk stopped after {0.85 * self.max_seconds:.2f}s "
-                          f"(its deadline: {self.max_seconds:g}s with the results)", va=va)
+            self._finding("timeout", f"walk stopped at {0.85 * self.max_seconds:.2f}s, the rest of its "
+                          f"deadline (after {self.max_seconds:.1f}s) left to build the results", va=va)
             return None
         t = self.reader.table(table_pa)
         if t is None:
