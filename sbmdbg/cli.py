@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import validate as V
 
 
 # ---------------------------------------------------------------- kernel
@@ -216,7 +217,7 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------- parser
 
 def _add_vm_options(p) -> None:
-    p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
+    p.add_argument("--smp", type=V.arg_int(1, 64), default=2, help="vCPUs (default 2)")
     p.add_argument("--mem", default="512M", help="guest RAM (default 512M)")
     p.add_argument("--pti", choices=["on", "off"], default="off", help="kernel pti= (default off)")
     p.add_argument("--kaslr", action="store_true", help="boot with kaslr (default nokaslr)")
@@ -225,7 +226,8 @@ def _add_vm_options(p) -> None:
     p.add_argument("--kernel", help="bzImage (default: the reference kernel build)")
     p.add_argument("--vmlinux", help="vmlinux matching --kernel")
     p.add_argument("--qemu-log", help="QEMU -d int -D FILE")
-    p.add_argument("--timeout", type=float, default=60.0, help="boot timeout in seconds")
+    p.add_argument("--timeout", type=V.arg_float(0, 86400, lo_open=True), default=60.0,
+                   help="boot timeout in seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     vr = v.add_parser("run", help="run a shell command in a detached VM")
     vr.add_argument("command")
     vr.add_argument("--id", help="VM id (default: the only one running)")
-    vr.add_argument("--timeout", type=float, default=30.0)
+    vr.add_argument("--timeout", type=V.arg_float(0, 86400, lo_open=True), default=30.0)
     vr.set_defaults(func=cmd_vm_run)
     vl = v.add_parser("list", help="list detached VMs")
     vl.add_argument("--json", action="store_true")
@@ -299,37 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dashboard_parser(sub)  # sbmdbg dashboard (live Textual view, --once/--svg frames)
 
     d = sub.add_parser("demo", help="build, boot, attach and print `sbm pcpu`")
-    d.add_argument("--smp", type=int, default=2)
+    d.add_argument("--smp", type=V.arg_int(1, 64), default=2)
     d.add_argument("--pti", choices=["on", "off"], default="on")
     d.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input: one ``sbmdbg: error: ...`` line (exit 1, usage 2); a bug: one
+    ``sbmdbg: internal error: ...; traceback written to PATH`` line (exit 1)."""
     from sbmdbg.commands.parser import ArgError, HelpShown
+    from sbmdbg.guard import run_cli
+    from sbmdbg.text import clean
 
-    try:
-        args = build_parser().parse_args(argv)
-        return _run(args)
-    except ArgError as exc:  # one line, exit 2 (argparse's convention)
-        exc.parser.print_usage(sys.stderr)
-        print(f"sbmdbg: error: {exc}", file=sys.stderr)
-        return 2
-    except HelpShown as exc:
-        return exc.status
-
-
-def _run(args) -> int:
-    try:
-        return args.func(args)
-    except SbmdbgError as exc:
-        print(f"sbmdbg: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        if exc.detail:
-            print(exc.detail, file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sbmdbg: interrupted", file=sys.stderr)
-        return 130
+    def go() -> int:
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        except ArgError as exc:  # one line, exit 2 (argparse's convention)
+            exc.parser.print_usage(sys.stderr)
+            print(f"sbmdbg: error: {clean(str(exc), limit=2000)}", file=sys.stderr)
+            return 2
+        except HelpShown as exc:
+            return exc.status
+    return run_cli(go)
 
 
 if __name__ == "__main__":

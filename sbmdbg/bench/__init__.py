@@ -34,34 +34,35 @@ def cmd_bench_status(args) -> int:
 def cmd_bench_trace(args) -> int:
     from sbmdbg.bench.trace import bench_trace, render
 
-    r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels.split(","))
+    r = bench_trace(repeat=args.repeat, pti=args.pti, levels=args.levels if isinstance(args.levels, list) else args.levels.split(","))
     print(json.dumps(r, indent=2) if args.json else render(r))
     return 0
 
 
 def add_parser(sub, add_vm_options) -> None:
     """``sbmdbg bench ...``; ``add_vm_options(p)`` adds the VM options of ``sbmdbg vm start``."""
+    from sbmdbg import validate as V
     from sbmdbg.commands.parser import Parser
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bcmd", required=True, parser_class=Parser)
     bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
     bp.add_argument("--json", action="store_true")
-    bp.add_argument("--repeat", type=int, default=3)
+    bp.add_argument("--repeat", type=V.arg_int(1, 10_000), default=3)
     bp.add_argument("--tree", help="kernel tree with scripts/gdb (for translate-vm)")
     add_vm_options(bp)
     bp.set_defaults(func=cmd_bench_pt)
 
     bs = b.add_parser("status", help="per-stop refresh of `sbm` (all vCPUs) in gdb, shm target")
     bs.add_argument("--json", action="store_true")
-    bs.add_argument("--repeat", type=int, default=50)
-    bs.add_argument("--smp", type=int, default=2)
+    bs.add_argument("--repeat", type=V.arg_int(1, 100_000), default=50)
+    bs.add_argument("--smp", type=V.arg_int(1, 64), default=2)
     bs.add_argument("--pti", choices=["on", "off"], default="on")
     bs.set_defaults(func=cmd_bench_status)
 
     bt = b.add_parser("trace", help="tracer throughput and slowdown during `repeat N`")
-    bt.add_argument("--repeat", type=int, default=100, help="N of `repeat N` (default 100)")
+    bt.add_argument("--repeat", type=V.arg_int(1, 1_000_000), default=100, help="N of `repeat N` (default 100)")
     bt.add_argument("--pti", choices=["on", "off"], default="on")
-    bt.add_argument("--levels", default="plugin,full,lean",
+    bt.add_argument("--levels", default="plugin,full,lean", type=V.arg_choices(("plugin", "full", "fast", "lean")),
                     help="comma-separated: plugin (no-stop tracer) and/or gdb levels full, fast, lean")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=cmd_bench_trace)

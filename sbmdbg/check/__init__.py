@@ -16,6 +16,7 @@ import sys
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import validate as V
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -90,8 +91,9 @@ def add_parser(sub) -> None:
                                    "Exit 0: all passed; 1: a check failed; 2: a scenario file is invalid "
                                    "(nothing is booted then).")
     c.add_argument("files", nargs="+", metavar="FILE", help="scenario files or directories")
-    c.add_argument("--junit", metavar="OUT.xml", help="write a JUnit XML report")
-    c.add_argument("--json", metavar="OUT.json", help="write a JSON report")
+    c.add_argument("--junit", metavar="OUT.xml", help="write a JUnit XML report",
+                   type=V.arg_out_file("--junit"))
+    c.add_argument("--json", metavar="OUT.json", help="write a JSON report", type=V.arg_out_file("--json"))
     c.add_argument("--kernel", metavar="BZIMAGE", help="run every file on this kernel (with --vmlinux)")
     c.add_argument("--vmlinux", help="vmlinux matching --kernel")
     c.add_argument("--tree", help="kernel tree of --kernel (for scripts/gdb)")

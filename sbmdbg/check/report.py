@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from sbmdbg.check.runner import FileResult, Reporter, StepResult
 from sbmdbg.check.spec import Scenario, Step
+from sbmdbg.text import clean, xml_safe
 
 
 def _loc(path: str, line: int | None) -> str:
@@ -22,15 +23,15 @@ def failure_text(fr: FileResult, console_tail: bool = True) -> str:
     """What failed in one file: every failing step's messages, then the console tail."""
     out = []
     for f in fr.setup_failures:
-        out.append(f"{fr.path}: {f}")
+        out.append(clean(f"{fr.path}: {f}"))
     for s in fr.steps:
         if s.status in ("fail", "error"):
-            out.append(f"{_loc(fr.path, s.line)}: step {s.index} ({s.name}) {s.status.upper()}")
+            out.append(clean(f"{_loc(fr.path, s.line)}: step {s.index} ({s.name}) {s.status.upper()}"))
             for msg in s.failures:
-                out += ["    " + ln for ln in msg.splitlines()]
+                out += ["    " + clean(ln) for ln in msg.splitlines()]
     if console_tail and fr.console_tail and out:
         out.append("console tail:")
-        out += ["    " + ln for ln in fr.console_tail.splitlines()]
+        out += ["    " + clean(ln) for ln in fr.console_tail.splitlines()]
     return "\n".join(out)
 
 
@@ -43,11 +44,11 @@ class RichReporter(Reporter):
 
     def file_start(self, sc: Scenario, i: int, n: int) -> None:
         self._file_i = i
-        self.con.print(f"[bold]\\[{i + 1}/{n}] {escape(str(sc.path))}[/]  {escape(sc.name)}"
+        self.con.print(f"[bold]\\[{i + 1}/{n}] {escape(clean(str(sc.path)))}[/]  {escape(sc.name)}"
                        + (f" — {escape(sc.description)}" if sc.description else ""))
 
     def note(self, text: str) -> None:
-        self.con.print(f"    [dim]{escape(text)}[/]")
+        self.con.print(f"    [dim]{escape(clean(text))}[/]")
 
     def step_start(self, st: Step, n: int) -> None:
         if self.con.is_terminal:
@@ -64,20 +65,20 @@ class RichReporter(Reporter):
                        f"{r.checks} check(s)[/]")
         for msg in r.failures:
             for ln in msg.splitlines():
-                self.con.print(f"       [red]{escape(ln)}[/]")
+                self.con.print(f"       [red]{escape(clean(ln))}[/]")
         if self.verbose or r.status != "pass":
             for n in r.notes:
-                self.con.print(f"       [dim]{escape(n)}[/]")
+                self.con.print(f"       [dim]{escape(clean(n))}[/]")
 
     def file_done(self, fr: FileResult) -> None:
         for f in fr.setup_failures:
-            self.con.print(f"  [red]✗ {escape(f)}[/]")
+            self.con.print(f"  [red]✗ {escape(clean(f))}[/]")
         if not fr.passed and fr.console_tail:
             self.con.print("  [bold]console tail:[/]")
             for ln in fr.console_tail.splitlines():
-                self.con.print(f"    [dim]{escape(ln)}[/]")
+                self.con.print(f"    [dim]{escape(clean(ln))}[/]")
         colour = "green" if fr.passed else "red"
-        self.con.print(f"  [{colour}]{fr.status.upper()}[/] {escape(fr.path)} in {fr.seconds:.1f} s\n")
+        self.con.print(f"  [{colour}]{fr.status.upper()}[/] {escape(clean(fr.path))} in {fr.seconds:.1f} s\n")
 
 
 def summary_line(results: list[FileResult], seconds: float) -> str:
@@ -141,5 +142,18 @@ def write_junit(results: list[FileResult], path: str, seconds: float) -> None:
     root.set("failures", str(fails))
     root.set("errors", str(errors))
     root.set("skipped", str(skipped))
+    _xml_clean(root)
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def _xml_clean(root: ET.Element) -> None:
+    """Every text, tail and attribute as XML 1.0 allows (guest lines may carry
+    ESC, NUL, lone surrogates...): controls shown visibly, ET.parse succeeds."""
+    for el in root.iter():
+        if el.text:
+            el.text = xml_safe(el.text)
+        if el.tail:
+            el.tail = xml_safe(el.tail)
+        for k, v in list(el.attrib.items()):
+            el.set(k, xml_safe(v))

@@ -20,6 +20,7 @@ from sbmdbg.check import known as K
 from sbmdbg.check.expr import check_path, compare, short
 from sbmdbg.check.spec import Scenario, Step
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.text import clean
 
 BAD_CONSOLE = re.compile(r"WARNING:|BUG:|Oops|general protection fault|Call Trace|"
                          r"Kernel panic|double fault|not ok \d")
@@ -82,7 +83,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\
 def console_tail(text: str, start: int = 0, lines: int = 30) -> str:
     """The last *lines* console lines since *start*, without the harness's
     command lines and markers or terminal escapes."""
-    keep = [ _ANSI.sub("", ln).rstrip() for ln in text[start:].splitlines()]
+    keep = [clean(_ANSI.sub("", ln).rstrip()) for ln in text[start:].splitlines()]
     keep = [ln for ln in keep if ln and "__SBMDBG_" not in ln and "base64 -d" not in ln]
     return "\n".join(keep[-lines:])
 
@@ -526,7 +527,8 @@ class Runner:
         lines += [f"dmesg: {ln}" for ln in new if BAD_CONSOLE.search(ln) and ln not in lines]
         if not lines:
             return ""
-        return f"{len(lines)} oops/warning line(s): " + " | ".join(ln.strip() for ln in lines[:5])
+        return f"{len(lines)} oops/warning line(s): " + " | ".join(clean(ln.strip(), limit=300)
+                                                                  for ln in lines[:5])
 
     def _recover(self, m: _Machine) -> None:
         """After an error: delete breakpoints, let the guest run."""

@@ -5,8 +5,10 @@ files) is checked at load time.  The schema is documented in docs/checks.md.
 """
 from __future__ import annotations
 
+import bisect
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,12 @@ from sbmdbg.check import known as K
 from sbmdbg.check.expr import OPS, PathError, parse_path
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.paths import REPO_ROOT
+from sbmdbg.text import clean
+
+#: Longest timeout a scenario or step may ask for (seconds).
+TIMEOUT_MAX = 24 * 3600.0
+#: Longest regular expression a `matches` may carry (characters).
+REGEX_MAX = 2000
 
 FILE_KEYS = {"name", "description", "kernel", "extra_patches", "vm", "console_clean", "fresh_vm",
              "timeout", "step"}
@@ -31,6 +39,8 @@ class ScenarioError(SbmdbgError):
     """Bad scenario input: ``problems`` = [(file, line, message)], first one in the message."""
 
     def __init__(self, problems: list[tuple[str, int | None, str]]):
+        # file text is hostile: every message shown visibly, and bounded
+        problems = [(clean(f, limit=500), ln, clean(m, limit=500)) for f, ln, m in problems[:200]]
         self.problems = problems
         lines = [fmt_problem(*p) for p in problems]
         super().__init__(lines[0], detail="\n".join(lines[1:]))
@@ -139,6 +149,22 @@ class _Locator:
             if m and not ln.lstrip().startswith("#"):
                 self.headers.append((i, re.sub(r"\s+", "", m.group(2)).replace('"', ""),
                                      m.group(1) == "[["))
+        # Linear-time indexes: headers by name (in file order) and where each
+        # header's section ends (the next header that is not a sub-table of it).
+        self._by_name: dict[str, list[tuple[int, bool]]] = {}
+        self._end: dict[int, int] = {}
+        stack: list[tuple[int, str]] = []
+        for ln, n, arr in self.headers:
+            self._by_name.setdefault(n, []).append((ln, arr))
+            while stack and not n.startswith(stack[-1][1] + "."):
+                self._end[stack.pop()[0]] = ln
+            stack.append((ln, n))
+        for ln, _ in stack:
+            self._end[ln] = len(self.lines)
+        # Line numbers are best effort: the scans below stop after a budget
+        # linear in the file size (an inline array of 100k tables stays fast).
+        self._work = 0
+        self._budget = 16 * (len(text) + len(self.lines)) + 100_000
 
     def line(self, keypath: tuple) -> int | None:
         """1-based line of *keypath* (best effort; falls back to the enclosing section)."""
@@ -154,8 +180,11 @@ class _Locator:
             k = keypath[i]
             if isinstance(k, str):
                 name = f"{prefix}.{k}" if prefix else k
-                hdrs = [(ln, arr) for ln, n, arr in self.headers if n == name and (
-                    prefix == "" or lo <= ln < self._section_end(lo, prefix))]
+                hdrs = self._by_name.get(name, [])
+                if prefix and hdrs:
+                    a = bisect.bisect_left(hdrs, (lo, False))
+                    b = bisect.bisect_left(hdrs, (self._section_end(lo, prefix), False))
+                    hdrs = hdrs[a:b]
                 if hdrs and pos is None:
                     idx = 0
                     if hdrs[0][1] and i + 1 < len(keypath) and isinstance(keypath[i + 1], int):
@@ -188,16 +217,16 @@ class _Locator:
     def _section_end(self, start: int, name: str) -> int:
         """Where the section opened at *start* ends: the next header that is
         not a sub-table of *name*."""
-        for ln, n, _ in self.headers:
-            if ln > start and not n.startswith(name + "."):
-                return ln
-        return len(self.lines)
+        return self._end.get(start, len(self.lines))
 
     def _find_key(self, key: str, lo: int, hi: int, pos):
         pat = re.compile(r'(^|[\s{,])("?)' + re.escape(key) + r'\2\s*=')
         start_line, start_col = pos if pos else (lo, 0)
         for ln in range(start_line, hi):
             text = self.lines[ln]
+            self._work += len(text) + 1
+            if self._work > self._budget:
+                return None
             col = start_col if ln == start_line else 0
             m = pat.search(text, col)
             if m and not text[:m.start()].lstrip().startswith("#"):
@@ -209,6 +238,9 @@ class _Locator:
         seen = 0
         while ln < hi:
             text = self.lines[ln]
+            self._work += len(text) - col + 1
+            if self._work > self._budget:
+                return None
             j = text.find(ch, col)
             while j >= 0:
                 seen += 1
@@ -228,15 +260,28 @@ def load(path: str | Path, *, check_files: bool = True) -> Scenario:
     """Parse and validate one scenario file; ``ScenarioError`` lists every problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ScenarioError([(str(path), None, f"cannot read: {e.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ScenarioError([(str(path), line, f"not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                                               f"{e.start}); scenario files are UTF-8 TOML")]) from None
     return loads(text, path, check_files=check_files)
 
 
 def loads(text: str, path: str | Path = "<scenario>", *, check_files: bool = True) -> Scenario:
     path = Path(path)
     fname = str(path)
+    try:
+        return _loads(text, path, fname, check_files)
+    except RecursionError:
+        raise ScenarioError([(fname, None, "nested too deeply (arrays/tables inside each other)")]) from None
+
+
+def _loads(text: str, path: Path, fname: str, check_files: bool) -> Scenario:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -281,6 +326,15 @@ class _Validator:
             return False
         return True
 
+    def seconds(self, kp: tuple, v) -> bool:
+        """A timeout: a finite number of seconds in (0, TIMEOUT_MAX]."""
+        if not self.typed(kp, v, (int, float), "seconds"):
+            return False
+        if not (0 < v <= TIMEOUT_MAX):  # also false for nan
+            self.err(kp, f"{_kp(kp)}: want seconds in (0, {TIMEOUT_MAX:g}], got {v!r}")
+            return False
+        return True
+
     def unknown(self, kp: tuple, d: dict, allowed: set, where: str) -> None:
         for k in d:
             if k not in allowed:
@@ -304,13 +358,13 @@ class _Validator:
         self.unknown((), d, FILE_KEYS, "the file (top level)")
         sc = Scenario(path=self.path, name=self.path.name)
         if "name" in d and self.typed(("name",), d["name"], str, "a string"):
-            sc.name = d["name"]
+            sc.name = clean(d["name"], limit=200)
         if "description" in d and self.typed(("description",), d["description"], str, "a string"):
-            sc.description = d["description"]
+            sc.description = clean(d["description"], multiline=True, limit=2000)
         for k in ("console_clean", "fresh_vm"):
             if k in d and self.typed((k,), d[k], bool, "true or false"):
                 setattr(sc, k, d[k])
-        if "timeout" in d and self.typed(("timeout",), d["timeout"], (int, float), "seconds"):
+        if "timeout" in d and self.seconds(("timeout",), d["timeout"]):
             sc.timeout = float(d["timeout"])
         if "kernel" in d:
             sc.kernel = self.kernel(d["kernel"])
@@ -409,12 +463,12 @@ class _Validator:
         if "run" in s and self.typed(kp + ("run",), s["run"], str, "a guest shell command"):
             st.run = s["run"]
         if "name" in s and self.typed(kp + ("name",), s["name"], str, "a string"):
-            st.name = s["name"]
+            st.name = clean(s["name"], limit=200)
         elif st.demo:
-            st.name = f"demo {st.demo}"
+            st.name = clean(f"demo {st.demo}", limit=200)
         elif st.run:
-            st.name = f"run {st.run[:40]}"
-        if "timeout" in s and self.typed(kp + ("timeout",), s["timeout"], (int, float), "seconds"):
+            st.name = clean(f"run {st.run[:40]}")
+        if "timeout" in s and self.seconds(kp + ("timeout",), s["timeout"]):
             st.timeout = float(s["timeout"])
         if "console_clean" in s and self.typed(kp + ("console_clean",), s["console_clean"], bool,
                                                "true or false"):
@@ -462,7 +516,8 @@ class _Validator:
     def check_demo(self, kp: tuple, name: str) -> None:
         words = name.split()
         if words and words[0] == "repeat":
-            if len(words) != 2 or not words[1].isdigit() or not 1 <= int(words[1]) <= K.DEMO_REPEAT_MAX:
+            if (len(words) != 2 or not re.fullmatch(r"[0-9]{1,9}", words[1])
+                    or not 1 <= int(words[1]) <= K.DEMO_REPEAT_MAX):
                 self.err(kp, f"demo {name!r}: want \"repeat N\" with 1 <= N <= {K.DEMO_REPEAT_MAX}")
             return
         if name not in K.DEMO_SCENARIOS:
@@ -505,7 +560,9 @@ class _Validator:
                          + (f"; unknown {', '.join(sorted(bad))}" if bad else ""))
                 return None
             op = v["op"]
-            if op not in OPS:
+            if where == "expect" and key == "output" and op == "==":
+                op = "matches"   # output = "regex" means a search
+            if not isinstance(op, str) or op not in OPS:
                 self.err(kp, f"{where}.{key}: unknown op {op!r} (ops: {' '.join(OPS)})")
                 return None
             if op != "exists" and "value" not in v:
@@ -514,13 +571,21 @@ class _Validator:
             if not self.value_ok(kp, op, v.get("value")):
                 return None
             return Expectation(key, op, v.get("value"), line)
-        return Expectation(key, "==", v, line)
+        op = "matches" if (where == "expect" and key == "output") else "=="
+        if op == "matches" and not self.value_ok(kp, op, v):
+            return None
+        return Expectation(key, op, v, line)
 
     def value_ok(self, kp: tuple, op: str, value) -> bool:
         if op == "matches":
+            if len(str(value)) > REGEX_MAX:
+                self.err(kp, f"regular expression longer than {REGEX_MAX} characters")
+                return False
             try:
-                re.compile(str(value))
-            except re.error as e:
+                with warnings.catch_warnings():   # FutureWarning on "[[": not the user's business
+                    warnings.simplefilter("ignore")
+                    re.compile(str(value))
+            except (re.error, RecursionError, OverflowError) as e:
                 self.err(kp, f"bad regular expression {value!r}: {e}")
                 return False
         if op == "len==" and (not isinstance(value, int) or isinstance(value, bool)):
@@ -627,6 +692,8 @@ def _kp(kp: tuple) -> str:
 
 def _suggest(word: str, choices: set) -> str | None:
     import difflib
+    if not isinstance(word, str) or len(word) > 64:
+        return None
     m = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return m[0] if m else None
 

@@ -16,6 +16,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
+from sbmdbg import validate as V
 from sbmdbg.commands import compute as C
 from sbmdbg.commands import render as R
 from sbmdbg.commands import why as WHY
@@ -76,7 +77,7 @@ def _pt_args(p):
     p.add_argument("--range", help="START-END virtual range")
     p.add_argument("--flags", help="keep only mappings with these effective flags")
     p.add_argument("--raw", action="store_true", help="one line per page (no merging)")
-    p.add_argument("--max-entries", type=int, default=4_000_000)
+    p.add_argument("--max-entries", type=V.arg_int(1, 100_000_000), default=4_000_000)
 
 
 def _ptov_args(p):
@@ -146,7 +147,7 @@ Usage: sbm vtop VA [--root kernel|user|sandbox[=N]|CR3] [--json]""", _vtop_args,
     Command("pt", """Dump a page-table root as merged ranges (same attributes, contiguous VA and PA).
 
 Usage: sbm pt [ROOT] [--range A-B] [--flags w,x,u,s,ro,nx,g,ng] [--raw] [--json]""", _pt_args, C.pt, R.pt,
-            frozenset({"root", "root_label", "mappings", "findings", "stats"}), complete="root"),
+            frozenset({"root", "root_label", "mappings", "truncated", "more_ranges", "findings", "stats"}), complete="root"),
     Command("ptov", """Find the virtual addresses that map a physical address under a root.
 
 Usage: sbm ptov PA [--root kernel|user|sandbox[=N]|CR3] [--json]""", _ptov_args, C.ptov, R.ptov,

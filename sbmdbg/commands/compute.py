@@ -164,9 +164,10 @@ def pt(kernel, args) -> dict:
     """`sbm pt [ROOT]`: the mappings of a root as merged ranges (or --raw pages)."""
     root = _root(kernel, args)
     maps, w = kernel.walk(root.pgd_pa, range=_range(_a(args, "range")), flags=pg.parse_flags(_a(args, "flags")),
-                          merge_runs=not _a(args, "raw", False), max_entries=_a(args, "max_entries", 4_000_000))
+                          merge_runs=not _a(args, "raw", False), max_entries=_a(args, "max_entries", 4_000_000),
+                          max_ranges=_a(args, "max_ranges", pg.OUTPUT_MAX_RANGES))
     return jsonable({"root": root.pgd_pa, "root_label": root.label,
-                     "mappings": [mp.to_json() for mp in maps],
+                     "mappings": [mp.to_json() for mp in maps], **pg.truncation(w),
                      "findings": [f.to_json() for f in w.findings], "stats": vars(w.stats)})
 
 

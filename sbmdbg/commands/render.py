@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sbmdbg.x86 import paging as pg
+from sbmdbg.x86.paging import RENDER_MAX_ROWS, truncated_line
 
 
 class Plain(str):
@@ -92,12 +93,17 @@ def show(d: dict) -> list:
             mt = Table(title=f"sandbox page table {s['fields'].get('sbm_cr3', 0):#x}, labeled", title_justify="left")
             for c in ("va", "end", "pages", "perms", "G", "region"):
                 mt.add_column(c)
-            for r in s["map"]:
+            for r in s["map"][:RENDER_MAX_ROWS]:
                 p = r["perms"]
                 mt.add_row(f"{r['va']:#x}", f"{r['end']:#x}", str(r["pages"]),
                            "r" + ("w" if p["w"] else "-") + ("x" if p["x"] else "-") + (" user" if p["u"] else " supv"),
                            "G" if r["global"] else "", escape(r["name"]))
             out.append(mt)
+            mw = s.get("map_walk") or {}
+            more = max(0, len(s["map"]) - RENDER_MAX_ROWS) + mw.get("more_ranges", 0)
+            line = truncated_line(more, bool(mw.get("truncated")) or more > 0)
+            if line:
+                out.append(line)
     return out
 
 
@@ -238,10 +244,13 @@ def pt(d: dict) -> list:
     t = Table(title=f"{escape(d['root_label'])} root {d['root']:#x}: {len(maps)} ranges", title_justify="left")
     for col in ("va", "end", "pa", "size", "page", "perms", "G", "pat", "pkey"):
         t.add_column(col)
-    for mp in maps:
+    for mp in maps[:RENDER_MAX_ROWS]:
         t.add_row(f"{mp['va']:#x}", f"{mp['end']:#x}", f"{mp['pa']:#x}", _size(mp["size"]), _size(mp["page_size"]),
                   _perm(mp["perms"]), "G" if mp["global"] else "", str(mp["cache_index"]), str(mp["pkey"]))
-    return [t] + [f"finding: {escape(f['kind'])}: {escape(f['message'])}" for f in d["findings"][:20]]
+    more = max(0, len(maps) - RENDER_MAX_ROWS) + d.get("more_ranges", 0)
+    line = truncated_line(more, bool(d.get("truncated")) or more > 0)
+    return [t] + ([line] if line else []) + \
+        [f"finding: {escape(f['kind'])}: {escape(f['message'])}" for f in d["findings"][:20]]
 
 
 def ptov(d: dict) -> list:

@@ -96,7 +96,7 @@ def explicit_conn(gdb: str, qmp: str, vmlinux: str, ram: str | None = None, ram_
         # a local QEMU serving this gdb port with a shared memory-backend-file?
         from sbmdbg.target import shm
         find = getattr(shm, "find_ram_file", None)
-        port = gdb.rpartition(":")[2]
+        port = (gdb or "").rpartition(":")[2]   # no --gdb: nothing to look up
         found = find(int(port)) if find and port.isdigit() else None
         if found:
             ram, ram_size = found["path"], found["size"]
@@ -651,14 +651,16 @@ class Backend:
 
 # ---------------------------------------------------------------- helpers
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
-_CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def clean_console(text: str) -> str:
-    """Serial output as plain printable text: ANSI sequences and control
-    characters removed, CRLF -> LF (the guest cannot restyle the dashboard)."""
+    """Serial output as plain printable text: ANSI sequences removed, any other
+    C0/C1 control shown visibly (sbmdbg.text), CRLF -> LF (the guest cannot
+    restyle the dashboard)."""
+    from sbmdbg.text import clean
+
     text = text.replace("\r\n", "\n").replace("\r", "")
-    return _CTRL.sub("", _ANSI.sub("", text))
+    return clean(_ANSI.sub("", text), multiline=True)
 
 
 def pt_summary(ranges: list[dict]) -> list[dict]:

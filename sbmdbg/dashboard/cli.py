@@ -13,6 +13,7 @@ import sys
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import validate as V
 
 
 def add_parser(sub) -> None:
@@ -24,17 +25,19 @@ def add_parser(sub) -> None:
     src.add_argument("--vmlinux", help="kernel ELF with symbols and DWARF")
     src.add_argument("--tree", help="kernel tree (for scripts/gdb)")
     src.add_argument("--ram", metavar="FILE", help="QEMU memory-backend-file (share=on) of the guest")
-    src.add_argument("--ram-size", type=lambda s: int(s, 0), metavar="N", help="guest RAM bytes")
+    src.add_argument("--ram-size", type=V.arg_int(4096, 1 << 46), metavar="N", help="guest RAM bytes")
     src.add_argument("--serial", metavar="SOCK", help="serial console socket (the console panel's input)")
-    src.add_argument("--smp", type=int, default=2, help="vCPUs of the booted VM (default 2)")
+    src.add_argument("--smp", type=V.arg_int(1, 64), default=2, help="vCPUs of the booted VM (default 2)")
     src.add_argument("--pti", choices=["on", "off"], default="off", help="pti= of the booted VM")
-    d.add_argument("--rate", type=float, default=2.0, metavar="HZ", help="refresh rate while running (default 2)")
+    d.add_argument("--rate", type=V.arg_float(0, 100, lo_open=True), default=2.0, metavar="HZ",
+                   help="refresh rate while running (default 2)")
     d.add_argument("--trace", action="store_true", help="start with the transition tracer on")
     d.add_argument("--trace-level", choices=["lean", "fast", "full"], default="fast")
     d.add_argument("--once", action="store_true", help="print one frame and exit (also without a TTY)")
-    d.add_argument("--svg", metavar="FILE", help="save one frame as SVG (implies --once)")
-    d.add_argument("--width", type=int, default=120, help="frame width for --once/--svg")
-    d.add_argument("--height", type=int, default=40, help="frame height for --once/--svg")
+    d.add_argument("--svg", metavar="FILE", help="save one frame as SVG (implies --once)",
+                   type=V.arg_out_file("--svg"))
+    d.add_argument("--width", type=V.arg_int(40, 1000), default=120, help="frame width for --once/--svg")
+    d.add_argument("--height", type=V.arg_int(10, 1000), default=40, help="frame height for --once/--svg")
     d.add_argument("--demo", action="append", metavar="NAME", default=[],
                    help="--once: run demo scenarios first (in order; waits for each result)")
     d.add_argument("--break", dest="break_at", metavar="SYMBOL",

@@ -9,8 +9,10 @@ import sys
 
 import gdb
 
+from sbmdbg import guard
 from sbmdbg.commands.parser import ArgError, HelpShown, Parser
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.text import clean
 from sbmdbg.jsonutil import jsonable
 
 to_jsonable = jsonable
@@ -59,20 +61,23 @@ class SbmCommand(gdb.Command):
         except HelpShown:
             return
         except ArgError as e:
-            raise gdb.GdbError(f"sbm {self.name}: {e} (see: sbm {self.name} --help)") from None
+            raise gdb.GdbError(clean(f"sbm {self.name}: {e} (see: sbm {self.name} --help)")) from None
+        except Exception as e:  # noqa: BLE001 - a type= check that is not ours
+            raise gdb.GdbError(f"sbm {self.name}: {guard.describe(e)[0]}") from None
         try:
             self.run(args)
-        except gdb.GdbError:
-            raise
+        except gdb.GdbError as e:
+            raise gdb.GdbError(clean(str(e), limit=2000)) from None
         except SbmdbgError as e:
-            raise gdb.GdbError(f"sbm {self.name}: {str(e).splitlines()[0]}") from None
+            raise gdb.GdbError(clean(f"sbm {self.name}: {str(e).splitlines()[0]}", limit=2000)) from None
         except KeyboardInterrupt:
             raise gdb.GdbError(f"sbm {self.name}: interrupted") from None
         except Exception as e:  # noqa: BLE001 - one clear line, never a traceback
             if os.environ.get("SBMDBG_DEBUG"):
                 import traceback
                 traceback.print_exc(file=sys.stderr)
-            raise gdb.GdbError(f"sbm {self.name}: internal error: {type(e).__name__}: {e}") from None
+            # a user error (bad ELF, too deep) or "internal error: ...; traceback written to PATH"
+            raise gdb.GdbError(f"sbm {self.name}: {guard.describe(e)[0].splitlines()[0]}") from None
 
     def complete(self, text, word):
         opts = [o for a in self.parser._actions for o in a.option_strings]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from sbmdbg import validate as V
+
 
 def cmd_dump(args) -> int:
     from sbmdbg.errors import SbmdbgError
@@ -36,7 +38,7 @@ def add_parsers(sub) -> None:
     du = sub.add_parser("dump", help="QMP dump-guest-memory (ELF vmcore, paging=false)")
     du.add_argument("--qmp", metavar="SOCK", help="QEMU QMP socket")
     du.add_argument("--vm", metavar="ID", help="a detached VM")
-    du.add_argument("-o", "--output", required=True, metavar="FILE")
+    du.add_argument("-o", "--output", required=True, metavar="FILE", type=V.arg_out_file("--output"))
     du.add_argument("--json", action="store_true")
     du.set_defaults(func=cmd_dump)
 

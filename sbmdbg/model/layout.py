@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import text as _text
 
 
 class LayoutError(SbmdbgError):
@@ -158,8 +159,9 @@ def decode_struct(lay: Layout, data: bytes, fields: list[str] | None = None) -> 
 
 
 def cstring(b: bytes) -> str:
-    """A guest char array as text (undecodable bytes escaped, never trusted)."""
-    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    """A guest char array as text: undecodable bytes and every control
+    character shown visibly (sbmdbg.text, the one sanitizer)."""
+    return _text.cstring(b)
 
 
 # ---------------------------------------------------------------------------

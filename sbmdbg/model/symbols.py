@@ -8,6 +8,7 @@ import bisect
 import json
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.text import clean
 from sbmdbg.model.layout import _cache_dir, build_id
 
 
@@ -88,7 +89,7 @@ class Symbols:
         a, s, n = self._by_addr[i]
         if s and addr >= a + s and addr - a > 0x10000:
             return None
-        return n, addr - a
+        return clean(n), addr - a   # names come from an input file: shown, never obeyed
 
     def read_file_bytes(self, addr: int, n: int) -> bytes | None:
         """Bytes of the vmlinux file at link-time address ``addr`` (for the

@@ -9,6 +9,7 @@ import bisect
 
 from sbmdbg.model.layout import LayoutError
 from sbmdbg.sbm import model as m
+from sbmdbg.x86 import paging as pg
 from sbmdbg.model import stacks as xs
 
 PAGE = 0x1000
@@ -165,14 +166,21 @@ class RegionMap:
         return self.starts[i] if i < len(self.starts) else 1 << 64
 
 
-def labeled_map(kernel, sb, max_entries: int = 200_000) -> dict:
+def labeled_map(kernel, sb, max_entries: int = 200_000,
+                max_ranges: int = pg.OUTPUT_MAX_RANGES) -> dict:
     """Walk the sandbox root and label every mapped range.  Ranges merge
-    contiguous VAs with the same region, permissions and global bit."""
+    contiguous VAs with the same region, permissions and global bit; at most
+    ``max_ranges`` are kept (the walk's ``truncated``/``more_ranges`` say so)."""
     regs = sandbox_regions(kernel, sb)
     rmap = RegionMap(regs)
-    maps, w = kernel.walk(sb.pgd_pa, merge_runs=False, max_entries=max_entries)
+    # merged walk runs label the same as single pages (labels ignore PA and size)
+    maps, w = kernel.walk(sb.pgd_pa, max_entries=max_entries, max_ranges=4 * max_ranges)
     out: list[dict] = []
+    more = 0
     for mp in maps:
+        if len(out) > max_ranges:
+            more += 1
+            continue
         va = mp.va
         while va < mp.end:
             reg = rmap.lookup(va)
@@ -190,9 +198,18 @@ def labeled_map(kernel, sb, max_entries: int = 200_000) -> dict:
                             "global": mp.g, "pages": (end - va) // PAGE,
                             "pa": mp.pa + (va - mp.va)})
             va = end
+    if len(out) > max_ranges:
+        more += len(out) - max_ranges
+        del out[max_ranges:]
     return {"root": sb.pgd_pa, "sandbox": sb.label, "ranges": out, "regions": regs,
             "walk": {"findings": [f.to_json() for f in w.findings], "entries": w.stats.entries,
-                     "truncated": w.stats.truncated}}
+                     **_truncation(w, more)}}
+
+
+def _truncation(w, more: int) -> dict:
+    """``truncated`` always; ``more_ranges`` (ranges left out) when truncated."""
+    t = pg.truncation(w, more)
+    return t if t["truncated"] else {"truncated": False}
 
 
 def perm_str(p: dict) -> str:

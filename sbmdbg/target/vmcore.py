@@ -16,6 +16,11 @@ from elftools.elf.elffile import ELFFile
 from sbmdbg.target.base import PAGE, Target, TargetError, UnbackedMemory
 
 _SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
+#: Bounds on what a (hostile) vmcore header may ask of us.
+MAX_NOTES_BYTES = 16 << 20
+MAX_CPUS = 4096
+MAX_SEGMENTS = 1 << 16
+
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 
@@ -67,13 +72,21 @@ class VmcoreTarget(Target):
             elf = ELFFile(self._fh)
             if elf.header["e_type"] != "ET_CORE":
                 raise TargetError(f"{path} is not an ELF core dump")
+            if elf.num_segments() > MAX_SEGMENTS:
+                raise TargetError(f"{path}: {elf.num_segments()} program headers (at most {MAX_SEGMENTS})")
+            fsize = os.fstat(self._fh.fileno()).st_size
             self._segs: list[tuple[int, int, int, int]] = []  # paddr, filesz, memsz, offset
             cpus: list[dict] = []
             core: list[dict] = []
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_LOAD":
-                    self._segs.append((seg["p_paddr"], seg["p_filesz"], seg["p_memsz"], seg["p_offset"]))
+                    off = seg["p_offset"]
+                    filesz = max(0, min(seg["p_filesz"], fsize - off))   # past the file: unbacked
+                    self._segs.append((seg["p_paddr"], filesz, seg["p_memsz"], off))
                 elif seg["p_type"] == "PT_NOTE":
+                    if seg["p_filesz"] > MAX_NOTES_BYTES or seg["p_offset"] + seg["p_filesz"] > fsize:
+                        raise TargetError(f"{path}: a PT_NOTE of {seg['p_filesz']} bytes at "
+                                          f"{seg['p_offset']:#x} (file {fsize} bytes)")
                     for name, ntype, desc in _iter_notes(seg.data()):
                         if name == "QEMU":
                             cpus.append(parse_qemu_cpu_state(desc))
@@ -94,7 +107,7 @@ class VmcoreTarget(Target):
             raise TargetError(f"cannot parse vmcore {path}: {e}") from None
         self._segs.sort()
         self._starts = [s[0] for s in self._segs]
-        self._cpus = cpus or core
+        self._cpus = (cpus or core)[:MAX_CPUS]
         self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) \
             if os.fstat(self._fh.fileno()).st_size else None
 

@@ -15,6 +15,7 @@ import sys
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg import validate as V
 
 
 def _record(args) -> int:
@@ -132,10 +133,10 @@ def add_parser(sub) -> None:
         r = t.add_parser(name, help="record while the guest runs (until --run ends, --seconds, Ctrl-C)")
         r.add_argument("--id", help="detached VM id (default: the only one)")
         r.add_argument("--boot", action="store_true", help="boot a VM for this trace (stopped afterwards)")
-        r.add_argument("--smp", type=int, default=2)
+        r.add_argument("--smp", type=V.arg_int(1, 64), default=2)
         r.add_argument("--pti", choices=["on", "off"], default="on")
-        r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE")
-        r.add_argument("--file", default="sbm-trace.jsonl")
+        r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE", type=V.arg_out_file("--qemu-log"))
+        r.add_argument("--file", default="sbm-trace.jsonl", type=V.arg_out_file("--file"))
         r.add_argument("--via", choices=["auto", "plugin", "gdb"], default="auto",
                        help="plugin: QEMU's exception log + the sbmtrace plugin, no stops (default "
                             "when the VM has the plugin); gdb: breakpoints (stops per probe)")
@@ -143,19 +144,20 @@ def add_parser(sub) -> None:
         r.add_argument("--force", action="store_true", help="plugin: take over a plugin left armed")
         r.add_argument("--emulate", action="store_true", help="emulated step-over (see README)")
         r.add_argument("--run", help="guest shell command to run while tracing")
-        r.add_argument("--seconds", type=float, help="how long to trace (or --run's timeout)")
+        r.add_argument("--seconds", type=V.arg_float(0, 7 * 86400, lo_open=True),
+                       help="how long to trace (or --run's timeout)")
         r.add_argument("--json", action="store_true")
         r.set_defaults(func=_record)
     s = t.add_parser("show", help="terminal timeline of a trace file")
     s.add_argument("file")
-    s.add_argument("--last", type=int)
+    s.add_argument("--last", type=V.arg_int(1, 1 << 40))
     s.add_argument("--kind")
-    s.add_argument("--vcpu", type=int)
+    s.add_argument("--vcpu", type=V.arg_int(0, 4095))
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_show)
     e = t.add_parser("export", help="Chrome/Perfetto trace JSON")
     e.add_argument("file")
-    e.add_argument("--perfetto", required=True, metavar="OUT")
+    e.add_argument("--perfetto", required=True, metavar="OUT", type=V.arg_out_file("--perfetto"))
     e.set_defaults(func=_export)
     w = t.add_parser("why", help="explain the aborts of a trace (sbm why, offline)")
     w.add_argument("file")
@@ -165,6 +167,7 @@ def add_parser(sub) -> None:
     w.set_defaults(func=_why)
     c = t.add_parser("check", help="cross-check a trace against QEMU's -d int log")
     c.add_argument("file")
-    c.add_argument("--qemu-log", required=True)
-    c.add_argument("--start-offset", type=int, default=0, help="byte offset of the log where tracing began")
+    c.add_argument("--qemu-log", required=True, type=V.arg_in_file("--qemu-log"))
+    c.add_argument("--start-offset", type=V.arg_int(0, 1 << 62), default=0,
+                   help="byte offset of the log where tracing began")
     c.set_defaults(func=_check)

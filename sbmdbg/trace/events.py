@@ -183,29 +183,114 @@ class EventSink:
         return self._fd is None
 
 
+# ------------------------------------------------------------------ reader
+# A trace file is input like any other: every count taken from it is bounded
+# and every field the faces use has its type checked, per line (FILE:LINE).
+MAX_VCPUS = 4096
+MAX_LINE = 1 << 20          # bytes of one event line
+_U64 = (0, (1 << 64) - 1)
+INT_FIELDS = {
+    "seq": _U64, "host_ns": _U64, "jiffies": (-(1 << 63), (1 << 64) - 1),
+    "vcpu": (0, MAX_VCPUS - 1), "ncpus": (1, MAX_VCPUS), "pid": (-1, (1 << 32) - 1),
+    "cpl": (0, 3), "vector": (0, 255), "error_code": _U64, "schema": (0, 1 << 16),
+    "irqs": _U64,
+}
+STR_FIELDS = {"point", "comm", "cr3_role", "mode", "sym", "stack", "func_sym", "fault_sym",
+              "vector_name", "cr2_region", "to_sym", "fault_stack", "via", "level", "reason"}
+HEX_FIELDS = {"task", "sandbox", "cr3", "rip", "rsp", "sbm", "func", "data", "sbm_tos", "exc_tos",
+              "sbm_cr3", "cr2", "fault_rip", "fault_rsp", "address", "to_rip", "sandbox_rsp"}
+_HEX_RE = None
+
+
+def _hex_ok(v) -> bool:
+    global _HEX_RE
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and -(1 << 63) <= v < 1 << 64):
+        return True
+    if not isinstance(v, str):
+        return False
+    if _HEX_RE is None:
+        import re
+        _HEX_RE = re.compile(r"-?0x[0-9a-fA-F]{1,16}")
+    return _HEX_RE.fullmatch(v) is not None
+
+
+def check_event(ev) -> str | None:
+    """Why *ev* (one decoded JSON line) is not a trace event, or None."""
+    if not isinstance(ev, dict):
+        return f"not a trace event (a JSON {type(ev).__name__})"
+    k = ev.get("kind")
+    if not isinstance(k, str):
+        return "not a trace event (no string 'kind')" if "kind" not in ev else \
+            f"kind: want a string, got {type(k).__name__}"
+    for f, (lo, hi) in INT_FIELDS.items():
+        if f in ev:
+            v = ev[f]
+            if f in ("pid", "irqs") and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool):
+                return f"{f}: want an integer, got {type(v).__name__}"
+            if not lo <= v <= hi:
+                return f"{f}: {v} out of range [{lo}, {hi}]"
+    for f in STR_FIELDS:
+        if f in ev and ev[f] is not None and not isinstance(ev[f], str):
+            return f"{f}: want a string, got {type(ev[f]).__name__}"
+    for f in HEX_FIELDS:
+        if f in ev and not _hex_ok(ev[f]):
+            return f"{f}: want a hex address like 0x1f, got {_short(ev[f])}"
+    eb = ev.get("error_bits")
+    if eb is not None and (not isinstance(eb, list) or len(eb) > 64
+                           or not all(isinstance(b, str) for b in eb)):
+        return "error_bits: want a list of bit names"
+    if "probes" in ev and not isinstance(ev["probes"], list):
+        return "probes: want a list"
+    return None
+
+
+def _short(v) -> str:
+    from sbmdbg.text import clean
+    return clean(repr(v), limit=40)
+
+
 def read_events(path: str, strict: bool = False) -> list[dict]:
     """Events of a JSON-lines trace.  A torn last line (writer killed while
-    the disk was full, say) is dropped unless ``strict``; a bad line elsewhere
-    is an error."""
+    the disk was full, say: the file does not end in a newline) is dropped
+    unless ``strict``; any other bad line is an error with FILE:LINE.  Every
+    string in an event is sanitized (sbmdbg.text.clean)."""
+    from sbmdbg.text import clean, clean_tree
+
+    where = clean(str(path), limit=300)
     try:
         with open(path, "rb") as fh:
-            lines = fh.read().split(b"\n")
+            data = fh.read()
     except OSError as e:
-        raise SbmdbgError(f"cannot read trace {path}: {e.strerror}") from None
+        raise SbmdbgError(f"cannot read trace {where}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise SbmdbgError(f"cannot read trace {where}: {e}") from None
+    lines = data.split(b"\n")
+    del data
+    torn_ok = not strict and lines[-1].strip() != b""   # the last line has no newline
+    last = len(lines) - 1
     out = []
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     for i, ln in enumerate(lines):
         if not ln.strip():
             continue
-        try:
-            ev = json.loads(ln)
-        except ValueError:
-            if i == last and not strict:
+        problem = None
+        if len(ln) > MAX_LINE:
+            problem = f"line longer than {MAX_LINE} bytes"
+        else:
+            try:
+                ev = json.loads(ln)
+            except RecursionError:
+                problem = "JSON nested too deeply"
+            except ValueError:
+                problem = "not a JSON line"
+            else:
+                problem = check_event(ev)
+        if problem is not None:
+            if i == last and torn_ok and problem == "not a JSON line" and ln.lstrip().startswith(b"{"):
                 break
-            raise SbmdbgError(f"{path}:{i + 1}: not a JSON line") from None
-        if not isinstance(ev, dict) or "kind" not in ev:
-            raise SbmdbgError(f"{path}:{i + 1}: not a trace event")
-        out.append(ev)
+            raise SbmdbgError(f"{where}:{i + 1}: {problem}") from None
+        out.append(clean_tree(ev))
     return upgrade(out)
 
 

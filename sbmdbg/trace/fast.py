@@ -41,6 +41,7 @@ import threading
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.text import cstring
 from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
 from sbmdbg.trace.events import (
@@ -152,7 +153,7 @@ class LogParser:
                 elif k == "err":
                     rec["err"] = int(v)
                 elif k == "comm":
-                    rec["comm"] = bytes.fromhex(v).split(b"\0", 1)[0].decode("utf-8", "replace")
+                    rec["comm"] = cstring(bytes.fromhex(v))   # guest bytes: sanitized
                 elif k in ("sw", "mw"):
                     rec[k] = [int(x, 16) for x in v.split(",") if x]
                 elif k in ("t", "st", "mva", "mpa"):

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.text import clean
 
 #: Longest line sent to the guest's line editor.
 MAX_LINE = 700
@@ -74,7 +75,7 @@ def parse_run_output(text: str, marker: str) -> RunResult | None:
     body = text[start:m.start()].replace("\r\n", "\n").replace("\r", "")
     if body.startswith("\n"):
         body = body[1:]
-    return RunResult(body, int(m.group(1)))
+    return RunResult(clean(body, multiline=True), int(m.group(1)))
 
 
 class SerialConsole:
@@ -152,7 +153,7 @@ class SerialConsole:
             self.send(line + "\n")
         res = self.wait_for(lambda t: parse_run_output(t, marker), timeout, start)
         if res is None:
-            tail = self.text()[start:][-2000:]
+            tail = clean(self.text()[start:][-2000:], multiline=True)
             if self._closed:
                 raise SbmdbgError(f"serial console closed while running {cmd!r}", detail=tail)
             self.send("\x03")  # interrupt the command, leave the shell usable

@@ -9,6 +9,7 @@ findings, and nothing here hangs or raises on hostile tables.
 from __future__ import annotations
 
 import gc
+import operator
 import struct
 import time
 from contextlib import contextmanager
@@ -231,18 +232,34 @@ class Translation:
 _U512 = struct.Struct("<512Q")
 
 
+#: Host bytes a cached table costs: the 512-slot tuple, the dict slot, and
+#: one int object per non-zero entry (zero is a shared object).
+_TABLE_COST = 4136 + 100
+_INT_COST = 32
+_and1 = (1).__and__
+
+
 class TableReader:
     """Reads 4 KiB page-table pages as 512 little-endian u64, with a cache.
 
     When ``read_phys`` is a bound method of a target that has ``read_table(pa)``
     (e.g. the shm source, which unpacks straight from the mmap with no copy),
-    that is used instead of ``read_phys(pa, 4096)`` + unpack."""
+    that is used instead of ``read_phys(pa, 4096)`` + unpack.
 
-    def __init__(self, read_phys: ReadPhys):
+    Guest memory is hostile (512 MiB of garbage "tables"): the cache holds
+    only present entries (non-present ones read as 0; ``entry()`` rereads
+    one raw entry) and at most ``max_bytes`` of host memory; when full it is
+    emptied and refilled (a cache miss costs one read, never correctness)."""
+
+    def __init__(self, read_phys: ReadPhys, max_bytes: int = 16 << 20):
         self._read = read_phys
         self._read_table = getattr(getattr(read_phys, "__self__", None), "read_table", None)
         self._cache: dict[int, tuple[int, ...] | None] = {}
+        self._zeroed: set[int] = set()   # tables whose non-present non-zero entries read as 0
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.pages_read = 0
+        self.evictions = 0
 
     def table(self, pa: int) -> tuple[int, ...] | None:
         pa &= ~0xFFF
@@ -258,9 +275,39 @@ class TableReader:
                 t = _U512.unpack(data) if len(data) == 4096 else None
         except Exception:  # noqa: BLE001 - unbacked/unreadable memory is a finding
             t = None
-        self._cache[pa] = t
         self.pages_read += 1
+        cost, zeroed = 100, False
+        if t is not None:
+            t = tuple(t)
+            nonzero = 512 - t.count(0)
+            if nonzero:
+                present = sum(map(_and1, t))
+                if present < nonzero:   # keep only present entries (C speed)
+                    t = tuple(map(operator.mul, t, map(_and1, t)))
+                    zeroed = True
+                    nonzero = present
+            cost = _TABLE_COST + _INT_COST * nonzero
+        if self.bytes + cost > self.max_bytes:
+            self._cache.clear()
+            self._zeroed.clear()
+            self.bytes = 0
+            self.evictions += 1
+        if zeroed:
+            self._zeroed.add(pa)
+        self._cache[pa] = t
+        self.bytes += cost
         return t
+
+    def entry(self, table_pa: int, idx: int, cached: int) -> int:
+        """The raw entry ``idx`` of a table (``cached``: its cached value),
+        reread from memory when the cache zeroed a non-present entry."""
+        if cached or (table_pa & ~0xFFF) not in self._zeroed:
+            return cached
+        try:
+            data = self._read(table_pa + idx * 8, 8)
+            return struct.unpack("<Q", data)[0] if len(data) == 8 else cached
+        except Exception:  # noqa: BLE001
+            return cached
 
 
 def _root_pa(root: int | CR3) -> int:
@@ -295,7 +342,8 @@ def translate(read_phys: ReadPhys | TableReader, root: int | CR3, va: int, *,
             tr.fault = f"{LEVEL_NAMES[level]} table at {table_pa:#x} is not readable"
             tr.findings.append(Finding("unreadable", tr.fault, va=va, pa=table_pa, level=level))
             return tr
-        e = Entry(level, idx, table_pa + idx * 8, table[idx], maxphyaddr, nxe)
+        e = Entry(level, idx, table_pa + idx * 8, reader.entry(table_pa, idx, table[idx]),
+                  maxphyaddr, nxe)
         tr.entries.append(e)
         if not e.present:
             tr.fault = f"{e.name} not present"
@@ -381,6 +429,16 @@ class WalkStats:
     leaves: int = 0
     seconds: float = 0.0
     truncated: bool = False
+    more_ranges: int = 0     # ranges found but not kept (memory budget / max_ranges / deadline)
+    bytes_est: int = 0       # host memory the kept results cost (estimate)
+
+
+#: Host bytes per kept result (measured with tracemalloc, rounded up): a raw
+#: leaf tuple in a list, a merged-run tuple, a Mapping built from either.
+RAW_COST, RUN_COST, MAPPING_COST = 120, 170, 270
+#: Default memory budget of one walk (results; the table cache has its own).
+MAX_BYTES = 64 << 20
+_FLUSH = 8192
 
 
 # Effective permissions by index (bit 0 = W, bit 1 = U, bit 2 = X): shared instances.
@@ -439,7 +497,8 @@ class Walker:
                  la57: bool = False, start: int = 0, end: int = 1 << 64,
                  flags: dict[str, bool] | None = None, maxphyaddr: int = 52,
                  nxe: bool = True, max_entries: int = 4_000_000,
-                 max_seconds: float = 30.0, max_findings: int = 1000):
+                 max_seconds: float = 30.0, max_findings: int = 1000,
+                 max_bytes: int = MAX_BYTES, max_ranges: int | None = None):
         self.reader = read_phys if isinstance(read_phys, TableReader) else TableReader(read_phys)
         self.root = _root_pa(root)
         self.la57 = la57
@@ -449,10 +508,16 @@ class Walker:
         self.maxphyaddr, self.nxe = maxphyaddr, nxe
         self.max_entries, self.max_seconds = max_entries, max_seconds
         self.max_findings = max_findings
+        self.max_bytes, self.max_ranges = max_bytes, max_ranges
         self.findings: list[Finding] = []
         self.stats = WalkStats()
         self._aliased: set[int] = set()
         self._raw: list[tuple[int, int, int, int]] | None = None
+        self._mode = "raw"       # "raw": keep leaves; "merged": fold them into runs as they come
+        self._kept: list = []    # raw leaves (raw mode) or runs (va, end, span, e, p) (merged mode)
+        self._cur: list | None = None   # the run being extended (merged mode)
+        self._full = False       # memory budget reached: count, do not keep
+        self._stop = False       # entry budget or deadline reached: the walk ends
         # precomputed per walk
         self._amask = _addr_mask(maxphyaddr)
         self._rsv_table = {lv: reserved_mask(lv, False, maxphyaddr, nxe) for lv in LEVEL_SHIFT}
@@ -463,9 +528,10 @@ class Walker:
                     if self.flags else None)
         self._pruned = [self._prune(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8)]
 
-    def _finding(self, *a, **kw) -> None:
-        if len(self.findings) < self.max_findings:
-            self.findings.append(Finding(*a, **kw))
+    def _finding(self, kind: str, *a, **kw) -> None:
+        # why the walk or its results stopped is always told, past max_findings too
+        if len(self.findings) < self.max_findings or kind in ("budget", "timeout"):
+            self.findings.append(Finding(kind, *a, **kw))
 
     def _match(self, perms: Perms, g: bool) -> bool:
         for attr, want in self.flags.items():
@@ -481,37 +547,110 @@ class Walker:
                 or (f.get("x") is True and not x))
 
     # ------------------------------------------------------------------ walk
-    def _run(self) -> list[tuple[int, int, int, int]]:
+    def _run(self, mode: str = "raw") -> list:
+        """Walk once: ``raw`` keeps every leaf (va, size, raw, perms index);
+        ``merged`` folds leaves into runs as they come (memory per run, not
+        per page).  Both stop keeping at the memory budget and go on counting."""
         if self._raw is None:
+            self._mode = mode
             self._raw = []
-            t0 = time.monotonic()
-            self._deadline = t0 + self.max_seconds
+            self._kept = []
+            self._t0 = time.monotonic()
+            # the descent gets 85% of the time, building the results the rest
+            self._deadline = self._t0 + 0.85 * self.max_seconds
+            self._end_by = self._t0 + self.max_seconds
+            cost = RAW_COST + MAPPING_COST if mode == "raw" else RUN_COST + MAPPING_COST
+            self._cap = max(1, self.max_bytes // cost)
+            if self.max_ranges is not None:
+                self._cap = min(self._cap, max(0, self.max_ranges))
             try:
                 with _gc_paused():
                     self._table(self.root, self.levels, 0, 7, [self.root])
+                    self._flush(final=True)
             finally:
-                self.stats.seconds = time.monotonic() - t0
-        return self._raw
+                self.stats.seconds = time.monotonic() - self._t0
+                self.stats.bytes_est = len(self._kept) * cost
+        return self._kept
+
+    def _keep_full(self) -> None:
+        if not self._full:
+            self._full = True
+            self.stats.truncated = True
+            why = (f"{self.max_ranges} ranges (max_ranges)" if self.max_ranges is not None
+                   and self._cap == self.max_ranges else
+                   f"its memory budget ({self.max_bytes >> 20} MiB, {self._cap} ranges)")
+            self._finding("budget", f"walk results stopped at {why}; the walk goes on counting")
+
+    def _flush(self, final: bool = False) -> None:
+        """Move the leaf buffer into the kept results (or only count it)."""
+        buf = self._raw
+        if self._mode == "raw":
+            room = self._cap - len(self._kept)
+            if len(buf) > room:
+                self._kept += buf[:max(0, room)]
+                self.stats.more_ranges += len(buf) - max(0, room)
+                self._keep_full()
+            else:
+                self._kept += buf
+            buf.clear()
+            return
+        amask = self._amask
+        kept, cap = self._kept, self._cap
+        cur = self._cur
+        if cur is not None:
+            cva, cend, cpa_end, cspan, cp, ce, ckey = cur
+        else:
+            cva = cend = cpa_end = cspan = cp = ce = ckey = -1
+        more = 0
+        for va, span, e, p in buf:
+            pa = e & amask & -span
+            key = e & _ATTR[span]
+            if va == cend and pa == cpa_end and span == cspan and p == cp and key == ckey:
+                cend += span
+                cpa_end += span
+                continue
+            if cva >= 0:
+                if len(kept) < cap:
+                    kept.append((cva, cend, cspan, ce, cp))
+                else:
+                    more += 1
+            cva, cend, cpa_end, cspan, cp, ce, ckey = va, va + span, pa + span, span, p, e, key
+        buf.clear()
+        self._cur = [cva, cend, cpa_end, cspan, cp, ce, ckey] if cva >= 0 else None
+        if final and cva >= 0:
+            if len(kept) < cap:
+                kept.append((cva, cend, cspan, ce, cp))
+            else:
+                more += 1
+            self._cur = None
+        if more:
+            self.stats.more_ranges += more
+            self._keep_full()
 
     def _read(self, table_pa: int, level: int, va: int) -> tuple[int, ...] | None:
         st = self.stats
         st.tables += 1
+        if len(self._raw) >= _FLUSH:
+            self._flush()
+        if time.monotonic() > self._deadline:   # checked for every table, readable or not
+            st.truncated = self._stop = True
+            self._finding("timeout", f"walk stopped at {0.85 * self.max_seconds:.2f}s, the rest of its "
+                          f"deadline (after {self.max_seconds:.1f}s) left to build the results", va=va)
+            return None
         t = self.reader.table(table_pa)
         if t is None:
             self._finding("unreadable", f"{LEVEL_NAMES[level]} table at {table_pa:#x} is not readable",
                           pa=table_pa, level=level)
             return None
-        if time.monotonic() > self._deadline:
-            st.truncated = True
-            self._finding("timeout", f"walk stopped after {self.max_seconds:.1f}s", va=va)
-            return None
         return t
 
     def _budget(self, va: int) -> None:
-        self.stats.truncated = True
+        self.stats.truncated = self._stop = True
         self._finding("budget", f"walk stopped after {self.max_entries} entries", va=va)
 
     def _reserved(self, level: int, table_pa: int, idx: int, e: int, rsv: int, va: int) -> None:
+        if len(self.findings) >= self.max_findings:
+            return   # hostile tables: millions of these; no message built past the cap
         pa = table_pa + idx * 8
         self._finding("reserved", f"{LEVEL_NAMES[level]} {e:#018x} at {pa:#x} has reserved bits {rsv:#x} set",
                       va=va, pa=pa, level=level)
@@ -566,7 +705,7 @@ class Walker:
                 self._finding("loop", f"{LEVEL_NAMES[level]} at {pa:#x} points back to the table at {nxt:#x} "
                               "on its own path", va=va, pa=pa, level=level)
                 continue
-            if nxt in aliased:
+            if nxt in aliased and len(self.findings) < self.max_findings:
                 self._finding("alias", f"table {nxt:#x} is referenced by more than one entry (again from "
                               f"{table_pa + idx * 8:#x})", va=va, pa=nxt, level=level - 1)
             aliased.add(nxt)
@@ -576,7 +715,7 @@ class Walker:
                 path.append(nxt)
                 self._table(nxt, level - 1, va, np, path)
                 path.pop()
-            if st.truncated:
+            if self._stop:
                 return
 
     def _pt(self, table_pa: int, tbase: int, p: int) -> None:
@@ -626,16 +765,39 @@ class Walker:
             st.leaves += len(out) - n0
 
     # ---------------------------------------------------------------- output
+    def _late(self, done: int, total: int) -> bool:
+        """Building results passed the walk's deadline: keep what is built."""
+        if time.monotonic() <= self._end_by:
+            return False
+        self.stats.truncated = True
+        self.stats.more_ranges += total - done
+        self._finding("timeout", f"results stopped after {self.max_seconds:.1f}s "
+                      f"({done} of {total} ranges built)")
+        return True
+
     def leaves(self) -> Iterator[Mapping]:
-        raw = self._run()
+        if self._raw is not None and self._mode != "raw":
+            self._raw = None   # walked merged: walk again keeping the pages
+            self.stats = WalkStats()
+            self.findings = []
+            self._aliased = set()
+            self._full = self._stop = False
+        raw = self._run("raw")
         with _gc_paused():
-            return iter(self._leaf_mappings(raw))
+            try:
+                return iter(self._leaf_mappings(raw))
+            finally:
+                self.stats.seconds = time.monotonic() - self._t0
 
     def _leaf_mappings(self, raw) -> list[Mapping]:
         # _mapping() inlined: this loop runs once per page of the tree
         out: list[Mapping] = []
         append, new, perms_of, amask = out.append, _new, _PERMS, self._amask
+        n = 0
         for va, span, e, p in raw:
+            n += 1
+            if not n & 1023 and self._late(n - 1, len(raw)):
+                break
             m = new(Mapping)
             d = m.__dict__
             d["va"] = va
@@ -654,21 +816,40 @@ class Walker:
         """Runs of leaves contiguous in VA and PA with the same page size,
         effective perms, G, PAT index and PKEY (what ``merge(leaves())`` gives)."""
         amask = self._amask
+        if self._raw is not None and self._mode == "raw":
+            # walked keeping the pages already: fold them
+            runs = [(m.va, m.end, m.page_size, m.leaf_raw, _PERMS.index(m.perms))
+                    for m in merge(self._leaf_mappings(self._kept))]
+        else:
+            runs = self._run("merged")
         out: list[Mapping] = []
-        cva = cend = cpa_end = cspan = cp = ce = ckey = -1
-        for va, span, e, p in self._run():
-            pa = e & amask & -span
-            key = e & _ATTR[span]
-            if va == cend and pa == cpa_end and span == cspan and p == cp and key == ckey:
-                cend += span
-                cpa_end += span
-                continue
-            if cva >= 0:
-                out.append(_mapping(cva, cend, cspan, ce, cp, amask))
-            cva, cend, cpa_end, cspan, cp, ce, ckey = va, va + span, pa + span, span, p, e, key
-        if cva >= 0:
-            out.append(_mapping(cva, cend, cspan, ce, cp, amask))
+        with _gc_paused():
+            for n, (va, end, span, e, p) in enumerate(runs):
+                if not (n + 1) & 1023 and self._late(n, len(runs)):
+                    break
+                out.append(_mapping(va, end, span, e, p, amask))
+        self.stats.seconds = time.monotonic() - self._t0
         return iter(out)
+
+
+#: Ranges an interactive output (``sbm pt``, ``sbm show``'s map) keeps at most.
+OUTPUT_MAX_RANGES = 20_000
+#: Rows a terminal table shows at most (the JSON keeps OUTPUT_MAX_RANGES).
+RENDER_MAX_ROWS = 2_000
+
+
+def truncation(w: "Walker", extra: int = 0) -> dict:
+    """What a walk's output left out, for its JSON: ``truncated`` and ``more_ranges``."""
+    more = w.stats.more_ranges + extra
+    return {"truncated": bool(w.stats.truncated or more), "more_ranges": more}
+
+
+def truncated_line(more: int, truncated: bool = True) -> str | None:
+    """The one line every face prints when an output stopped at a limit."""
+    if not truncated and not more:
+        return None
+    return (f"truncated: {more} more ranges" if more else "truncated: the walk stopped at a limit") + \
+        " (see the findings; narrow with --range/--flags)"
 
 
 def merge(leaves) -> Iterator[Mapping]:
@@ -710,6 +891,7 @@ def ptov(read_phys: ReadPhys | TableReader, root: int | CR3, pa: int, *, la57: b
 __all__ = [
     "Entry", "Perms", "Finding", "Translation", "Mapping", "Walker", "WalkStats",
     "TableReader", "PagingError", "translate", "walk", "merge", "ptov", "parse_flags",
+    "truncation", "truncated_line", "OUTPUT_MAX_RANGES", "RENDER_MAX_ROWS", "MAX_BYTES",
     "canonical", "sign_extend", "reserved_mask", "decode_cr3", "CR3",
     "P", "RW", "US", "PWT", "PCD", "A", "D", "PS", "G", "XD", "PAT_4K", "PAT_LARGE",
     "PAGE_4K", "PAGE_2M", "PAGE_1G", "LEVEL_NAMES", "LEVEL_SHIFT",

@@ -63,7 +63,7 @@ def test_guest_strings_are_not_markup():
     text = _render(P.frame(s, 200, 60), 200, 60)
     assert "[red]x[/red]" in text            # printed literally (the comm, the console, ...)
     assert "\x1b" not in B.clean_console("a\x1b[31mb\x1b]0;t\x07c")
-    assert B.clean_console("a\x1b[31mb\x1b]0;t\x07c\x00\x07d") == "abcd"
+    assert B.clean_console("a\x1b[31mb\x1b]0;t\x07c\x00\x07d") == "abc\\x00\\x07d"  # shown, not raw
 
 
 @pytest.mark.parametrize("w,h", [(80, 24), (120, 40), (200, 60)])

@@ -33,7 +33,7 @@ def ref_walk(read_phys, root, *, la57=False, start=0, end=1 << 64, flags=None,
     stats = {"entries": 0, "tables": 0, "leaves": 0, "truncated": False}
 
     def finding(*a, **kw):
-        if len(findings) < max_findings:
+        if len(findings) < max_findings or a[0] in ("budget", "timeout"):  # why it stopped: always
             findings.append(pg.Finding(*a, **kw))
 
     def match(perms, g):
@@ -101,7 +101,7 @@ def assert_same(read_phys, root, **kw):
     assert got_leaves == want_leaves
     assert list(w.merged()) == list(pg.merge(want_leaves))
     assert [f.to_json() for f in w.findings] == [f.to_json() for f in want_findings]
-    got_stats = {k: v for k, v in vars(w.stats).items() if k != "seconds"}
+    got_stats = {k: v for k, v in vars(w.stats).items() if k not in ("seconds", "more_ranges", "bytes_est")}
     assert got_stats == want_stats
     # walk() (fresh walker) gives the same
     flags = kw.pop("flags", None)
@@ -158,7 +158,9 @@ def test_shm_read_table_equals_read_phys(tmp_path):
     try:
         assert s.read_table(0x3000) == struct.unpack("<512Q", s.read_phys(0x3000, 4096))
         r = pg.TableReader(s.read_phys)
-        assert r.table(0x5123) == s.read_table(0x5000)
+        raw = s.read_table(0x5000)   # the cache keeps present entries only; entry() rereads
+        assert r.table(0x5123) == tuple(e if e & 1 else 0 for e in raw)
+        assert [r.entry(0x5000, i, r.table(0x5000)[i]) for i in range(512)] == list(raw)
         assert r.table(1 << 40) is None  # unbacked: a finding, not an exception
     finally:
         s.close()
