@@ -33,6 +33,7 @@ This module parses that log as it grows and turns it into the same events
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -41,6 +42,7 @@ import threading
 import time
 
 from sbmdbg.errors import SbmdbgError
+from sbmdbg.sbm.attack import Attack, classify
 from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
 from sbmdbg.trace.events import (
@@ -170,8 +172,10 @@ class Assembler:
     classes, CR3 roles, regions), ``sink`` an :class:`EventSink`."""
 
     def __init__(self, ctx, sink, *, x86_sbm_return: int, gs_to_cpu: dict[int, int],
-                 state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns):
+                 state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns,
+                 code_at=None):
         self.ctx = ctx
+        self.code_at = code_at          # (runtime address, n) -> vmlinux bytes or None
         self.sink = sink
         self.x86_sbm_return = x86_sbm_return
         self.gs_to_cpu = gs_to_cpu
@@ -254,6 +258,7 @@ class Assembler:
         if v == 2 or v >= 32:
             ev.update(kind="nmi" if v == 2 else "irq", vector=v, vector_name=vector_name(v),
                       fault_rip=hx(rec["ip"]), fault_sym=ev["sym"], fault_rsp=hx(rec["sp"]))
+            self._attack(rec, ev)
             self._inflight.setdefault(vcpu, []).append(v)
             self._emit(ev)
             return
@@ -266,7 +271,20 @@ class Assembler:
             ev.update(cr2=hx(cr2), address=hx(cr2), error_bits=decode_pf_error(rec["error"]),
                       error_text=describe_pf_error(rec["error"]),
                       cr2_region=self._region(cr2, c, rec["error"]))
+        self._attack(rec, ev)
         self._pending_exc[vcpu] = ev
+
+    def _attack(self, rec: dict, ev: dict) -> None:
+        """Name what the sandbox tried (sbm.attack): the instruction at the
+        fault RIP read from vmlinux, the frame's CS, the GS base."""
+        ip, code, before = rec["ip"], None, b""
+        if self.code_at is not None:
+            code = self.code_at(ip, 16)
+            before = self.code_at(ip - 4, 4) or b""
+        a = classify(rec["vector"], code, before=before, cs=rec.get("cs"), gs_base=rec.get("gs_base"),
+                     percpu_bases=tuple(self.gs_to_cpu), error_code=rec.get("error"))
+        if a is not None:
+            ev.update(a.to_json())
 
     def _region(self, addr: int, c: dict, error: int | None = None) -> str | None:
         """Which region ``addr`` is in.  Read after the fact (the sandbox may
@@ -331,6 +349,8 @@ class Assembler:
             self._emit(exc)
         ev = self._common("exit", rec, vcpu)
         ev["point"] = "x86_sbm_return"
+        if exc is None and rec.get("err") == -errno.ETIMEDOUT:
+            ev.update(Attack("endless_loop", None, ("sbm->error -ETIMEDOUT: the sandbox time limit",)).to_json())
         ev.update(ret=None if exc else self._last_ret.pop(vcpu, None), error=rec.get("err"),
                   aborted=exc is not None or bool(rec.get("err")), cpl=0, rip=hx(self.x86_sbm_return),
                   sym=self.ctx.sym(self.x86_sbm_return))
@@ -466,9 +486,12 @@ class PluginTracer:
         ctl.wait_applied()
         self._mark_start()
         self.sink = EventSink(self.path)
+        def code_at(addr: int, n: int) -> bytes | None:
+            return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
+
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
-                             clock=self.clock)
+                             clock=self.clock, code_at=code_at)
         meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
                 "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
                 "slide": hx(k.slide), "ncpus": ncpus, "x86_sbm_return": hx(ret_ip),
