@@ -23,6 +23,23 @@ DEMO_SCENARIOS = {
     "noncanonical": -14,
     "read_null": -14,
     "irq_in_sandbox": 0,
+    # hostile sandboxes (issue 15; fixtures/kernel/README.md "Attack scenarios")
+    "gs_selector": 0,
+    "wrgsbase": 0,
+    "wrfsbase": 0,
+    "syscall": -14,
+    "int80": -14,
+    "lret32": -14,
+    "int1": -14,
+    "trap_flag": -14,
+    "alignment_check": -14,        # 0 where the CPU model raises no #AC (TCG)
+    "sse_unmasked": -14,
+    "warn_ud2": -14,
+    "pkru_write": -14,
+    "endless_loop": -110,          # -ETIMEDOUT: the sandbox time limit
+    "nested_from_irq": 0,
+    "irqs_off_caller": -14,
+    "unaligned_output": -22,       # -EINVAL: the in-place writable map is refused
 }
 #: ``repeat N`` runs ``ok`` N times (1 <= N <= 1000000)
 DEMO_REPEAT_MAX = 1_000_000
@@ -67,6 +84,6 @@ TRACE_FIELDS = frozenset({
     "sbm", "func", "func_sym", "data", "sticky_error", "args", "sbm_tos", "exc_tos", "sbm_cr3",
     "ret", "vector", "vector_name", "error_code", "error_bits", "error_desc", "stub", "cr2", "cr2_region",
     "fault_rip", "fault_sym", "fault_rsp", "fault_stack", "via", "address", "error", "aborted",
-    "to_rip", "to_sym", "to_rsp", "agrees", "read_error",
+    "to_rip", "to_sym", "to_rsp", "agrees", "read_error", "attack", "attack_insn", "attack_evidence",
 })
 TRACE_LEVELS = ("lean", "fast", "full")
