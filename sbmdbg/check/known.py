@@ -23,7 +23,11 @@ DEMO_SCENARIOS = {
     "noncanonical": -14,
     "read_null": -14,
     "irq_in_sandbox": 0,
-    # hostile sandboxes (issue 15; fixtures/kernel/README.md "Attack scenarios")
+}
+#: the attack catalogue (issue 15; fixtures/kernel/README.md "Hostile
+#: sandboxes"): scenario -> sbm_error of the attack on the reference kernel
+#: (each also runs a positive control); ``nmi_storm [N]`` as well
+ATTACK_SCENARIOS = {
     "gs_selector": 0,
     "wrgsbase": 0,
     "wrfsbase": 0,
@@ -41,6 +45,8 @@ DEMO_SCENARIOS = {
     "irqs_off_caller": -14,
     "unaligned_output": -22,       # -EINVAL: the in-place writable map is refused
 }
+#: every scenario name `demo =` accepts (besides "repeat N" and "nmi_storm [N]")
+ALL_DEMO_SCENARIOS = {**DEMO_SCENARIOS, **ATTACK_SCENARIOS}
 #: ``repeat N`` runs ``ok`` N times (1 <= N <= 1000000)
 DEMO_REPEAT_MAX = 1_000_000
 

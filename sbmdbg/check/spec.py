@@ -472,10 +472,10 @@ class _Validator:
                 self.err(kp, f"demo {name!r}: want \"nmi_storm\" or \"nmi_storm N\" with 1 <= N <= "
                              f"{K.DEMO_REPEAT_MAX}")
             return
-        if name not in K.DEMO_SCENARIOS:
-            hint = _suggest(name, set(K.DEMO_SCENARIOS))
+        if name not in K.ALL_DEMO_SCENARIOS:
+            hint = _suggest(name, set(K.ALL_DEMO_SCENARIOS))
             self.err(kp, f"unknown demo scenario {name!r}" + (f" (did you mean {hint!r}?)" if hint else
-                     f" (known: {', '.join(K.DEMO_SCENARIOS)}, repeat N)"))
+                     f" (known: {', '.join(K.ALL_DEMO_SCENARIOS)}, repeat N, nmi_storm N)"))
 
     def expectations(self, kp: tuple, d, allowed: set | None, where: str,
                      fields: frozenset | None = None) -> list[Expectation]:

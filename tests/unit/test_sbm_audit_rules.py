@@ -72,3 +72,12 @@ def test_diff_mappings():
     assert [(r["va"], r["end"]) for r in d["only_b"]] == [(K + 0x20000, K + 0x21000)]
     assert d["perms_differ"] == [{"va": K + 0x1000, "end": K + 0x2000, "a": "r-- supv", "b": "r-- user"}]
     assert d["same"] == 0x2000 and d["pa_differ"] == []
+
+
+def test_writable_unexplained():
+    """Issue 15: a writable user page that no region explains: an in-place
+    writable map, whose neighbours on that page are writable too."""
+    f = audit_ranges([rng("unknown", True, True, False)], VIEW)
+    assert ("writable_unexplained", "high") in above_info(f) and ("unexplained", "medium") in above_info(f)
+    assert "writable_unexplained" not in {x["rule"] for x in audit_ranges([rng("unknown", True, False, False)], VIEW)}
+    assert "writable_unexplained" not in {x["rule"] for x in audit_ranges([rng("unknown", False, True, False)], VIEW)}
