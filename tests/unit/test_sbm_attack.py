@@ -85,3 +85,22 @@ def test_time_limit():
 
 def test_plain_fault_is_not_an_attack_class():
     assert classify(PF, b"\x48\x89\x07", error_code=0x7) is None     # a write to RO data
+
+
+def test_sbm_status_flags_a_foreign_gs_base():
+    """`sbm` (vcpu_status) flags a vCPU in a sandbox whose GS base is not
+    its per-CPU base; the renderer prints it."""
+    from types import SimpleNamespace
+
+    from sbmdbg.sbm.model import _gs_base_evidence
+    from sbmdbg.sbm.render import status
+
+    k = SimpleNamespace(per_cpu_offset=lambda c: PERCPU[c])
+    assert _gs_base_evidence(k, 1, PERCPU[1]) == []
+    assert _gs_base_evidence(k, 0, None) == []
+    [e] = _gs_base_evidence(k, 0, 0)
+    assert e.startswith("GS base 0x0 on cpu 0: not its per-CPU base 0xffff88807d600000")
+    row = {"cpu": 0, "mode": "sandbox", "cpl": 3, "cr3": 0x1000, "cr3_role": "sandbox:1", "rip": 0,
+           "task": None, "stack": {}, "sandbox": "sandbox:1", "attack_evidence": [e]}
+    out = status({"sbm": True, "note": "", "cpus": [row]})
+    assert any(isinstance(x, str) and "cpu 0: GS base 0x0" in x for x in out)
