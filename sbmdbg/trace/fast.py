@@ -193,7 +193,8 @@ class Assembler:
     # ------------------------------------------------------------ events
     def _emit(self, ev: dict) -> dict:
         ev = {"seq": self.seq, **ev}
-        ev.setdefault("host_ns", self.clock())
+        if ev.get("host_ns") is None:       # never stamped (a software `int n` that faulted, say)
+            ev["host_ns"] = self.clock()
         self.seq += 1
         self.counts[ev["kind"]] = self.counts.get(ev["kind"], 0) + 1
         self.sink.write(ev)
@@ -207,7 +208,7 @@ class Assembler:
     def record(self, rec: dict) -> None:
         t = rec["type"]
         if t == "int":
-            if rec["cpl"] == 3 and rec["ip"] >= 1 << 47:
+            if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
                 rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
                 self._pending_int.append(rec)
                 del self._pending_int[:-64]         # bounded: stamps can be missed
@@ -273,6 +274,14 @@ class Assembler:
                       cr2_region=self._region(cr2, c, rec["error"]))
         self._attack(rec, ev)
         self._pending_exc[vcpu] = ev
+
+    def _sandbox_cr3(self, cr3: int | None) -> bool:
+        """A sandbox's CR3 (a sandbox at a user-half RIP: after a far
+        transfer into a 32-bit CS, issue 15)."""
+        if cr3 is None:
+            return False
+        return any(((c.get("st") or {}).get("sbm_cr3") or -1) == cr3 & ~0xFFF
+                   for c in self._vcpu_ctx.values())
 
     def _attack(self, rec: dict, ev: dict) -> None:
         """Name what the sandbox tried (sbm.attack): the instruction at the
