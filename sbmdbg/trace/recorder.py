@@ -27,7 +27,6 @@ import time
 from typing import Callable
 
 from sbmdbg.sbm.attack import Attack, classify
-
 from sbmdbg.trace.context import GuestContext, s32
 from sbmdbg.trace.events import (
     CALLER_VECTORS, PF_EXIT_ERROR, SCHEMA, STUB_VECTORS, EventSink, decode_pf_error,
