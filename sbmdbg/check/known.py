@@ -27,6 +27,29 @@ DEMO_SCENARIOS = {
     "read_null": -14,
     "irq_in_sandbox": 0,
 }
+#: the attack catalogue (issue 15; fixtures/kernel/README.md "Hostile
+#: sandboxes"): scenario -> sbm_error of the attack on the reference kernel
+#: (each also runs a positive control); ``nmi_storm [N]`` as well
+ATTACK_SCENARIOS = {
+    "gs_selector": 0,
+    "wrgsbase": 0,
+    "wrfsbase": 0,
+    "syscall": -14,
+    "int80": -14,
+    "lret32": -14,
+    "int1": -14,
+    "trap_flag": -14,
+    "alignment_check": -14,        # 0 where the CPU model raises no #AC (TCG)
+    "sse_unmasked": -14,
+    "warn_ud2": -14,
+    "pkru_write": -14,
+    "endless_loop": -110,          # -ETIMEDOUT: the sandbox time limit
+    "nested_from_irq": 0,
+    "irqs_off_caller": -14,
+    "unaligned_output": -22,       # -EINVAL: the in-place writable map is refused
+}
+#: every scenario name `demo =` accepts (besides "repeat N" and "nmi_storm [N]")
+ALL_DEMO_SCENARIOS = {**DEMO_SCENARIOS, **ATTACK_SCENARIOS}
 #: ``repeat N`` runs ``ok`` N times (1 <= N <= 1000000)
 DEMO_REPEAT_MAX = 1_000_000
 
@@ -59,6 +82,6 @@ TRACE_FIELDS = frozenset({
     "sbm", "func", "func_sym", "data", "sticky_error", "args", "sbm_tos", "exc_tos", "sbm_cr3",
     "ret", "vector", "vector_name", "error_code", "error_bits", "error_desc", "stub", "cr2", "cr2_region",
     "fault_rip", "fault_sym", "fault_rsp", "fault_stack", "via", "address", "error", "aborted",
-    "to_rip", "to_sym", "to_rsp", "agrees", "read_error",
+    "to_rip", "to_sym", "to_rsp", "agrees", "read_error", "attack", "attack_insn", "attack_evidence",
 })
 TRACE_LEVELS = ("lean", "fast", "full")

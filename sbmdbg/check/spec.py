@@ -85,6 +85,7 @@ class Transitions:
     per_kind: dict[str, list[Expectation]] = field(default_factory=dict)  # "abort" -> fields
     level: str = "fast"
     line: int | None = None
+    attack: str | None = None       # some event names this attack (sbm.attack, issue 15)
 
 
 @dataclass
@@ -520,10 +521,16 @@ class _Validator:
                     or not 1 <= int(words[1]) <= K.DEMO_REPEAT_MAX):
                 self.err(kp, f"demo {name!r}: want \"repeat N\" with 1 <= N <= {K.DEMO_REPEAT_MAX}")
             return
-        if name not in K.DEMO_SCENARIOS:
-            hint = _suggest(name, set(K.DEMO_SCENARIOS))
+        if words and words[0] == "nmi_storm":
+            if len(words) > 2 or (len(words) == 2 and not (words[1].isdigit() and
+                                                          1 <= int(words[1]) <= K.DEMO_REPEAT_MAX)):
+                self.err(kp, f"demo {name!r}: want \"nmi_storm\" or \"nmi_storm N\" with 1 <= N <= "
+                             f"{K.DEMO_REPEAT_MAX}")
+            return
+        if name not in K.ALL_DEMO_SCENARIOS:
+            hint = _suggest(name, set(K.ALL_DEMO_SCENARIOS))
             self.err(kp, f"unknown demo scenario {name!r}" + (f" (did you mean {hint!r}?)" if hint else
-                     f" (known: {', '.join(K.DEMO_SCENARIOS)}, repeat N)"))
+                     f" (known: {', '.join(K.ALL_DEMO_SCENARIOS)}, repeat N, nmi_storm N)"))
 
     def expectations(self, kp: tuple, d, allowed: set | None, where: str,
                      fields: frozenset | None = None) -> list[Expectation]:
@@ -601,11 +608,14 @@ class _Validator:
         if not isinstance(d, dict):
             self.err(kp, "transitions: want a table, e.g. transitions = {aborts = 1, abort = {vector = 14}}")
             return None
-        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level"}
+        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack"}
         self.unknown(kp, d, allowed, "transitions")
         t = Transitions(line=self.line(kp))
         for k, v in d.items():
-            if k == "level":
+            if k == "attack":
+                if self.typed(kp + (k,), v, str, "an attack class (sbmdbg/sbm/attack.py)"):
+                    t.attack = v
+            elif k == "level":
                 if v not in K.TRACE_LEVELS:
                     self.err(kp + (k,), f"transitions.level: want one of {', '.join(K.TRACE_LEVELS)}")
                 else:

@@ -51,6 +51,10 @@ def check_transitions(spec: Transitions, events: list[dict]) -> list[str]:
         if not compare(e.op, n, e.value):
             fails.append(f"transitions: expected {e.key} {e.op} {short(e.value)}, saw {n} "
                          f"(recorded: {_counts_text(kinds)})")
+    if spec.attack is not None and not any(ev.get("attack") == spec.attack for ev in evs):
+        named = sorted({str(ev["attack"]) for ev in evs if ev.get("attack")})
+        fails.append(f"transitions: expected an event naming the attack {spec.attack!r}, "
+                     f"saw {', '.join(named) or 'none named'} (recorded: {_counts_text(kinds)})")
     for kind, exps in spec.per_kind.items():
         sel = [ev for ev in evs if ev.get("kind") == kind]
         if not sel:

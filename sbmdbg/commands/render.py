@@ -40,6 +40,9 @@ def status(d: dict) -> list:
                   f"{r['rip']:#x} {escape(sym) if sym else ''}", _task(r.get("task")),
                   escape(st.get("name", "?")), escape(r.get("sandbox") or "-"))
     out.append(t)
+    for r in d["cpus"]:
+        for e in r.get("attack_evidence") or ():
+            out.append(f"[bold red]cpu {r['cpu']}: {escape(e)}[/]")
     return out
 
 

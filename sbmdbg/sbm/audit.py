@@ -50,6 +50,12 @@ def _rules_for(r: dict) -> list[tuple[str, str, str]]:
                         f"{kind.replace('_', ' ')} is executable (design: NX)"))
         elif ex is True and not p["x"]:
             out.append(("not_executable", "low", f"{kind} is NX (design: executable)"))
+    if kind == "unknown" and p["w"] and p["u"]:
+        # (issue 15) an in-place writable map (sbm_map_writable) of memory
+        # that is not page-aligned exposes the neighbours on its pages
+        out.append(("writable_unexplained", "high",
+                    "writable from the sandbox, not a buffer copy or the sandbox stack: an in-place "
+                    "writable map? (page-granular: its neighbours on those pages are writable too)"))
     if r["global"]:
         if kind == "state_page":
             out.append(("state_page_global", "high",

@@ -539,7 +539,26 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     sbx = sb or own
     out["sandbox"] = sbx.label if sbx else None
     out["sandbox_state"] = sbx.state if sbx else None
+    if sbx is not None:
+        ev = _gs_base_evidence(kernel, cpu, r.get("gs_base"))
+        if ev:
+            out["attack_evidence"] = ev
     return out
+
+
+def _gs_base_evidence(kernel, cpu: int, gs_base) -> list[str]:
+    """(issue 15) In or around a sandbox the GS base must be the CPU's
+    per-CPU base: the entry code reads `current` through it."""
+    if gs_base is None:
+        return []
+    try:
+        want = kernel.per_cpu_offset(cpu) & ((1 << 64) - 1)
+    except Exception:  # noqa: BLE001 - no per-CPU offsets (not an SMP x86_64 kernel)
+        return []
+    if gs_base == want:
+        return []
+    return [f"GS base {gs_base:#x} on cpu {cpu}: not its per-CPU base {want:#x} "
+            "(a segment load or WRGSBASE in the sandbox)"]
 
 
 def symbolize(kernel, va: int) -> dict | None:

@@ -50,6 +50,9 @@ Kind-specific fields (addresses are hex strings, numbers are ints):
     irq/nmi         vector, vector_name, fault_rip, fault_sym, fault_rsp
     irq_return      vector (of the interrupt returned from), to_rip, to_sym
     spurious        vector 14, error_code, error_bits, cr2, cr2_region, fault_rip
+    abort/irq/nmi/exit (when sbm.attack names the attempt, issue 15):
+                    attack (class: syscall, int1, trap_flag, lret32, gs_base,
+                    endless_loop, ...), attack_insn, attack_evidence [str]
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ This module parses that log as it grows and turns it into the same events
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -42,6 +43,7 @@ import time
 
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import cstring
+from sbmdbg.sbm.attack import Attack, classify
 from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
 from sbmdbg.trace.events import (
@@ -171,8 +173,10 @@ class Assembler:
     classes, CR3 roles, regions), ``sink`` an :class:`EventSink`."""
 
     def __init__(self, ctx, sink, *, x86_sbm_return: int, gs_to_cpu: dict[int, int],
-                 state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns):
+                 state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns,
+                 code_at=None):
         self.ctx = ctx
+        self.code_at = code_at          # (runtime address, n) -> vmlinux bytes or None
         self.sink = sink
         self.x86_sbm_return = x86_sbm_return
         self.gs_to_cpu = gs_to_cpu
@@ -190,7 +194,8 @@ class Assembler:
     # ------------------------------------------------------------ events
     def _emit(self, ev: dict) -> dict:
         ev = {"seq": self.seq, **ev}
-        ev.setdefault("host_ns", self.clock())
+        if ev.get("host_ns") is None:       # never stamped (a software `int n` that faulted, say)
+            ev["host_ns"] = self.clock()
         self.seq += 1
         self.counts[ev["kind"]] = self.counts.get(ev["kind"], 0) + 1
         self.sink.write(ev)
@@ -204,7 +209,7 @@ class Assembler:
     def record(self, rec: dict) -> None:
         t = rec["type"]
         if t == "int":
-            if rec["cpl"] == 3 and rec["ip"] >= 1 << 47:
+            if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
                 rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
                 self._pending_int.append(rec)
                 del self._pending_int[:-64]         # bounded: stamps can be missed
@@ -255,6 +260,7 @@ class Assembler:
         if v == 2 or v >= 32:
             ev.update(kind="nmi" if v == 2 else "irq", vector=v, vector_name=vector_name(v),
                       fault_rip=hx(rec["ip"]), fault_sym=ev["sym"], fault_rsp=hx(rec["sp"]))
+            self._attack(rec, ev)
             self._inflight.setdefault(vcpu, []).append(v)
             self._emit(ev)
             return
@@ -267,7 +273,28 @@ class Assembler:
             ev.update(cr2=hx(cr2), address=hx(cr2), error_bits=decode_pf_error(rec["error"]),
                       error_text=describe_pf_error(rec["error"]),
                       cr2_region=self._region(cr2, c, rec["error"]))
+        self._attack(rec, ev)
         self._pending_exc[vcpu] = ev
+
+    def _sandbox_cr3(self, cr3: int | None) -> bool:
+        """A sandbox's CR3 (a sandbox at a user-half RIP: after a far
+        transfer into a 32-bit CS, issue 15)."""
+        if cr3 is None:
+            return False
+        return any(((c.get("st") or {}).get("sbm_cr3") or -1) == cr3 & ~0xFFF
+                   for c in self._vcpu_ctx.values())
+
+    def _attack(self, rec: dict, ev: dict) -> None:
+        """Name what the sandbox tried (sbm.attack): the instruction at the
+        fault RIP read from vmlinux, the frame's CS, the GS base."""
+        ip, code, before = rec["ip"], None, b""
+        if self.code_at is not None:
+            code = self.code_at(ip, 16)
+            before = self.code_at(ip - 4, 4) or b""
+        a = classify(rec["vector"], code, before=before, cs=rec.get("cs"), gs_base=rec.get("gs_base"),
+                     percpu_bases=tuple(self.gs_to_cpu), error_code=rec.get("error"))
+        if a is not None:
+            ev.update(a.to_json())
 
     def _region(self, addr: int, c: dict, error: int | None = None) -> str | None:
         """Which region ``addr`` is in.  Read after the fact (the sandbox may
@@ -332,6 +359,8 @@ class Assembler:
             self._emit(exc)
         ev = self._common("exit", rec, vcpu)
         ev["point"] = "x86_sbm_return"
+        if exc is None and rec.get("err") == -errno.ETIMEDOUT:
+            ev.update(Attack("endless_loop", None, ("sbm->error -ETIMEDOUT: the sandbox time limit",)).to_json())
         ev.update(ret=None if exc else self._last_ret.pop(vcpu, None), error=rec.get("err"),
                   aborted=exc is not None or bool(rec.get("err")), cpl=0, rip=hx(self.x86_sbm_return),
                   sym=self.ctx.sym(self.x86_sbm_return))
@@ -469,9 +498,12 @@ class PluginTracer:
         ctl.wait_applied()
         self._mark_start()
         self.sink = EventSink(self.path)
+        def code_at(addr: int, n: int) -> bytes | None:
+            return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
+
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
-                             clock=self.clock)
+                             clock=self.clock, code_at=code_at)
         meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
                 "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
                 "slide": hx(k.slide), "ncpus": ncpus, "vmlinux": self.info.get("vmlinux"),

@@ -22,9 +22,11 @@ written, with ``read_error``.
 """
 from __future__ import annotations
 
+import errno
 import time
 from typing import Callable
 
+from sbmdbg.sbm.attack import Attack, classify
 from sbmdbg.trace.context import GuestContext, s32
 from sbmdbg.trace.events import (
     CALLER_VECTORS, PF_EXIT_ERROR, SCHEMA, STUB_VECTORS, EventSink, decode_pf_error,
@@ -178,13 +180,15 @@ class Tracer:
             ev.update(vector=vector, vector_name=vector_name(vector) if vector is not None else stub,
                       stub=stub, fault_rip=hx(regs["ip"]), fault_sym=ctx.sym(regs["ip"]),
                       fault_rsp=hx(regs["sp"]), fault_stack=ctx.stack_class(regs["sp"], task, st))
+            self._attack(ev, vector, regs["ip"], regs["cs"], self._gs_base(reg))
             self.inflight.setdefault(task, []).append(vector)
             self._emit(ev)
             return
         task = ctx.current_task(cpu)
         exc = {"vector": vector, "stub": stub, "vcpu": cpu, "host_ns": self.clock(),
                "error_code": regs["orig_ax"] if regs["orig_ax"] != U64 else None,
-               "fault_rip": regs["ip"], "fault_rsp": regs["sp"], "ax": regs["ax"]}
+               "fault_rip": regs["ip"], "fault_rsp": regs["sp"], "ax": regs["ax"],
+               "cs": regs["cs"], "gs_base": self._gs_base(reg)}
         if vector == 14:
             exc["cr2"] = reg("cr2")
         self.pending_exc[task] = exc
@@ -234,6 +238,40 @@ class Tracer:
             ev["fault_stack"] = ctx.stack_class(exc["fault_rsp"], task, st)
         except Exception:  # noqa: BLE001
             pass
+        self._attack(ev, v, exc["fault_rip"], exc.get("cs"), exc.get("gs_base"), err)
+
+    # ------------------------------------------------------------ attacks (issue 15)
+    def _gs_base(self, reg) -> int | None:
+        """The GS base at the stop: still the sandbox's at sbm_entry (the
+        entry code writes the kernel's after the probe)."""
+        try:
+            return reg("gs_base")
+        except Exception:  # noqa: BLE001 - a gdb without the register
+            return None
+
+    def _percpu_bases(self) -> tuple[int, ...]:
+        if getattr(self, "_bases", None) is None:
+            try:
+                self._bases = tuple(self.k.per_cpu_offset(c) & U64 for c in range(self.k.target.ncpus))
+            except Exception:  # noqa: BLE001
+                self._bases = ()
+        return self._bases
+
+    def _attack(self, ev: dict, vector, rip: int, cs=None, gs_base=None, error_code=None) -> None:
+        """Name what the sandbox tried (sbm.attack): the instruction bytes at
+        the fault RIP from vmlinux (never guest memory), the frame's CS, the
+        GS base against the per-CPU bases."""
+        k, code, before = self.k, None, b""
+        try:
+            link = (rip - k.slide) & U64
+            code = k.symbols.read_file_bytes(link, 16)
+            before = k.symbols.read_file_bytes(link - 4, 4) or b""
+        except Exception:  # noqa: BLE001 - not kernel text (a 32-bit address, say)
+            pass
+        a = classify(vector, code, before=before, cs=cs, gs_base=gs_base,
+                     percpu_bases=self._percpu_bases(), error_code=error_code)
+        if a is not None:
+            ev.update(a.to_json())
 
     def _on_handle_sbm_fault(self, point, cpu, reg):
         ctx = self.ctx
@@ -255,6 +293,13 @@ class Tracer:
         self._fault_fields(ev, exc, task, st)
         if ev.get("vector") is None and caller:
             ev["vector_name"] = f"other (via {caller})"
+        if ev["kind"] == "abort" and st:
+            try:                # the time limit sets sbm->error before the abort
+                if self.ctx.sbm_error(st["sbm"]) == -errno.ETIMEDOUT:
+                    ev.update(Attack("endless_loop", ev.get("attack_insn"),
+                                     ("sbm->error -ETIMEDOUT: the sandbox time limit",)).to_json())
+            except Exception:  # noqa: BLE001 - best effort
+                pass
         self.inflight.pop(task, None)
         self.last_end[task] = ev["kind"]
         self._emit(ev)
@@ -272,6 +317,9 @@ class Tracer:
                 ev["sbm"] = hx(st["sbm"])
                 ev["error"] = self.ctx.sbm_error(st["sbm"])
                 ev["aborted"] = ev["error"] != 0
+                if ev["error"] == -errno.ETIMEDOUT:
+                    ev.update(Attack("endless_loop", None,
+                                     ("sbm->error -ETIMEDOUT: the sandbox time limit",)).to_json())
                 last = self.last_end.pop(task, None)
                 if last is not None:
                     ev["agrees"] = (last == "abort") == ev["aborted"]

@@ -35,7 +35,7 @@ def test_suite_files_validate():
         sc = spec.load(f)
         names |= {s.demo.split()[0] for s in sc.steps if s.demo}
     # every demo scenario and repeat are covered, and the audit runs at a stop
-    assert set(K.DEMO_SCENARIOS) | {"repeat"} <= names
+    assert set(K.ALL_DEMO_SCENARIOS) | {"repeat", "nmi_storm"} <= names
     audit = [a for f in files for s in spec.load(f).steps for a in s.asserts if a.sub == "audit"]
     # each audit runs at a stop (a break step) and requires nothing above info
     assert audit

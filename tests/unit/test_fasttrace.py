@@ -131,3 +131,36 @@ def test_assembly_of_calls_irqs_and_aborts(tmp_path):
     # user-mode faults (the shell's own #PFs) are not sandbox events
     assert all(e.get("cpl") != 3 or int(e["rip"], 16) >= 1 << 47 for e in evs if "rip" in e)
     json.dumps(evs)
+
+
+def test_attacks_are_named(tmp_path):
+    """Issue 15: a #PF at a user-half RIP on the sandbox's CR3 with CS 0x23
+    (a far transfer into the 32-bit CS) is a sandbox abort named lret32; an
+    IRQ with a foreign GS base is named gs_base; the instruction comes from
+    code_at (vmlinux), never guest memory."""
+    recs = records()
+    enter = next(i for i, r in enumerate(recs) if r["type"] == "P" and r["tag"] == "enter")
+    ex = next(i for i, r in enumerate(recs) if i > enter and r["type"] == "P" and r["tag"] == "exit")
+    vcpu, cr3 = recs[enter]["vcpu"], recs[enter]["sw"][STATE_OFF["sbm_cr3"] // 8]
+    gs0 = next(g for g, c in GS.items() if c == vcpu)
+    lret = {"type": "int", "vector": 14, "error": 0x14, "is_int": 0, "cpl": 3, "cs": 0x23, "ip": 0x1000,
+            "sp": 0xFFFFC90000003FD0, "cr2": 0x1000, "regs": {"CR3": cr3}, "gs_base": gs0}
+    irq = {"type": "int", "vector": 0xEC, "error": 0, "is_int": 0, "cpl": 3, "cs": 0x33,
+           "ip": 0xFFFFFFFF81092E8C, "sp": 0xFFFFC90000003FD0, "cr2": None, "regs": {"CR3": cr3}, "gs_base": 0}
+    stamp = {"type": "H", "vcpu": vcpu, "ns": 1, "tsc": 1, "jiffies": 1}
+    recs[ex:ex] = [irq, dict(stamp, tag="v236"), lret, dict(stamp, tag="v14")]
+    path = str(tmp_path / "t.jsonl")
+    sink = EventSink(path)
+    asm = Assembler(TinyContext(), sink, x86_sbm_return=X86_SBM_RETURN, gs_to_cpu=GS, state_off=STATE_OFF,
+                    sites={"enter": 1, "resume": 2, "exit": X86_SBM_RETURN}, clock=lambda: 0,
+                    code_at=lambda a, n: b"\xf3\x90"[:n] if a == 0xFFFFFFFF81092E8C else None)
+    for r in recs:
+        asm.record(r)
+    asm.flush()
+    sink.close()
+    evs = read_events(path)
+    [ab] = [e for e in evs if e.get("attack") == "lret32"]
+    assert ab["kind"] == "abort" and ab["attack_evidence"] == ["CS 0x23: a 32-bit (compat) code segment"]
+    [gs] = [e for e in evs if e.get("attack") == "gs_base"]
+    assert gs["kind"] == "irq" and gs["vcpu"] == vcpu
+    assert gs["attack_evidence"] == ["GS base 0x0 at the interrupt: not the CPU's per-CPU base"]

@@ -132,3 +132,12 @@ def test_consistency_rule():
                                          type("T", (), {"pa": None, "fault": "PT table at 0x5000 is not readable"})())
     got = consistency(unread, 0x2000, ranges[:1])
     assert [(x["rule"], x["severity"], x["pages"]) for x in got] == [("consistency_unreadable", "info", 2)]
+
+
+def test_writable_unexplained():
+    """Issue 15: a writable user page that no region explains: an in-place
+    writable map, whose neighbours on that page are writable too."""
+    f = audit_ranges([rng("unknown", True, True, False)], VIEW)
+    assert ("writable_unexplained", "high") in above_info(f) and ("unexplained", "medium") in above_info(f)
+    assert "writable_unexplained" not in {x["rule"] for x in audit_ranges([rng("unknown", True, False, False)], VIEW)}
+    assert "writable_unexplained" not in {x["rule"] for x in audit_ranges([rng("unknown", False, True, False)], VIEW)}

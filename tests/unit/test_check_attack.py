@@ -1,0 +1,41 @@
+"""`transitions.attack` (issue 15): some event of the step names the attack;
+the failure message lists what the events did name."""
+from __future__ import annotations
+
+import pytest
+
+from sbmdbg.check import spec
+from sbmdbg.check.transitions import check_transitions
+from sbmdbg.errors import SbmdbgError
+
+pytestmark = pytest.mark.unit
+
+EVENTS = [
+    {"seq": 1, "kind": "enter"},
+    {"seq": 2, "kind": "irq", "vector": 236, "attack": "gs_base",
+     "attack_evidence": ["GS base 0x0 at the interrupt: not the CPU's per-CPU base"]},
+    {"seq": 3, "kind": "abort", "vector": 6, "attack": "syscall", "attack_insn": "syscall"},
+    {"seq": 4, "kind": "exit", "error": -14},
+]
+
+
+def _t(body: str):
+    return spec.loads(f'[[step]]\ndemo = "syscall"\ntransitions = {body}\n').steps[0].transitions
+
+
+def test_attack_named_by_some_event():
+    assert check_transitions(_t('{attack = "syscall", abort = {attack = "syscall"}}'), EVENTS) == []
+    assert check_transitions(_t('{attack = "gs_base"}'), EVENTS) == []
+
+
+def test_attack_missing_says_what_was_named():
+    fails = check_transitions(_t('{attack = "int1"}'), EVENTS)
+    assert fails == ["transitions: expected an event naming the attack 'int1', saw gs_base, syscall "
+                     "(recorded: abort=1, enter=1, exit=1, irq=1)"]
+    fails = check_transitions(_t('{attack = "int1"}'), EVENTS[:1])
+    assert "saw none named" in fails[0]
+
+
+def test_attack_must_be_a_string():
+    with pytest.raises(SbmdbgError, match="attack"):
+        _t("{attack = 3}")
