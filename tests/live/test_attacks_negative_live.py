@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.timeout(2400)]
 REPO = Path(__file__).resolve().parents[2]
 CATALOGUE = REPO / "checks" / "check_attacks.toml"
 UNHARDENED = REPO / "fixtures" / "kernel" / "broken" / "0201-test-only-revert-sbm-hardening.patch"
@@ -57,7 +57,7 @@ def test_catalogue_fails_on_the_unhardened_kernel(tmp_path, kernel_build):
     files = split_catalogue(tmp_path)
     r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "check", *map(str, files), "--extra-patch",
                         str(UNHARDENED), "--junit", str(tmp_path / "neg.xml")],
-                       capture_output=True, text=True, timeout=3000, cwd=REPO)
+                       capture_output=True, text=True, timeout=2100, cwd=REPO)
     out = r.stdout
     assert r.returncode == 1, out[-4000:] + r.stderr[-2000:]
     root = ET.parse(tmp_path / "neg.xml").getroot()
