@@ -176,6 +176,48 @@ class TraceTail:
                 "window_s": self.RATE_WINDOW_S, "last": list(self.last)[-last:]}
 
 
+class AbortWhys:
+    """The one-line ``sbm why`` of the latest abort events of a trace (the
+    model of ``sbmdbg trace why``: vmlinux's instruction and DWARF line, the
+    access from the error code, the tracer's region label).  Each abort is
+    explained once, cached by its seq; a failed explanation is cached too."""
+
+    LATEST = 4          # aborts explained per refresh (the newest ones)
+    KEEP = 256          # cached lines (oldest dropped first)
+
+    def __init__(self, image_factory):
+        self._factory = image_factory   # () -> an image for sbmdbg.sbm.why.explain
+        self._image = None
+        self.cache: collections.OrderedDict = collections.OrderedDict()
+        self.computed = 0               # explanations computed (not cache hits)
+
+    def update(self, events) -> dict:
+        """{str(seq): line} for the newest ``LATEST`` aborts among ``events``."""
+        abs_ = [e for e in events if e.get("kind") == "abort" and isinstance(e.get("seq"), int)]
+        out = {}
+        for ev in abs_[-self.LATEST:]:
+            seq = ev["seq"]
+            if seq not in self.cache:
+                self.cache[seq] = self._line(ev)
+                self.computed += 1
+                while len(self.cache) > self.KEEP:
+                    self.cache.popitem(last=False)
+            out[str(seq)] = self.cache[seq]
+        return out
+
+    def _line(self, ev: dict) -> str:
+        from sbmdbg.sbm import why as W
+        from sbmdbg.text import clean
+        from sbmdbg.trace import why as TW
+
+        try:
+            if self._image is None:
+                self._image = self._factory()
+            return clean(W.one_line(TW.explain_event(self._image, ev)))
+        except Exception as e:  # noqa: BLE001 - a malformed event or no DWARF: say so, once
+            return clean(f"no explanation: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
 def abort_reason(ev: dict) -> str:
     """Short reason of an abort event: vector + #PF kind + region."""
     s = str(ev.get("vector_name") or "?")
@@ -213,6 +255,7 @@ class Backend:
         self.paused = False
         self.selected = 0
         self.trace = TraceTail()
+        self.whys = AbortWhys(self._why_image)
         self.tmpdir = tempfile.mkdtemp(prefix="sbmdbg-dash-")
         self.gdb_lock = threading.RLock()
         self.model_lock = threading.Lock()
@@ -258,6 +301,13 @@ class Backend:
         if self.conn.ram:
             g.console(f"sbm target shm {self.conn.ram} {self.conn.ram_size or ''}".strip())
         g.cont()   # target remote stopped the guest
+
+    def _why_image(self):
+        """vmlinux + the live slide, no page tables: the aborts' sandboxes are
+        gone when the panel shows them (the model of ``trace why``)."""
+        from sbmdbg.sbm import why as W
+
+        return W.OfflineImage(self.kernel.symbols, self.kernel.slide)
 
     @property
     def tracing(self) -> bool:
@@ -317,6 +367,7 @@ class Backend:
         t = tm.lap("sandboxes", t)
         self.trace.poll()
         snap["trace"] = self.trace.to_json()
+        snap["trace"]["why"] = self.whys.update(snap["trace"]["last"])
         t = tm.lap("trace", t)
         snap["console"] = self.console_tail()
         t = tm.lap("console", t)

@@ -206,13 +206,21 @@ def trace_panel(snap: dict, max_events: int = 12) -> Group:
         for reason, n in list(ab.items())[:5]:
             out.append(T(f"  {n:3} x {reason}", "red"))
     evs = [e for e in tr.get("last") or [] if e.get("kind") not in ("trace_start",)]
-    for ev in evs[-max_events:]:
+    whys = tr.get("why") or {}   # seq -> the one-line `sbm why` of an abort
+    rows: list = []   # the newest events (each abort with its why line) in max_events rows
+    for ev in reversed(evs):
         k = ev.get("kind")
         line = Text(no_wrap=True, overflow="ellipsis")
         line.append(f"{ev.get('seq', ''):>5} ", "dim")
         line.append(f"cpu{ev.get('vcpu', '-')} ", "dim")
         line.append(event_line(ev), KIND_STYLE.get(k, ""))
-        out.append(line)
+        why = whys.get(str(ev.get("seq"))) if k == "abort" else None
+        block = [line] + ([Text.assemble(("      why: ", "bold red"), (str(why), "red"), no_wrap=True,
+                                         overflow="ellipsis")] if why else [])
+        if len(rows) + len(block) > max_events:
+            break
+        rows[:0] = block
+    out.extend(rows)
     return Group(*out)
 
 

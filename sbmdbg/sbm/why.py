@@ -281,6 +281,27 @@ def summary(d: dict) -> str:
     return f"{where}: {d['instruction'].get('text')}: {what}"
 
 
+def one_line(d: dict) -> str:
+    """The explanation in one short line (the dashboard's transitions panel):
+    file:line in function, the access kind and address, the region (or
+    buffer relation) and the page-table verdict."""
+    src = d["source"]
+    where = f"{(src.get('file') or '?').rsplit('/', 1)[-1]}:{src.get('line')}"
+    inl = src.get("inlined") or []
+    fn = inl[0]["function"] if inl else src.get("function")
+    if fn:
+        where += f" in {fn}"
+    a = d["access"]
+    what = a.get("kind") or "access"
+    if a.get("address") is not None:
+        what += f" {a['address']:#x}"
+    ad = d.get("address") or {}
+    b = ad.get("buffer")
+    rel = b["text"] if b and b["relation"] != "far" else ad.get("region")
+    parts = [where, what] + [p for p in (rel, (d.get("denied") or {}).get("text")) if p]
+    return ": ".join(parts[:2]) + "".join(f"; {p}" for p in parts[2:])
+
+
 def group_key(d: dict) -> str:
     """Identical explanations group together in a fuzz campaign: the source
     line, the access kind and where relative to which buffer."""

@@ -71,6 +71,7 @@ class GdbSession:
         self.running = False
         self.events: list[dict] = []      # async records seen (notify/exec)
         self.last_stop: dict | None = None
+        self.resumes = 0                   # *running records seen
         self._gdb = GdbController(command=["gdb", "--interpreter=mi3", "-nx", "-q"],
                                   time_to_check_for_additional_output_sec=0.01)
         try:
@@ -118,6 +119,7 @@ class GdbSession:
                     self.last_stop = r.get("payload")
                 elif r.get("message") == "running":
                     self.running = True
+                    self.resumes += 1
         return out
 
     @property
@@ -214,9 +216,11 @@ class GdbSession:
         self.poll(0)
         if self.running:
             return
+        before = self.resumes
         self.mi("-exec-continue --all", timeout=timeout)
         deadline = time.monotonic() + timeout
-        while not self.running:
+        # *running, even when a breakpoint stopped it again in the same read
+        while self.resumes == before:
             self.poll(0.1)
             if time.monotonic() > deadline:
                 raise SbmdbgError(f"target did not resume in {timeout:g} s")

@@ -124,6 +124,9 @@ def test_dashboard_in_tmux(kernel_build, tmp_path):
                            "the abort in the transitions panel")
         size = tmux("display", "-p", "-t", name, "#{window_width}x#{window_height}").strip()
         assert re.search(r"abort 1\b", text) and "write from user @ data" in text, size + "\n" + text
+        # the abort's one-line `sbm why` under it: the demo's source line, computed from vmlinux's DWARF
+        text = wait_screen(name, lambda t: re.search(r"why: sbm_demo\.c:\d+ in \w+", t), 30,
+                           "the abort's why line")
         tmux("send-keys", "-t", name, "Escape")
         wait_screen(name, lambda t: "pause/cont" in footer(t), 30, "the key bindings back")
         tmux("send-keys", "-t", name, "Space")

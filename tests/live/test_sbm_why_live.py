@@ -191,3 +191,114 @@ def test_fuzz_campaign(guest, family):
         for st, (line, file, _start) in zip(sites, answers):
             assert (st["line"], st["file"].rsplit("/", 1)[-1]) == (int(line), file.rsplit("/", 1)[-1]), \
                 (st, line, file)
+
+
+def qemu_walk(vm, g, cpu: int, cr3: int, vas: list[int]) -> list[tuple[str, tuple | None]]:
+    """QEMU's own answers for each of ``vas`` through ``cr3`` on vCPU ``cpu``
+    (gdb sets $cr3 for them and restores it): ``gva2gpa``, and the
+    ``info tlb`` entry covering it, (physical address, flags) or None."""
+    old = gdb_int(g, "$cr3")
+    g.console(f"set $cr3 = (void *){cr3:#x}")
+    try:
+        assert gdb_int(g, "$cr3") == cr3
+        gpas = [vm.hmp(f"gva2gpa {va:#x}", cpu_index=cpu) for va in vas]
+        tlb = vm.hmp("info tlb", cpu_index=cpu)
+    finally:
+        g.console(f"set $cr3 = (void *){old:#x}")
+    maps = {}   # page VA -> (page PA, size, flags); flag P = a large page (2 MiB here)
+    for va_s, pa_s, fl in re.findall(r"^([0-9a-f]{16}): ([0-9a-f]{16}) ([-XGPDACTUW]{9})\s*$", tlb, re.M):
+        maps[int(va_s, 16)] = (int(pa_s, 16), 2 << 20 if fl[2] == "P" else 4096, fl)
+    assert maps, tlb[:500]
+    out = []
+    for va, gpa in zip(vas, gpas):
+        hit = None
+        for size in (4096, 2 << 20):
+            e = maps.get(va & ~(size - 1) & U64)
+            if e and e[1] == size:
+                hit = (e[0] + (va & (size - 1)), e[2])
+        out.append((gpa, hit))
+    return out
+
+
+def test_every_fault_site_verdict_equals_qemu(guest):
+    """A small LZ4_decompress_fast campaign of malformed inputs, rerun with a
+    breakpoint on handle_sbm_fault: at the first abort of each distinct fault
+    RIP, `sbm why --json`'s sandbox walk and verdict must be QEMU's
+    (`gva2gpa` and `info tlb` through the sandbox CR3) and its source line
+    gdb's `info line *RIP`."""
+    from sbmdbg.fuzz.campaign import cases, classify
+    vm, g, k, cg = guest
+    g.interrupt()
+    g.mi("-break-delete")
+    g.cont()
+    fast = [c for c in cases("lz4", 240, seed=11) if c.codec == "lz4_fast" and c.kind != "valid"]
+    first = cg.run_fast([(c.codec, c.data, c.out_len) for c in fast])
+    bad = [c for c, r in zip(fast, first) if classify(c.codec, r) == "sandbox abort"][:40]
+    assert len(bad) >= 5, "too few aborts to compare"
+    g.interrupt()
+    g.mi("-break-insert handle_sbm_fault")
+    g.cont()
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(out=cg.run_fast(
+        [(c.codec, c.data, c.out_len) for c in bad], timeout=600)), daemon=True)
+    t.start()
+    stops, seen = 0, {}
+    try:
+        while t.is_alive() or not g.running:
+            try:
+                stop = g.wait_stopped(2)
+            except Exception:  # noqa: BLE001 - not stopped yet: the batch still runs
+                continue
+            assert stop.get("reason") == "breakpoint-hit", stop
+            stops += 1
+            rip = gdb_int(g, "regs->ip")
+            if rip not in seen:
+                seen[rip] = check_site(vm, g, k, int(stop["thread-id"]) - 1, rip)
+            g.cont()
+    finally:
+        if not g.running:
+            g.cont()
+        t.join(120)
+        g.interrupt()
+        g.mi("-break-delete")
+        g.cont()
+    again = result.get("out") or []
+    assert len(again) == len(bad) and all(r.sbm_error == -14 for r in again), again
+    assert stops == len(bad), (stops, len(bad))
+    assert len(seen) >= 3, seen             # several distinct sites compared
+
+
+def check_site(vm, g, k, cpu: int, rip: int) -> str:
+    """`sbm why --json` at this stop against gdb and QEMU; the verdict kind."""
+    d = g.sbm_json("sbm why")
+    cr2, err = gdb_int(g, "address"), gdb_int(g, "error_code")
+    assert d["fault"]["rip"] == rip and d["fault"]["cr2"] == cr2 and d["fault"]["error_code"] == err
+    li = g.console(f"info line *{rip:#x}")
+    m = re.search(r'Line (\d+) of "([^"]+)"', li)
+    assert m, li
+    assert (d["source"]["line"], d["source"]["file"].rsplit("/", 1)[-1]) == \
+        (int(m.group(1)), m.group(2).rsplit("/", 1)[-1]), (d["source"], li)
+    sw, den = d["walks"]["sandbox"], d["denied"]
+    # the nearest buffer's last byte is mapped: both walks must agree there too
+    b = d["address"]["buffer"]
+    (gpa, tlb), (gpa_b, tlb_b) = qemu_walk(vm, g, cpu, d["sandbox"]["sbm_cr3"], [cr2, b["end"] - 1])
+    k.invalidate()   # this model outlives many sandboxes: no cached page-table pages
+    ours_b = k.translate(d["sandbox"]["sbm_cr3"] & ~0xFFF, b["end"] - 1).pa
+    assert ours_b is not None and tlb_b is not None and tlb_b[0] == ours_b, (b, tlb_b, ours_b)
+    assert f"gpa: {ours_b:#x}" in gpa_b, (gpa_b, ours_b)
+    if sw["pa"] is None:
+        # ours: not present at some level; QEMU: no translation, no TLB entry
+        assert "Unmapped" in gpa and tlb is None, (gpa, tlb, sw)
+        assert den["bit"] == "P" and not sw["levels"][-1]["present"], den
+        assert [lv["level"] for lv in sw["levels"]].index(den["level"]) == len(sw["levels"]) - 1
+        assert not err & 1, f"#PF error code {err:#x} says present"
+        return "unmapped"
+    # mapped but refused: the same physical address, and the bit QEMU lacks
+    m = re.search(r"gpa: (0x[0-9a-f]+)", gpa)
+    assert m and int(m.group(1), 16) == sw["pa"] and tlb[0] == sw["pa"], (gpa, tlb, sw)
+    assert den["bit"] in ("U/S", "R/W", "XD"), den
+    if den["level"] == sw["levels"][-1]["level"]:   # info tlb shows the leaf entry's bits
+        letter, refused_if = {"U/S": ("U", False), "R/W": ("W", False), "XD": ("X", True)}[den["bit"]]
+        assert (letter in tlb[1]) == refused_if, (den, tlb)
+    assert err & 1, f"#PF error code {err:#x} says not present"
+    return f"refused {den['bit']}"

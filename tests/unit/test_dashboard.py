@@ -196,3 +196,40 @@ def test_app_keys_with_pilot():
     assert "pause" in be.calls and ("stepi", 1) in be.calls and "trace" in be.calls
     assert ("scenario", "write_kernel_data") in be.calls and ("send", "ls") in be.calls
     assert be.selected == 0            # v after 1 wraps around 2 vCPUs
+
+
+def test_abort_why_lines_in_the_transitions_panel():
+    """The newest aborts get a one-line `sbm why` (the model of `trace why`, on
+    the recorded LZ4 fixture), computed once per abort, shown under the abort."""
+    import re
+    from pathlib import Path
+
+    from sbmdbg.trace import why as TW
+
+    fx = json.loads((Path(__file__).resolve().parents[2] / "fixtures" / "trace" / "why-lz4-fast.json")
+                    .read_text())
+    made = []
+    whys = B.AbortWhys(lambda: made.append(1) or TW.FixtureImage(fx))
+    tail = B.TraceTail()
+    aborts = TW.aborts(fx["events"])
+    for e in fx["events"]:
+        tail.add(e)
+    tail.add({"seq": 99, "kind": "abort", "vcpu": 0, "vector": 14, "fault_rip": "zzz"})   # malformed
+    for _ in range(3):   # three refreshes: each abort explained once
+        lines = whys.update(tail.to_json()["last"])
+    assert whys.computed == len(aborts) + 1 and made == [1]
+    assert lines["99"].startswith("no explanation: bad number")
+    for ev in aborts:
+        rip = int(ev["fault_rip"], 16) - int(fx["slide"], 16)
+        m = re.search(r'Line (\d+) of "([^"]+)"', fx["gdb"][hex(rip)])   # gdb's own `info line`
+        line = lines[str(ev["seq"])]
+        assert line.startswith(f"{m.group(2).rsplit('/', 1)[-1]}:{m.group(1)} in "), line
+        assert f"read {int(ev['cr2'], 16):#x}" in line and "not present in the sandbox page table" in line
+    snap = _snap(trace=dict(tail.to_json(), why=lines))
+    text = _render(P.trace_panel(snap, max_events=8), 200)
+    rows = text.splitlines()
+    last = aborts[-1]
+    i = next(n for n, r in enumerate(rows) if re.match(rf"\s*{last['seq']} cpu", r))
+    assert rows[i + 1].strip() == "why: " + lines[str(last["seq"])]
+    assert rows[-2].strip().startswith("99 cpu0") and "why: no explanation" in rows[-1]
+    assert sum(1 for r in rows if re.match(r"\s*\d+ cpu", r) or "why:" in r) <= 8   # the newest fit
