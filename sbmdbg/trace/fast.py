@@ -45,7 +45,7 @@ from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import cstring
 from sbmdbg.sbm.attack import Attack, classify
 from sbmdbg.trace.context import GuestContext
-from sbmdbg.trace.live import TraceLost, keep_polling, pid_alive
+from sbmdbg.trace.live import TraceLost, TracerBase, Watcher, pid_alive
 from sbmdbg.trace.events import (
     PF_EXIT_ERROR, SCHEMA, EventSink, decode_pf_error, describe_pf_error, hx, read_events,
     summarize, vector_name,
@@ -381,7 +381,7 @@ class Assembler:
 
 
 # ------------------------------------------------------------------ tracer
-class PluginTracer:
+class PluginTracer(TracerBase):
     """Trace a VM started by the harness with the sbmtrace plugin loaded
     (``VMOptions(trace_plugin=True)``, the default).  ``vm`` is a
     :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``)."""
@@ -407,8 +407,7 @@ class PluginTracer:
         self.lost: str | None = None
         self._files: dict[str, tuple] = {}        # path -> (fh, LogParser)
         self.log_bytes = 0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._tailer = Watcher(self._tail_step, "sbm-fasttrace")
         self._lock = threading.Lock()
         self.busy_s = 0.0
 
@@ -516,24 +515,23 @@ class PluginTracer:
                           "that changes only when the VM is stopped); jiffies: the guest's"}
         self.asm._emit(meta)
         self.vm.hmp("log int,plugin,tid")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._tail, name="sbm-fasttrace", daemon=True)
-        self._thread.start()
+        self._tailer.start()
         return meta
 
     # ------------------------------------------------------------ reading
-    def _tail(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.drain()
-            except Exception as e:  # noqa: BLE001 - keep the reason, never die silently
-                self.lost = f"reading QEMU's log failed: {e}"
-                return
-            if not n:
-                if not self._alive():
-                    self.lost = f"QEMU (pid {self.info.get('pid')}) died"
-                    return
-                time.sleep(0.02)
+    def _tail_step(self) -> str | bool | None:
+        """Read QEMU's logs (the tailer thread): True while there was more,
+        the reason when the trace is lost."""
+        try:
+            if self.drain():
+                return True
+        except Exception as e:  # noqa: BLE001 - keep the reason, never die silently
+            self.lost = f"reading QEMU's log failed: {e}"
+            return self.lost
+        if not self._alive():
+            self.lost = f"QEMU (pid {self.info.get('pid')}) died"
+            return self.lost
+        return None
 
     def _alive(self) -> bool:
         return pid_alive(self.info.get("pid"))
@@ -574,9 +572,6 @@ class PluginTracer:
             n = self.asm.seq if self.asm else 0
             raise TraceLost(f"{self.lost}; {self.path} holds the {n} events recorded until then")
 
-    def wait(self, seconds: float, until=None, period: float = 0.1) -> None:
-        keep_polling(self.poll, seconds, until, period)
-
     def _seal(self, why: str) -> None:
         if self.sink is not None and not self.sink.closed:
             with self._lock:
@@ -595,9 +590,7 @@ class PluginTracer:
                 self.lost = f"QEMU (pid {self.info.get('pid')}) died"
                 self.poll()
             raise
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._tailer.stop(timeout=10)
         while self.drain():
             pass
         self.asm.flush()
@@ -620,9 +613,7 @@ class PluginTracer:
         self._files.clear()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._tailer.stop()
         if self.sink is not None and not self.sink.closed:
             try:
                 self.vm.hmp("log tid")
@@ -632,13 +623,4 @@ class PluginTracer:
             self._seal("closed")
         if self.ctl is not None:
             self.ctl.close()
-
-    def events(self) -> list[dict]:
-        return read_events(self.path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 

@@ -47,6 +47,42 @@ def keep_polling(poll, seconds: float, until=None, period: float = 0.1) -> None:
     poll()
 
 
+class Watcher:
+    """A daemon thread that calls ``step()`` every ``period`` s until
+    :meth:`stop`, or until ``step()`` returns a reason (a string, kept in
+    ``reason``); ``step()`` returning True means there is more to do at once."""
+
+    def __init__(self, step, name: str, period: float = 0.02):
+        self.step, self.name, self.period = step, name, period
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.reason = None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            r = self.step()
+            if isinstance(r, str):
+                self.reason = r
+                return
+            if r is not True:
+                time.sleep(self.period)
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 5) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            self._thread = None
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return True
@@ -145,7 +181,33 @@ class GdbTracer:
             self.on = False
 
 
-class TraceRecorder:
+class TracerBase:
+    """What both out-of-process tracers share (``TraceRecorder`` here and
+    ``fast.PluginTracer``): their ``poll()`` raises TraceLost, ``close()``
+    ends them, ``path`` is the JSON-lines file."""
+    path: str
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def wait(self, seconds: float, until=None, period: float = 0.1) -> None:
+        """Keep the trace running for ``seconds`` (or until ``until()`` is true)."""
+        keep_polling(self.poll, seconds, until, period)
+
+    def events(self) -> list[dict]:
+        return read_events(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TraceRecorder(TracerBase):
     def __init__(self, vm_info: dict, path: str, level: str = "full", gdb_addr: str | None = None,
                  emulate: bool = False):
         self.info = vm_info
@@ -157,10 +219,8 @@ class TraceRecorder:
         self.tracer: GdbTracer | None = None
         self.started = None
         self.lost: str | None = None
-        self._drain: threading.Thread | None = None
-        self._drain_stop = threading.Event()
         self._lock = threading.Lock()
-        self._why: str | None = None
+        self._drain = Watcher(self._drain_step, "sbm-trace-drain")
 
     # ------------------------------------------------------------ control
     def start(self) -> dict:
@@ -177,36 +237,26 @@ class TraceRecorder:
             self.g = None
             raise
         self.started = time.monotonic()
-        self._drain_stop.clear()
-        self._drain = threading.Thread(target=self._drainer, name="sbm-trace-drain", daemon=True)
         self._drain.start()
         return start
 
-    def _drainer(self) -> None:
+    def _drain_step(self) -> str | None:
         """Read gdb's MI output all the time: each probe stop prints a
         *stopped/*running pair, and a full pipe would block gdb."""
-        while not self._drain_stop.is_set():
-            with self._lock:
-                why = self._check()
-            if why:
-                self._why = why
-                return
-            time.sleep(0.02)
+        with self._lock:
+            return self._check()
 
     def _stop_drain(self) -> None:
-        if self._drain is not None:
-            self._drain_stop.set()
-            self._drain.join(timeout=5)
-            self._drain = None
+        self._drain.stop()
 
     def poll(self) -> None:
         """Raise TraceLost if QEMU or gdb is gone (checked every 20 ms by the
         drain thread, or here when it is not running)."""
         if self.lost:
             raise TraceLost(self.lost)
-        if self._drain is not None and self._drain.is_alive():
+        if self._drain.running():
             return
-        why = self._why
+        why = self._drain.reason
         if why is None:
             with self._lock:
                 why = self._check()
@@ -270,10 +320,6 @@ class TraceRecorder:
                                          separators=(",", ":")) + "\n").encode())
         return len(evs)
 
-    def wait(self, seconds: float, until=None, period: float = 0.1) -> None:
-        """Keep the trace running for ``seconds`` (or until ``until()`` is true)."""
-        keep_polling(self.poll, seconds, until, period)
-
     def stop(self) -> dict:
         """Interrupt, end the trace (gdb writes trace_stop), detach; the summary."""
         self.poll()
@@ -302,11 +348,3 @@ class TraceRecorder:
             self.g.close()
             self.g = None
 
-    def events(self) -> list[dict]:
-        return read_events(self.path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
