@@ -71,10 +71,16 @@ def pytest_unconfigure(config):
         r.close()
 
 
+SCENARIO_FILE_TIMEOUT = 2400
+
+
 class ScenarioFile(pytest.File):
     def collect(self):
         item = ScenarioItem.from_parent(self, name=self.path.name)
         item.add_marker(pytest.mark.live)
+        # a whole scenario file is one item: its steps' own timeouts (up to
+        # 900 s for one step) bound it, pytest's 600 s default would not
+        item.add_marker(pytest.mark.timeout(SCENARIO_FILE_TIMEOUT))
         yield item
 
 

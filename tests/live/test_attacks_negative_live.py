@@ -1,5 +1,5 @@
 """Negative proof of the attack catalogue (issue 15): checks/check_attacks.toml
-passes on the reference kernel (tests/live/test_checks_live.py runs checks/)
+passes on the reference kernel (pytest collects checks/ as scenario items)
 and, on the kernel without the hardening (fixtures/kernel/broken/0201-...:
 0005 reverted), fails with messages naming the scenarios that crash the
 kernel or corrupt the caller's state.  A crash ends a VM, so every scenario
