@@ -198,6 +198,8 @@ INT_FIELDS = {
     "cpl": (0, 3), "vector": (0, 255), "error_code": _U64, "schema": (0, 1 << 16),
     "irqs": _U64,
 }
+#: may be null: no task yet, no IRQ count, a vector that pushes no error code (#UD, #DB, ...)
+NULLABLE = {"pid", "irqs", "error_code"}
 STR_FIELDS = {"point", "comm", "cr3_role", "mode", "sym", "stack", "func_sym", "fault_sym",
               "vector_name", "cr2_region", "to_sym", "fault_stack", "via", "level", "reason"}
 HEX_FIELDS = {"task", "sandbox", "cr3", "rip", "rsp", "sbm", "func", "data", "sbm_tos", "exc_tos",
@@ -228,7 +230,7 @@ def check_event(ev) -> str | None:
     for f, (lo, hi) in INT_FIELDS.items():
         if f in ev:
             v = ev[f]
-            if f in ("pid", "irqs") and v is None:
+            if f in NULLABLE and v is None:
                 continue
             if not isinstance(v, int) or isinstance(v, bool):
                 return f"{f}: want an integer, got {type(v).__name__}"

@@ -62,7 +62,7 @@ def summary_line(ev: dict) -> str:
         s = f"{ev.get('point')}({ev.get('func_sym') or ev.get('func')})"
         return s + (f" sticky error {ev['sticky_error']}" if ev.get("sticky_error") else "")
     if k == "return":
-        return f"return ret={ev.get('ret')}  (#PF {ev.get('error_code', 0):#x} at {ev.get('cr2')})"
+        return f"return ret={ev.get('ret')}  (#PF {ev.get('error_code') or 0:#x} at {ev.get('cr2')})"
     if k == "abort":
         err = ev.get("error_code")
         s = f"ABORT {ev.get('vector_name')}"
@@ -82,7 +82,7 @@ def summary_line(ev: dict) -> str:
         return f"back to sandbox at {ev.get('to_sym') or ev.get('to_rip')}" + \
             (f" (after {ev['vector_name']})" if ev.get("vector_name") else "")
     if k == "spurious":
-        return f"spurious #PF err={ev.get('error_code', 0):#x} cr2={ev.get('cr2')} resumed"
+        return f"spurious #PF err={ev.get('error_code') or 0:#x} cr2={ev.get('cr2')} resumed"
     if k == "trace_start":
         return f"trace start (level {ev.get('level')}, {len(ev.get('probes', []))} probes)"
     if k == "trace_stop":

@@ -163,3 +163,24 @@ def test_qemu_log_cross_check(tmp_path):
     off = LOG.index("     9:")
     assert len(parse_log(str(p), start=off)) == 3
     assert os.path.getsize(p) == len(LOG)
+
+
+def test_an_abort_without_an_error_code_reads_and_renders(tmp_path):
+    """#UD, #DB and the other vectors that push no error code: the tracers
+    write error_code null (the attack catalogue's int1, warn_ud2,
+    pkru_write); the strict reader must take it and every face render it."""
+    from sbmdbg.trace.export import summary_line
+    p = tmp_path / "t.jsonl"
+    evs = [{"seq": 0, "kind": "trace_start", "ncpus": 2, "schema": 2},
+           {"seq": 1, "kind": "abort", "vcpu": 0, "vector": 6, "vector_name": "#UD", "error_code": None,
+            "fault_rip": "0xffffffff81000000"},
+           {"seq": 2, "kind": "spurious", "vcpu": 0, "vector": 14, "error_code": None}]
+    p.write_text("".join(json.dumps(e) + "\n" for e in evs))
+    got = read_events(str(p), strict=True)
+    assert [e["error_code"] for e in got[1:]] == [None, None]
+    assert summary_line(got[1]) == "ABORT #UD at 0xffffffff81000000"
+    assert "err=0x0" in summary_line(got[2])
+    assert to_perfetto(got)["traceEvents"] is not None
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"seq": 0, "kind": "abort", "error_code": "6"}) + "\n")
+    with pytest.raises(SbmdbgError, match="error_code: want an integer"):
+        read_events(str(tmp_path / "bad.jsonl"))
