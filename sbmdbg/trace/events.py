@@ -198,8 +198,9 @@ INT_FIELDS = {
     "cpl": (0, 3), "vector": (0, 255), "error_code": _U64, "schema": (0, 1 << 16),
     "irqs": _U64,
 }
-#: may be null: no task yet, no IRQ count, a vector that pushes no error code (#UD, #DB, ...)
-NULLABLE = {"pid", "irqs", "error_code"}
+#: may be null: no task yet, no IRQ count, a vector that pushes no error code (#UD, #DB, ...),
+#: an interrupt whose vector the tracer could not tell
+NULLABLE = {"pid", "irqs", "error_code", "vector"}
 STR_FIELDS = {"point", "comm", "cr3_role", "mode", "sym", "stack", "func_sym", "fault_sym",
               "vector_name", "cr2_region", "to_sym", "fault_stack", "via", "level", "reason"}
 HEX_FIELDS = {"task", "sandbox", "cr3", "rip", "rsp", "sbm", "func", "data", "sbm_tos", "exc_tos",
