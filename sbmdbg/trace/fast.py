@@ -189,6 +189,7 @@ class Assembler:
         self._pending_exc: dict[int, dict] = {}   # vcpu -> exception awaiting exit/resume
         self._inflight: dict[int, list] = {}      # vcpu -> [irq/nmi vectors]
         self._vcpu_ctx: dict[int, dict] = {}      # vcpu -> context of its sandbox call
+        self._inside: dict[int, int] = {}         # vcpu -> sandbox CR3, between enter and exit
         self._last_ret: dict[int, int] = {}
 
     # ------------------------------------------------------------ events
@@ -281,8 +282,7 @@ class Assembler:
         transfer into a 32-bit CS, issue 15)."""
         if cr3 is None:
             return False
-        return any(((c.get("st") or {}).get("sbm_cr3") or -1) == cr3 & ~0xFFF
-                   for c in self._vcpu_ctx.values())
+        return (cr3 & ~0xFFF) in self._inside.values()   # not a freed sandbox PGD reused since
 
     def _attack(self, rec: dict, ev: dict) -> None:
         """Name what the sandbox tried (sbm.attack): the instruction at the
@@ -316,6 +316,8 @@ class Assembler:
         c = {"pid": rec.get("pid"), "comm": rec.get("comm"), "task": hx(rec.get("task")),
              "task_va": rec.get("task"), "sandbox": hx(rec.get("state")), "st": st}
         self._vcpu_ctx[vcpu] = c
+        if (st or {}).get("sbm_cr3"):
+            self._inside[vcpu] = st["sbm_cr3"]
         self._pending_exc.pop(vcpu, None)
         self._inflight.pop(vcpu, None)
         ev = self._common("enter", rec, vcpu)
@@ -367,6 +369,7 @@ class Assembler:
         self._mode(ev, vcpu)
         self._emit(ev)
         self._inflight.pop(vcpu, None)
+        self._inside.pop(vcpu, None)
 
     def flush(self) -> None:
         """The trace stops: decide what is still pending."""

@@ -93,7 +93,7 @@ def test_sbm_status_flags_a_foreign_gs_base():
     from types import SimpleNamespace
 
     from sbmdbg.sbm.model import _gs_base_evidence
-    from sbmdbg.sbm.render import status
+    from sbmdbg.commands.render import status
 
     k = SimpleNamespace(per_cpu_offset=lambda c: PERCPU[c])
     assert _gs_base_evidence(k, 1, PERCPU[1]) == []
