@@ -9,6 +9,9 @@ import sys
 from sbmdbg.errors import SbmdbgError
 
 
+DUMP_TIMEOUT = 600.0  # seconds: QEMU writes the whole guest RAM (GiBs on a slow disk)
+
+
 def dump(out: str, qmp_sock: str | None = None, vm_id: str | None = None) -> dict:
     """dump-guest-memory (paging=false, ELF) of a running or stopped VM."""
     path = os.path.abspath(out)
@@ -16,11 +19,11 @@ def dump(out: str, qmp_sock: str | None = None, vm_id: str | None = None) -> dic
     if qmp_sock:
         from sbmdbg.vm.qmp import QmpClient
         mon = QmpClient(qmp_sock, keep_open=False)
-        mon.cmd("dump-guest-memory", timeout=300, **args)
+        mon.cmd("dump-guest-memory", timeout=DUMP_TIMEOUT, **args)
     else:
         from sbmdbg.vm import VM
         vm = VM.attach(vm_id)
-        vm.qmp("dump-guest-memory", **args)
+        vm.qmp("dump-guest-memory", timeout=DUMP_TIMEOUT, **args)
     if not os.path.exists(path):
         raise SbmdbgError(f"QEMU wrote no {path}")
     return {"vmcore": path, "bytes": os.path.getsize(path)}

@@ -241,12 +241,14 @@ class VM:
             self.serial = SerialConsole(self.info["serial"])
         return self.serial.run(cmd, timeout=timeout)
 
-    def qmp(self, cmd: str, **args):
+    def qmp(self, cmd: str, timeout: float | None = None, **args):
         """One QMP command (``cpu_index=`` becomes ``cpu-index``); its ``return`` value.
-        Connects for each command (the harness's own socket stays free)."""
+        Connects for each command (the harness's own socket stays free).  ``timeout``:
+        seconds to wait for the answer (the client's default when None)."""
         from sbmdbg.vm.qmp import QmpClient
 
-        return QmpClient(self.info.get("qmp_harness") or self.info["qmp"], keep_open=False).cmd(cmd, **args)
+        return QmpClient(self.info.get("qmp_harness") or self.info["qmp"],
+                         keep_open=False).cmd(cmd, timeout=timeout, **args)
 
     def hmp(self, cmdline: str, cpu_index: int | None = None) -> str:
         """A human monitor command (e.g. ``info registers``) on one vCPU."""

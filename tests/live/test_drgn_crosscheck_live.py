@@ -40,7 +40,7 @@ def test_sbm_model_equals_drgn_on_a_vmcore(shared_vm, gdb_session, tmp_path):
     sandboxes = sbm_json(g, "sbm list")["sandboxes"]
     stacks = sbm_json(g, "sbm stack")["cpus"]
     core = tmp_path / "vmcore.elf"
-    vm.qmp("dump-guest-memory", paging=False, protocol=f"file:{core}")
+    vm.qmp("dump-guest-memory", timeout=600, paging=False, protocol=f"file:{core}")
 
     prog = drgn.Program()
     prog.set_core_dump(str(core))

@@ -108,7 +108,9 @@ def _dashboard_once(vm, kb) -> dict:
 
 def _inspect_vmcore(vm, kb, tmp_path_factory) -> dict:
     core = tmp_path_factory.mktemp("vmcore") / "vmcore.elf"
-    vm.hmp(f"dump-guest-memory {core}")
+    from sbmdbg.inspect.offline import DUMP_TIMEOUT
+    # 2 GiB of guest RAM take longer than QMP's default wait on a slow disk
+    vm.qmp("dump-guest-memory", timeout=DUMP_TIMEOUT, paging=False, protocol=f"file:{core}")
     out = {}
     for cmd in ("pcpu", "status", "stack", "list", "audit"):
         r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "inspect", "--vmcore", str(core),
