@@ -190,6 +190,13 @@ def kernel_summary(kernel, args=None) -> dict:
     from sbmdbg.model.percpu import percpu_layout
     s = kernel.summary()
     s["pti"] = kernel.pti_enabled()
+    s["pti_evidence"] = kernel.pti_evidence()
     s["percpu_layout"] = percpu_layout(kernel).kind
     s["sbm"] = m.no_sbm_reason(kernel) is None
+    if s["sbm"]:
+        from sbmdbg.sbm.variant import detect
+        var = detect(kernel)
+        s["sbm_variant"] = var.name
+        s["sbm_layout"] = var.describe()
+        s["sbm_variant_detail"] = var.to_json()
     return jsonable(s)
