@@ -131,7 +131,7 @@ def stack(d: dict) -> list:
             if pr.get("stack") == "entry_stack":
                 out.append("  (the handler runs on the entry stack: pt_regs where the CPU pushed it)")
             if "kernel_rsp" in pr:
-                out.append(f"  kernel rsp at [exc_top-{pr['exc_top'] - pr['kernel_rsp_slot']}] "
+                out.append(f"  kernel rsp at \\[exc_top-{pr['exc_top'] - pr['kernel_rsp_slot']}] "
                            f"{pr['kernel_rsp_slot']:#x}: {pr['kernel_rsp']:#x}"
                            + (" (= state->return_sp)" if pr.get("kernel_rsp_is_return_sp") else ""))
         bt = c["backtrace"]
