@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 # plain gdb and the guest as independent sources: the same readers the fixture recorder uses
@@ -68,3 +69,28 @@ def pid_gone(pid: int) -> bool:
     except OSError:
         return True
     return st[st.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+class Stop:
+    """Break at ``sym`` (gdb MI session ``g``), run a demo scenario in the
+    background, wait for the hit; ``finish()`` continues and returns its output."""
+
+    def __init__(self, vm, g, sym: str, scenario: str):
+        self.vm, self.g, self.result = vm, g, {}
+        g.interrupt()
+        g.mi(f"-break-insert -t {sym}")
+        g.cont()
+        self.t = threading.Thread(target=self._run, args=(scenario,), daemon=True)
+        self.t.start()
+        stop = g.wait_stopped(90)
+        assert stop.get("reason") == "breakpoint-hit", stop
+        self.cpu = int(stop["thread-id"]) - 1
+
+    def _run(self, scenario):
+        self.result["run"] = self.vm.run(f"echo {scenario} > /sys/kernel/debug/sbm_demo/run; "
+                                         "cat /sys/kernel/debug/sbm_demo/run", timeout=180)
+
+    def finish(self) -> str:
+        self.g.cont()
+        self.t.join(120)
+        return self.result["run"].output

@@ -13,11 +13,10 @@ module's counters)."""
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 import pytest
-from demo_helpers import demo_stats, gdb_int, run_scenario, sbm_json
+from demo_helpers import Stop, demo_stats, gdb_int, run_scenario, sbm_json
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[2]
@@ -46,30 +45,6 @@ def v1vm():
             g.close()
     finally:
         vm.close()
-
-
-class Stop:
-    """Break at ``sym``, run a demo scenario in the background, wait for the hit."""
-
-    def __init__(self, vm, g, sym: str, scenario: str):
-        self.vm, self.g, self.result = vm, g, {}
-        g.interrupt()
-        g.mi(f"-break-insert -t {sym}")
-        g.cont()
-        self.t = threading.Thread(target=self._run, args=(scenario,), daemon=True)
-        self.t.start()
-        stop = g.wait_stopped(90)
-        assert stop.get("reason") == "breakpoint-hit", stop
-        self.cpu = int(stop["thread-id"]) - 1
-
-    def _run(self, scenario):
-        self.result["run"] = self.vm.run(f"echo {scenario} > /sys/kernel/debug/sbm_demo/run; "
-                                         "cat /sys/kernel/debug/sbm_demo/run", timeout=180)
-
-    def finish(self) -> str:
-        self.g.cont()
-        self.t.join(120)
-        return self.result["run"].output
 
 
 def _qemu_u64(vm, cpu: int, va: int) -> int:
