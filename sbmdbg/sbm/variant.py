@@ -242,6 +242,8 @@ def follow_sandbox_branch(symbols, start: int, max_jumps: int = 8) -> tuple[str,
                     return "unknown", f"indirect jmp at {a.address:#x}"
                 if sync is not None and t == sync:
                     return "sbm_exception_stack", f"the sandbox branch at {start:#x} jumps to sync_regs"
+                if t == symbols.get("__x86_return_thunk"):     # RET with return thunks
+                    return "entry_stack", f"the sandbox branch at {start:#x} returns to the stub at {a.address:#x}"
                 pc = t
                 break
         else:

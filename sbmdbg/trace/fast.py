@@ -342,6 +342,8 @@ class Assembler:
     def _on_resume(self, rec: dict) -> None:
         vcpu = rec["vcpu"]
         frame = dict(zip(FRAME, rec.get("mw") or []))
+        if frame.get("cs") is not None and frame["cs"] & 3 != 3:
+            return      # an iretq the sandbox return shares with the kernel's (v1): not into the sandbox
         exc = self._pending_exc.pop(vcpu, None)
         if exc is not None:
             exc["kind"] = "spurious"
