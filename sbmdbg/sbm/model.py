@@ -499,7 +499,7 @@ def mode_of(cpl: int, in_sandbox: bool, own_sandbox: bool, rip_symbol: str | Non
     if cpl == 0 and own_sandbox:
         if in_sandbox or rip_symbol in ("x86_sbm_exec", "x86_sbm_return"):
             return "transition"
-        if stack_kind in ("sbm_exception_stack", handler_stack):   # NMIs: the exception stack
+        if stack_kind == "sbm_exception_stack" or (handler_stack and stack_kind == handler_stack):
             return "sandbox (in kernel handler)"
         return "transition"
     if cpl == 0:

@@ -272,7 +272,7 @@ def detect_from(symbols, kernel_cr3_va: int | None, cs_off: int) -> Variant:
         v.exc_frame_gap = f["exc_frame_gap"]
         v.rbp_at_entry = "zeroed" if f["rbp_cleared"] else "kernel"
         v.evidence.append(
-            f"x86_sbm_exec: " + ("`sub $8,%r8; mov %rsp,(%r8); mov %r8,%rsp`: kernel rsp at [exc_top-8]"
+            "x86_sbm_exec: " + ("`sub $8,%r8; mov %rsp,(%r8); mov %r8,%rsp`: kernel rsp at [exc_top-8]"
                                  if f["kernel_rsp_slot"] else f"IRET frame {f['exc_frame_gap']} bytes below exc_top")
             + ("; clears rbp before iretq" if f["rbp_cleared"] else "; rbp not cleared before iretq")
             + ("; own frame (mov %rsp,%rbp)" if f["own_frame"] else "; no frame of its own"))

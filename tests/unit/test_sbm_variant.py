@@ -110,3 +110,4 @@ def test_mode_of_handler_stack():
     assert mode_of(0, False, True, "exc_nmi", "sbm_exception_stack", "entry_stack") == \
         "sandbox (in kernel handler)"
     assert mode_of(0, True, True, "handle_sbm_fault", "entry_stack", "entry_stack") == "transition"
+    assert mode_of(0, False, True, "handle_sbm_fault", None, None) == "transition"
