@@ -161,6 +161,9 @@ def test_stopped_in_handle_sbm_fault(v1vm):
         assert pr["ip_symbol"].startswith("__sbm_thunk_sbm_demo_write_data")
         txt = g.console(f"sbm stack {s.cpu}")
         assert "entry stack" in txt
+        # `sbm why` reads the fault from that frame too
+        w = sbm_json(g, "sbm why")["fault"]
+        assert w["rip"] == gdb_int(g, "regs->ip") and w["cr2"] == gdb_int(g, "address"), w
         fr = stk["backtrace"]["frames"]
         syms = _syms(fr)
         assert syms[0].startswith("handle_sbm_fault")
