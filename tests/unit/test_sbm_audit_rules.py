@@ -249,3 +249,13 @@ def test_task_struct_size_is_the_kernel_variable_not_dwarf():
     from sbmdbg.sbm import regions
     assert regions._task_struct_size(_FakeKernel(3392)) == (3392, "arch_task_struct_size")
     assert regions._task_struct_size(_FakeKernel(3392, readable=False)) == (6400, "sizeof(struct task_struct)")
+
+
+def test_gva2gpa_reads_physical_address_zero():
+    """QEMU prints gva2gpa's result with %#x: PA 0 is "gpa: 0", not unmapped
+    (the live audit test checks a mapping onto page 0 against it)."""
+    from sbmdbg.fixture.sources import gva2gpa
+    vm = type("VM", (), {"hmp": lambda self, cmd, cpu_index: self.out})()
+    for out, want in (("gpa: 0\r\n", 0), ("gpa: 0x7e3000\r\n", 0x7E3000), ("Unmapped\r\n", None)):
+        vm.out = out
+        assert gva2gpa(vm, 0, 0xFFFFFE0000008000) == want, out
