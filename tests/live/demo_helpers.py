@@ -1,8 +1,10 @@
 """Helpers of the live tests, one per job: the demo module, gdb JSON, waits."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
 
 # plain gdb and the guest as independent sources: the same readers the fixture recorder uses
@@ -68,3 +70,27 @@ def pid_gone(pid: int) -> bool:
     except OSError:
         return True
     return st[st.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+@contextlib.contextmanager
+def stopped_in_sandbox(vm, g, timeout: float = 300):
+    """The guest stopped (temporary breakpoint) at the first instruction of
+    the `ok` scenario's sandboxed function; yields (the vCPU in the sandbox,
+    the stop record).  Afterwards the guest runs on and the scenario has
+    finished with PASS."""
+    g.interrupt()
+    g.mi("-break-insert -t __sbm_thunk_sbm_demo_compute")
+    g.cont()
+    res = {}
+    th = threading.Thread(target=lambda: res.update(r=vm.run(f"echo ok > {DEMO}/run; cat {DEMO}/run",
+                                                            timeout=timeout)), daemon=True)
+    th.start()
+    stop = g.wait_stopped(timeout)
+    try:
+        assert stop.get("reason") == "breakpoint-hit", stop
+        yield int(stop["thread-id"]) - 1, stop
+    finally:
+        g.cont()
+        th.join(timeout)
+    r = res.get("r")
+    assert r is not None and "scenario=ok" in r.output and "result=PASS" in r.output, r and r.output

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 
 import pytest
 
 from sbmdbg.fixture.sources import gdb_int, gva2gpa
 from sbmdbg.paths import REPO_ROOT
 
-from demo_helpers import DEMO, sbm_json
+from demo_helpers import sbm_json, stopped_in_sandbox as stopped_at_thunk
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(1200)]
 BROKEN = REPO_ROOT / "fixtures" / "kernel" / "broken" / "0301-test-only-audit-out-of-object.patch"
@@ -31,28 +30,11 @@ CEA_PER_CPU = 0xFFFFFE0000001000
 
 @contextlib.contextmanager
 def stopped_in_sandbox(vm, g):
-    """The guest stopped at the first instruction of the `ok` scenario's
-    sandboxed function; yields (vCPU in the sandbox, `sbm list`'s sandbox);
-    afterwards the guest runs on and the scenario has finished (PASS)."""
-    g.interrupt()
-    g.mi("-break-insert -t __sbm_thunk_sbm_demo_compute")
-    g.cont()
-    res = {}
-    th = threading.Thread(target=lambda: res.update(r=vm.run(f"echo ok > {DEMO}/run; cat {DEMO}/run",
-                                                            timeout=300)), daemon=True)
-    th.start()
-    stop = g.wait_stopped(300)
-    try:
-        assert stop.get("reason") == "breakpoint-hit", stop
-        cpu = int(stop["thread-id"]) - 1
+    """Stopped in the `ok` scenario's sandbox (demo_helpers): (vCPU, `sbm list`'s sandbox)."""
+    with stopped_at_thunk(vm, g) as (cpu, _):
         sbs = sbm_json(g, "sbm list")["sandboxes"]
         assert len(sbs) == 1 and sbs[0]["cpus"] == [cpu], sbs
         yield cpu, sbs[0]
-    finally:
-        g.cont()
-        th.join(300)
-    r = res.get("r")
-    assert r is not None and "result=PASS" in r.output, r and r.output
 
 
 def test_reference_kernel_audit_stays_clean(shared_vm, gdb_session):
