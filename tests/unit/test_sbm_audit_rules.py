@@ -41,6 +41,13 @@ def test_design_table_is_clean():
     (rng("state_page", False, True, False, g=True), ("state_page_global", "high")),
     (rng("data", True, False, False, g=True), ("global", "medium")),
     (rng("sandbox_stack", True, True, True), ("wx", "critical")),
+    (rng("tss", True, False, False), ("supervisor_region_user", "high")),
+    (rng("data", False, True, False), ("kernel_data_writable", "medium")),
+    (rng("rodata", True, False, True), ("executable", "high")),
+    (rng("rodata", False, False, True), ("executable", "medium")),
+    (rng("kernel_text", False, False, True), ("user_region_supervisor", "low")),
+    (rng("sandbox_stack", True, False, False), ("readonly", "low")),
+    (rng("kernel_text", True, False, False), ("not_executable", "low")),
 ])
 def test_each_rule(bad, want):
     f = audit_ranges([bad], VIEW)
@@ -53,6 +60,12 @@ def test_wx_also_reports_the_nx_violation_once_and_aggregates():
     assert rules.count(("wx", "critical")) == 1 and ("executable", "high") in rules
     wx = next(x for x in f if x["rule"] == "wx")
     assert wx["pages"] == 2 and len(wx["ranges"]) == 2
+
+
+def test_sbm_error_and_summary_are_info():
+    f = audit_ranges(GOOD, VIEW, {"error": -14})
+    assert {(x["rule"], x["severity"]) for x in f} >= {("sbm_error", "info"), ("summary", "info")}
+    assert "-14" in next(x for x in f if x["rule"] == "sbm_error")["message"]
 
 
 def test_state_page_checks():
