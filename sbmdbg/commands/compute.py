@@ -83,6 +83,7 @@ def audit(kernel, args=None) -> dict:
         lm = rg.labeled_map(kernel, sb)
         findings = au.audit_ranges(lm["ranges"], m.state_page_views(kernel, sb), sb.sbm)
         findings += au.consistency(kernel, sb.pgd_pa, lm["ranges"])
+        findings += au.out_of_object(lm["ranges"], lm["regions"])
         findings.sort(key=lambda f: -au.severity_rank(f["severity"]))
         for f in lm["walk"]["findings"]:
             findings.append({"rule": f"walk_{f['kind']}", "severity": "high", "region": None,

@@ -1,6 +1,7 @@
 """Helpers of the live tests, one per job: the demo module, gdb JSON, waits."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -75,22 +76,38 @@ class Stop:
     """Break at ``sym`` (gdb MI session ``g``), run a demo scenario in the
     background, wait for the hit; ``finish()`` continues and returns its output."""
 
-    def __init__(self, vm, g, sym: str, scenario: str):
-        self.vm, self.g, self.result = vm, g, {}
+    def __init__(self, vm, g, sym: str, scenario: str, timeout: float = 90):
+        self.vm, self.g, self.result, self.timeout = vm, g, {}, timeout
         g.interrupt()
         g.mi(f"-break-insert -t {sym}")
         g.cont()
         self.t = threading.Thread(target=self._run, args=(scenario,), daemon=True)
         self.t.start()
-        stop = g.wait_stopped(90)
+        self.stop = stop = g.wait_stopped(timeout)
         assert stop.get("reason") == "breakpoint-hit", stop
         self.cpu = int(stop["thread-id"]) - 1
 
     def _run(self, scenario):
-        self.result["run"] = self.vm.run(f"echo {scenario} > /sys/kernel/debug/sbm_demo/run; "
-                                         "cat /sys/kernel/debug/sbm_demo/run", timeout=180)
+        self.result["run"] = self.vm.run(f"echo {scenario} > {DEMO}/run; cat {DEMO}/run",
+                                         timeout=max(180, self.timeout))
 
     def finish(self) -> str:
         self.g.cont()
-        self.t.join(120)
-        return self.result["run"].output
+        self.t.join(max(120, self.timeout))
+        r = self.result.get("run")
+        assert r is not None, "the demo scenario did not finish"
+        return r.output
+
+
+@contextlib.contextmanager
+def stopped_in_sandbox(vm, g, timeout: float = 300):
+    """The guest stopped (temporary breakpoint) at the first instruction of
+    the `ok` scenario's sandboxed function; yields (the vCPU in the sandbox,
+    the stop record).  Afterwards the guest runs on and the scenario has
+    finished with PASS."""
+    s = Stop(vm, g, "__sbm_thunk_sbm_demo_compute", "ok", timeout)
+    try:
+        yield s.cpu, s.stop
+    finally:
+        out = s.finish()
+    assert "scenario=ok" in out and "result=PASS" in out, out
