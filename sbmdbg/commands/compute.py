@@ -50,8 +50,14 @@ def status(kernel, args=None) -> dict:
 
 
 def list_(kernel, args=None) -> dict:
+    """`sbm list [--all]`: the vCPUs' current tasks where the kernel keeps a
+    sandbox's task on a CPU (m.discovery), every task with --all or otherwise."""
     m.require_sbm(kernel)
-    return jsonable({"sandboxes": [s.to_json() for s in m.sandboxes(kernel)]})
+    d = dict(m.discovery(kernel))
+    if _a(args, "all", False):
+        d = {"mode": "tasks", "reason": "--all: every task is walked"}
+    sbs = m.sandboxes(kernel, all_tasks_walk=d["mode"] == "tasks")
+    return jsonable({"sandboxes": [s.to_json() for s in sbs], "discovery": d})
 
 
 def show(kernel, args=None) -> dict:

@@ -50,6 +50,8 @@ def test_commands_replay(name):
                 assert {f["region"] for f in skipped} <= {"idt", "gdt", "entry_stack", "tss", "ist_stack"}
                 assert all(f["severity"] == "info" for f in skipped)
                 a["findings"] = [f for f in a["findings"] if f["rule"] != "consistency_unreadable"]
+        if cmd == "list":   # recorded before `discovery` (issue 17): the snapshot's symbols are a subset
+            assert got.pop("discovery")["mode"] == "tasks"
         assert got == exp[cmd], cmd
 
 
