@@ -142,7 +142,10 @@ def pcpu(kernel, args=None) -> dict:
     from sbmdbg.model.percpu import pcpu_hot, percpu_layout, vcpu_state
     rows = []
     sbs = m.sandboxes(kernel, all_tasks_walk=False) if m.has_sbm(kernel) else []
-    for c in _cpus(kernel, _a(args, "cpu")):
+    cpus = _cpus(kernel, _a(args, "cpu"))
+    if len(cpus) > 1:
+        getattr(kernel.target, "prefetch_registers", lambda: None)()
+    for c in cpus:
         d = pcpu_hot(kernel, c)
         d["vcpu"] = vcpu_state(kernel, c)
         try:

@@ -680,6 +680,7 @@ def symbolize(kernel, va: int) -> dict | None:
 
 
 def vcpus_status(kernel) -> list[dict]:
+    getattr(kernel.target, "prefetch_registers", lambda: None)()
     sbs = sandboxes(kernel, all_tasks_walk=False) if has_sbm(kernel) else []
     return [vcpu_status(kernel, c, sbs) for c in range(kernel.target.ncpus)]
 
