@@ -159,14 +159,26 @@ def pcpu(kernel, args=None) -> dict:
                      "root": kernel.root, "slide": kernel.slide})
 
 
+VTOP_CACHE = 4096      # translations kept per stop (their JSON)
+
+
 def vtop(kernel, args) -> dict:
-    """`sbm vtop VA [--root R]`: one translation, every level."""
+    """`sbm vtop VA [--root R]`: one translation, every level (the JSON kept
+    per stop: a script or a refresh asking again pays a look-up)."""
     root = _root(kernel, args)
     va = _int(args.va, "address")
-    tr = kernel.translate(root.pgd_pa, va)
-    d = tr.to_json()
-    d["root_label"] = root.label
-    return jsonable(d)
+    cache = kernel.cache("vtop")
+    key = (root.pgd_pa, root.label, va)
+    d = cache.get(key)
+    if d is None:
+        tr = kernel.translate(root.pgd_pa, va)
+        d = tr.to_json()
+        d["root_label"] = root.label
+        d = jsonable(d)
+        if len(cache) >= VTOP_CACHE:
+            cache.clear()
+        cache[key] = d
+    return dict(d)
 
 
 def pt(kernel, args) -> dict:

@@ -25,8 +25,9 @@ def _json_default(obj):
 
 
 def console_width() -> int:
+    """gdb's width in 80..240; "unlimited" (MI, `set width 0`) is 240."""
     try:
-        width = int(gdb.parameter("width") or 0) or 160
+        width = int(gdb.parameter("width") or 0) or 240
     except (gdb.error, RuntimeError, ValueError):
         width = 160
     return min(max(width, 80), 240)

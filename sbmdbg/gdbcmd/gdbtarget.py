@@ -66,16 +66,21 @@ class GdbTarget(Target):
         self._thread_key = None
 
     def _threads(self) -> dict[int, object]:
-        """vCPU -> gdb thread, asked of gdb once per stop (``Inferior.threads()``
-        costs ~0.4 ms; a refresh of `sbm` asked it a dozen times)."""
+        """vCPU -> gdb thread.  ``Inferior.threads()`` costs 0.4-6 ms (a refresh
+        of `sbm` asked it a dozen times): kept while every thread is valid and
+        gdb reports no new one (``forget_threads``, on gdb.events.new_thread)."""
         inf = gdb.selected_inferior()
         if inf is None or inf.pid == 0:
             raise TargetError("gdb is not connected to a target (target remote ...)")
         key = (inf.num, inf.pid)
-        if self._thread_map is None or self._thread_key != key:
-            self._thread_map = {_cpu_of(t): t for t in inf.threads()}
+        m = self._thread_map
+        if m is None or self._thread_key != key or not all(t.is_valid() for t in m.values()):
+            m = self._thread_map = {_cpu_of(t): t for t in inf.threads()}
             self._thread_key = key
-        return self._thread_map
+        return m
+
+    def forget_threads(self, *_args) -> None:
+        self._thread_map = None
 
     @property
     def ncpus(self) -> int:
@@ -157,7 +162,6 @@ class GdbTarget(Target):
 
     def invalidate(self) -> None:
         super().invalidate()
-        self._thread_map = None
         if self.mem is not None:
             self.mem.invalidate()
 
