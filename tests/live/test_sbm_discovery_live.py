@@ -20,13 +20,9 @@ def brief(d):
 def test_list_at_the_first_sandbox_instruction(shared_vm, gdb_session):
     vm = shared_vm()
     g = gdb_session(vm)
-    g.interrupt()
-    g.mi("-break-insert -t *__sbm_thunk_sbm_demo_compute")
-    g.cont()
-    vm.serial.send(f"sh -c 'echo $$ > /tmp/sbm_writer; echo ok > {DEMO}/run'\n")
-    stop = g.wait_stopped(60)
-    assert stop.get("reason") == "breakpoint-hit", stop
-    cpu = int(stop.get("thread-id", "1")) - 1
+    # the write waits 2 s: the breakpoint is in by then
+    vm.serial.send(f"sh -c 'sleep 2; echo $$ > /tmp/sbm_writer; echo ok > {DEMO}/run'\n")
+    cpu = int(g.break_and_wait("*__sbm_thunk_sbm_demo_compute").get("thread-id", "1")) - 1
     fast = g.sbm_json("sbm list")
     full = g.sbm_json("sbm list --all")
     assert fast["discovery"]["mode"] == "cpus", fast["discovery"]
