@@ -103,6 +103,8 @@ class GdbTarget(Target):
 
     def _registers(self, cpu: int) -> dict:
         th = self.thread_for_cpu(cpu)
+        if th == gdb.selected_thread():    # no switch, no selection to restore
+            return self._read_registers()
         with selected_thread(th):
             return self._read_registers()
 
@@ -133,10 +135,15 @@ class GdbTarget(Target):
         todo = {c: th for c, th in self._threads().items() if c not in self._regs and th.is_valid()}
         if len(todo) < 2:
             return
-        with selected_thread(gdb.selected_thread()):
-            for c, th in sorted(todo.items()):
-                th.switch()
+        sel = gdb.selected_thread()
+        for c, th in todo.items():          # the selected thread first: no switch
+            if th == sel:
                 self._regs[c] = self._read_registers()
+        with selected_thread(sel):
+            for c, th in sorted(todo.items()):
+                if c not in self._regs:
+                    th.switch()
+                    self._regs[c] = self._read_registers()
 
     # -- physical memory ------------------------------------------------
     def _check(self, pa: int, n: int) -> None:
