@@ -10,6 +10,7 @@ returns None for anything else (the face then uses rich)."""
 from __future__ import annotations
 
 from rich import box
+from rich._wrap import divide_line
 from rich.cells import cell_len
 from rich.markup import render as render_markup
 from rich.table import Table
@@ -40,6 +41,26 @@ def _simple(t: Table) -> bool:
                     and c.vertical == "top" for c in t.columns))
 
 
+def _wrap(text: str | None, width: int) -> list[str] | None:
+    """``text`` word-wrapped in ``width`` cells, each line padded to it, as
+    rich wraps a table's title (its own line breaker); None for a word
+    longer than the width (rich folds it)."""
+    if text is None:
+        return None
+    if cell_len(text) <= width:
+        return [text + " " * (width - cell_len(text))]
+    if any(cell_len(w) > width for w in text.split()):
+        return None
+    cuts = [0] + divide_line(text, width, fold=False) + [len(text)]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        line = text[a:b]
+        if cell_len(line) > width:
+            line = line.rstrip()
+        out.append(line + " " * (width - cell_len(line)))
+    return out
+
+
 def _table(t: Table, width: int) -> list[str] | None:
     if not t.columns or not _simple(t):
         return None
@@ -55,10 +76,10 @@ def _table(t: Table, width: int) -> list[str] | None:
         return None                    # rich would shrink and wrap: let it
     lines = []
     if t.title is not None:
-        title = _plain(t.title)
-        if title is None or cell_len(title) > total:
+        title = _wrap(_plain(t.title), total)
+        if title is None:
             return None
-        lines.append(title + " " * (total - cell_len(title)))
+        lines += title
     seg = [w + 2 for w in widths]
     lines.append("┏" + "┳".join("━" * n for n in seg) + "┓")
 

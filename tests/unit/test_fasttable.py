@@ -50,6 +50,13 @@ SIMPLE = [
     [table(title=None, rows=[("[bold]x[/bold]", r"\[esc]", ":smile:")])],
     ["[dim]a note: with markup[/dim]", Plain("[not markup]"), table(rows=[("0", "", "")])],
 ]
+SIMPLE += [[table(title=title, rows=[("0", "kernel", "thread")])] for title in (
+    "a title wider than the table itself is", "pcpu_hot (struct pcpu_hot per CPU, Linux 6.2-6.14), kernel root 0x1614000",
+    "  leading and  double  spaces in a long title  ", "x" * 20 + " " + "y" * 20)]
+PCPU = {"layout_description": "pcpu_hot (struct pcpu_hot per CPU, Linux 6.2-6.14)", "root": 0x1614000,
+        "cpus": [{"cpu": 0, "vcpu": {"mode": "kernel"}, "current": {"pid": 0, "comm": "swapper/0"},
+                  "fields": {"current_task": 0xFFFFFFFF81608AC0, "preempt_count": 0x80000000, "cpu_number": 0}}]}
+SIMPLE.append(R.pcpu(PCPU))
 WIDE = [R.status(STATUS), R.sandbox_list({"sandboxes": [], "discovery": {"mode": "cpus", "reason": "why: because"}})]
 
 
@@ -66,7 +73,7 @@ def test_same_text_as_rich(renderables, width):
     R.status(STATUS),                                        # 9 columns in 80
     [table(rows=[("0", "two\nlines", "y")])],
     [table(rows=[("0", "1", "2")], show_lines=True)],
-    [table(title="a title wider than the table itself is", rows=[("0", "1", "2")])],   # rich wraps it
+    [table(title="a_title_word_wider_than_the_table", rows=[("0", "1", "2")])],   # rich folds it
     [table(rows=[("0", "1", "2")], caption="c")],
     ["x" * 300],                                             # a long line: rich wraps it
 ])
