@@ -634,9 +634,11 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     if sbs is None:
         sbs = sandboxes(kernel, all_tasks_walk=False) if sbm_on else []
     role, sb = cr3_role(kernel, cr3, task, sbs)
-    if sb is None and sbm_on and cpl == 3 and not decode_cr3(cr3, kernel.cr4).pti_user:
-        # a sandbox CR3 of a task that is not current anywhere? look at every task
-        role, sb = cr3_role(kernel, cr3, task, sandboxes(kernel))
+    if sb is None and sbm_on and cpl == 3 and role == "kernel (other mm)":
+        # CPL 3 on a CR3 that is neither the current task's nor a current
+        # sandbox's: a sandbox CR3 of a task that is not current anywhere?
+        # look at every task (a process's own CR3, PTI or not, needs no walk)
+        role, sb = cr3_role(kernel, cr3, task, sandboxes(kernel, all_tasks_walk=True))
     own = None
     if sbm_on and task:
         st = task_info(kernel, task).get("sbm_state") or 0

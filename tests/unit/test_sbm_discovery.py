@@ -132,3 +132,20 @@ def test_calls_scan_is_bounded_and_signed():
     code = _call(0x1000, 0x0F00) + _call(0x1005, 0x2000)
     assert M._calls(code, 0x1000) >= {0x0F00, 0x2000}
     assert M._calls(b"\xe8\x00", 0) == set()
+
+
+def test_a_stranger_cpl3_cr3_is_looked_up_in_every_task():
+    """`sbm` on a kernel with the O(vCPUs) path: a vCPU at CPL 3 on a CR3
+    that is neither its current task's nor a current sandbox's (here: the
+    sandbox's task made not current) is still named, by the walk of every
+    task; the vCPUs on their own task's CR3 cost no walk."""
+    k = kernel("sbm-in-sandbox", ["preempt_schedule_irq"])
+    [sb] = M.sandboxes(k)
+    others = [c for c in range(k.target.ncpus) if c not in sb.cpus]
+    assert [M.vcpu_status(k, c)["cr3_role"] for c in others] and "all_tasks" not in M.stop_cache(k)
+    k.invalidate()
+    for c in range(k.target.ncpus):
+        M.stop_cache(k)[("current", c)] = k.sym("init_task")
+    row = M.vcpu_status(k, sb.cpus[0])
+    assert row["cpl"] == 3 and row["cr3_role"] == sb.label and row["mode"] == "sandbox"
+    assert "all_tasks" in M.stop_cache(k)
