@@ -1,5 +1,6 @@
-"""``sbmdbg bench pt|status|trace``: the benchmarks (each boots a VM).
+"""``sbmdbg bench all|pt|status|trace``: the benchmarks (each boots a VM).
 
+    all     every figure of issue 17 beside its peer, ratios, goals met (bench/all.py)
     pt      kernel page-table dump: shm vs QEMU info tlb vs gdbstub (bench/pt.py)
     status  per-stop refresh of `sbm` in gdb (bench/status.py)
     trace   tracer throughput and slowdown (bench/trace.py; its floor: bench/stopfloor.py)
@@ -31,6 +32,15 @@ def cmd_bench_status(args) -> int:
     return 0
 
 
+def cmd_bench_all(args) -> int:
+    from sbmdbg.bench.all import bench_all, render
+
+    r = bench_all(repeat=args.repeat, scale=not args.no_scale, trace=not args.no_trace,
+                  trace_repeat=args.trace_repeat, ntasks=args.tasks, pti=args.pti)
+    print(json.dumps(r, indent=2) if args.json else render(r))
+    return 0
+
+
 def cmd_bench_trace(args) -> int:
     from sbmdbg.bench.trace import bench_trace, render
 
@@ -45,6 +55,17 @@ def add_parser(sub, add_vm_options) -> None:
     from sbmdbg.commands.parser import Parser
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bcmd", required=True, parser_class=Parser)
+    ba = b.add_parser("all", help="every speed figure beside its peer (info tlb, translate-vm, $lx_per_cpu, "
+                                  "lx-ps, the untraced guest), ratios and goals")
+    ba.add_argument("--json", action="store_true")
+    ba.add_argument("--repeat", type=V.arg_int(1, 1000), default=5)
+    ba.add_argument("--tasks", type=V.arg_int(0, 20_000), default=3000, help="extra tasks on the scale VM")
+    ba.add_argument("--trace-repeat", type=V.arg_int(1, 100_000), default=300)
+    ba.add_argument("--pti", choices=["on", "off"], default="on")
+    ba.add_argument("--no-scale", action="store_true", help="skip the 4-vCPU 2G scale VM")
+    ba.add_argument("--no-trace", action="store_true", help="skip the tracer figure")
+    ba.set_defaults(func=cmd_bench_all)
+
     bp = b.add_parser("pt", help="kernel page-table dump: shm vs QEMU info tlb vs gdbstub")
     bp.add_argument("--json", action="store_true")
     bp.add_argument("--repeat", type=V.arg_int(1, 10_000), default=3)

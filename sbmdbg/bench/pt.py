@@ -24,82 +24,88 @@ def _in_gdb_time(g, cmd: str, n: int, cold: bool = False) -> float:
 
 
 def bench_pt(opts, repeat: int = 3) -> dict:
+    from sbmdbg.vm import VM
+    from sbmdbg.vm.gdbmi import GdbSession
+
+    with VM(opts) as vm, GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"]) as g:
+        g.interrupt()
+        return measure_pt(vm, g, repeat)
+
+
+def measure_pt(vm, g, repeat: int = 3) -> dict:
+    """The figures of ``bench pt`` on a booted VM with gdb attached and stopped."""
     from sbmdbg.sbm import open_kernel
     from sbmdbg.target.qmp import QmpTarget
     from sbmdbg.target.shm import ShmTarget
-    from sbmdbg.vm import VM
-    from sbmdbg.vm.gdbmi import GdbSession
     from sbmdbg.x86 import paging as pg
 
     res: dict = {"repeat": repeat}
-    with VM(opts) as vm, GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"]) as g:
-        g.interrupt()
-        q = QmpTarget(vm.hmp, vm.qmp)
-        shm = ShmTarget(vm.info["ram"], vm.info["ram_size"], regs_source=q)
+    q = QmpTarget(vm.hmp, vm.qmp)
+    shm = ShmTarget(vm.info["ram"], vm.info["ram_size"], regs_source=q)
+    try:
+        k = open_kernel(shm, vm.info["vmlinux"])
+        cr3 = q.registers(0)["cr3"]
+
+        def shm_walk():
+            shm.invalidate()
+            leaves, _ = pg.walk(shm.read_phys, cr3, la57=k.la57, merge_runs=False)
+            return len(leaves)
+        res["shm_walk_s"], res["leaves"] = _t(shm_walk, repeat)
+
+        def shm_walk_merged():
+            shm.invalidate()
+            maps, w = pg.walk(shm.read_phys, cr3, la57=k.la57)
+            return len(maps), w.stats.tables
+        res["shm_walk_merged_s"], (res["ranges"], res["tables"]) = _t(shm_walk_merged, repeat)
+
+        def tlb():
+            return len([ln for ln in vm.hmp("info tlb", cpu_index=0).splitlines() if ": " in ln])
+        res["qmp_info_tlb_s"], res["info_tlb_lines"] = _t(tlb, repeat)
+
+        # in gdb: the RAM file is found by itself (sbm target auto)
+        res["gdb_memory_auto"] = g.sbm_json("sbm target --json")["memory"]
+        shm_cmd = f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}"
+
+        def in_gdb(source_cmd):
+            g.console(source_cmd)
+
+            def run():
+                return len(g.sbm_json(f"sbm pt {cr3:#x} --raw --json", timeout=600)["mappings"])
+            return run
+        res["gdbstub_walk_s"], n_gdb = _t(in_gdb("sbm target gdb"), 1)
+        res["gdb_shm_walk_s"], n_gshm = _t(in_gdb(shm_cmd), repeat)
+        res["agree"] = res["leaves"] == res["info_tlb_lines"] == n_gdb == n_gshm
+        # the same walk timed inside gdb (model built, caches dropped before
+        # each run): what the gdbstub-only path costs without MI and JSON transfer
+        pt = f"sbm pt {cr3:#x} --json"
+        for src, cmd in (("gdbstub", "sbm target gdb"), ("shm", shm_cmd)):
+            g.console(cmd)
+            g.console("sbm kernel")
+            res[f"pt_{src}_in_gdb_s"] = _in_gdb_time(g, pt, 1 if src == "gdbstub" else repeat, cold=True)
+
+        # one translation: wall clock of one MI command, and the time
+        # inside gdb (N runs of the command in one gdb Python loop: no MI)
+        va = k.sym("linux_banner")
+        vtop = f"sbm vtop {va:#x} --root {cr3:#x} --json"
+        n = max(20, 10 * repeat)
+        for src, cmd in (("gdbstub", "sbm target gdb"), ("shm", shm_cmd)):
+            g.console(cmd)
+            t0 = time.perf_counter()
+            g.console(vtop)  # builds the kernel model
+            res[f"vtop_sbm_{src}_first_s"] = time.perf_counter() - t0
+            res[f"vtop_sbm_{src}_s"], _ = _t(lambda: g.console(vtop), repeat)
+            res[f"vtop_sbm_{src}_in_gdb_s"] = _in_gdb_time(g, vtop, n)
+        res["vtop_sbm_shm_text_in_gdb_s"] = _in_gdb_time(g, vtop.replace(" --json", ""), n)  # source: shm
         try:
-            k = open_kernel(shm, vm.info["vmlinux"])
-            cr3 = q.registers(0)["cr3"]
-
-            def shm_walk():
-                shm.invalidate()
-                leaves, _ = pg.walk(shm.read_phys, cr3, la57=k.la57, merge_runs=False)
-                return len(leaves)
-            res["shm_walk_s"], res["leaves"] = _t(shm_walk, repeat)
-
-            def shm_walk_merged():
-                shm.invalidate()
-                maps, w = pg.walk(shm.read_phys, cr3, la57=k.la57)
-                return len(maps), w.stats.tables
-            res["shm_walk_merged_s"], (res["ranges"], res["tables"]) = _t(shm_walk_merged, repeat)
-
-            def tlb():
-                return len([ln for ln in vm.hmp("info tlb", cpu_index=0).splitlines() if ": " in ln])
-            res["qmp_info_tlb_s"], res["info_tlb_lines"] = _t(tlb, repeat)
-
-            # in gdb: the RAM file is found by itself (sbm target auto)
-            res["gdb_memory_auto"] = g.sbm_json("sbm target --json")["memory"]
-            shm_cmd = f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}"
-
-            def in_gdb(source_cmd):
-                g.console(source_cmd)
-
-                def run():
-                    return len(g.sbm_json(f"sbm pt {cr3:#x} --raw --json", timeout=600)["mappings"])
-                return run
-            res["gdbstub_walk_s"], n_gdb = _t(in_gdb("sbm target gdb"), 1)
-            res["gdb_shm_walk_s"], n_gshm = _t(in_gdb(shm_cmd), repeat)
-            res["agree"] = res["leaves"] == res["info_tlb_lines"] == n_gdb == n_gshm
-            # the same walk timed inside gdb (model built, caches dropped before
-            # each run): what the gdbstub-only path costs without MI and JSON transfer
-            pt = f"sbm pt {cr3:#x} --json"
-            for src, cmd in (("gdbstub", "sbm target gdb"), ("shm", shm_cmd)):
-                g.console(cmd)
-                g.console("sbm kernel")
-                res[f"pt_{src}_in_gdb_s"] = _in_gdb_time(g, pt, 1 if src == "gdbstub" else repeat, cold=True)
-
-            # one translation: wall clock of one MI command, and the time
-            # inside gdb (N runs of the command in one gdb Python loop: no MI)
-            va = k.sym("linux_banner")
-            vtop = f"sbm vtop {va:#x} --root {cr3:#x} --json"
-            n = max(20, 10 * repeat)
-            for src, cmd in (("gdbstub", "sbm target gdb"), ("shm", shm_cmd)):
-                g.console(cmd)
-                t0 = time.perf_counter()
-                g.console(vtop)  # builds the kernel model
-                res[f"vtop_sbm_{src}_first_s"] = time.perf_counter() - t0
-                res[f"vtop_sbm_{src}_s"], _ = _t(lambda: g.console(vtop), repeat)
-                res[f"vtop_sbm_{src}_in_gdb_s"] = _in_gdb_time(g, vtop, n)
-            res["vtop_sbm_shm_text_in_gdb_s"] = _in_gdb_time(g, vtop.replace(" --json", ""), n)  # source: shm
-            try:
-                tv = f"translate-vm {va:#x}"
-                res["vtop_translate_vm_s"], _ = _t(lambda: g.console(tv), repeat)
-                res["vtop_translate_vm_in_gdb_s"] = _in_gdb_time(g, tv, n)
-            except SbmdbgError:  # no scripts/gdb loaded (no kernel tree)
-                res["vtop_translate_vm_s"] = res["vtop_translate_vm_in_gdb_s"] = None
-            g.console("sbm target auto")
-        finally:
-            shm.close()
-            q.close()
+            tv = f"translate-vm {va:#x}"
+            res["vtop_translate_vm_s"], _ = _t(lambda: g.console(tv), repeat)
+            res["vtop_translate_vm_in_gdb_s"] = _in_gdb_time(g, tv, n)
+        except SbmdbgError:  # no scripts/gdb loaded (no kernel tree)
+            res["vtop_translate_vm_s"] = res["vtop_translate_vm_in_gdb_s"] = None
+        g.console("sbm target auto")
+    finally:
+        shm.close()
+        q.close()
     r = res
     r["ratio_info_tlb_over_shm"] = r["qmp_info_tlb_s"] / r["shm_walk_s"]
     r["ratio_info_tlb_over_shm_merged"] = r["qmp_info_tlb_s"] / r["shm_walk_merged_s"]

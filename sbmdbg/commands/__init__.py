@@ -48,6 +48,10 @@ def _no_args(p):
     pass
 
 
+def _list_args(p):
+    p.add_argument("--all", action="store_true", help="walk every task, not only the vCPUs' current ones")
+
+
 def _sandbox_arg(p):
     p.add_argument("sandbox", nargs="?", help=SANDBOX_HELP + "; default: every active sandbox")
 
@@ -103,7 +107,11 @@ stack class, sandbox.
 Usage: sbm [--json]   (also: sbm status)""", _no_args, C.status, R.status, _STATUS_KEYS),
     Command("list", """List the active sandboxes (tasks with thread_info.sbm_state set).
 
-Usage: sbm list [--json]""", _no_args, C.list_, R.sandbox_list, frozenset({"sandboxes"})),
+Usage: sbm list [--all] [--json]
+Looks at each vCPU's current task when the kernel keeps a sandbox's task on
+its CPU (preemption off in arch_sbm_exec, or no in-kernel preemption); else,
+and with --all, walks every task ("discovery" says which and why).""",
+            _list_args, C.list_, R.sandbox_list, frozenset({"sandboxes", "discovery"})),
     Command("show", """Show a sandbox: x86_sbm_state, struct sbm and its buffers, the state page read
 through the sandbox root and through the kernel root, the labeled page table.
 

@@ -50,8 +50,14 @@ def status(kernel, args=None) -> dict:
 
 
 def list_(kernel, args=None) -> dict:
+    """`sbm list [--all]`: the vCPUs' current tasks where the kernel keeps a
+    sandbox's task on a CPU (m.discovery), every task with --all or otherwise."""
     m.require_sbm(kernel)
-    return jsonable({"sandboxes": [s.to_json() for s in m.sandboxes(kernel)]})
+    d = dict(m.discovery(kernel))
+    if _a(args, "all", False):
+        d = {"mode": "tasks", "reason": "--all: every task is walked"}
+    sbs = m.sandboxes(kernel, all_tasks_walk=d["mode"] == "tasks")
+    return jsonable({"sandboxes": [s.to_json() for s in sbs], "discovery": d})
 
 
 def show(kernel, args=None) -> dict:
@@ -137,7 +143,10 @@ def pcpu(kernel, args=None) -> dict:
     from sbmdbg.model.percpu import pcpu_hot, percpu_layout, vcpu_state
     rows = []
     sbs = m.sandboxes(kernel, all_tasks_walk=False) if m.has_sbm(kernel) else []
-    for c in _cpus(kernel, _a(args, "cpu")):
+    cpus = _cpus(kernel, _a(args, "cpu"))
+    if len(cpus) > 1:
+        getattr(kernel.target, "prefetch_registers", lambda: None)()
+    for c in cpus:
         d = pcpu_hot(kernel, c)
         d["vcpu"] = vcpu_state(kernel, c)
         try:
@@ -151,14 +160,26 @@ def pcpu(kernel, args=None) -> dict:
                      "root": kernel.root, "slide": kernel.slide})
 
 
+VTOP_CACHE = 4096      # translations kept per stop (their JSON)
+
+
 def vtop(kernel, args) -> dict:
-    """`sbm vtop VA [--root R]`: one translation, every level."""
+    """`sbm vtop VA [--root R]`: one translation, every level (the JSON kept
+    per stop: a script or a refresh asking again pays a look-up)."""
     root = _root(kernel, args)
     va = _int(args.va, "address")
-    tr = kernel.translate(root.pgd_pa, va)
-    d = tr.to_json()
-    d["root_label"] = root.label
-    return jsonable(d)
+    cache = kernel.cache("vtop")
+    key = (root.pgd_pa, root.label, va)
+    d = cache.get(key)
+    if d is None:
+        tr = kernel.translate(root.pgd_pa, va)
+        d = tr.to_json()
+        d["root_label"] = root.label
+        d = jsonable(d)
+        if len(cache) >= VTOP_CACHE:
+            cache.clear()
+        cache[key] = d
+    return dict(d)
 
 
 def pt(kernel, args) -> dict:

@@ -55,7 +55,11 @@ def sandbox_list(d: dict) -> list:
         t.add_row(str(s["index"]), escape(s["label"]), _h(s["state"]), f"{s['pid']} {escape(s['comm'])}",
                   ",".join(map(str, s["cpus"])) or "-", _h(f.get("sbm_cr3")), _h(f.get("stack")),
                   _h(f.get("exc_stack")), str(s["sbm"].get("error", "?")), str(len(s["sbm"].get("buffers", []))))
-    return [t]
+    disc = d.get("discovery")
+    if not disc:
+        return [t]
+    how = "each vCPU's current task" if disc["mode"] == "cpus" else "every task"
+    return [t, f"[dim]found by looking at {how}: {escape(disc['reason'])}[/dim]"]
 
 
 def show(d: dict) -> list:

@@ -24,16 +24,22 @@ def _json_default(obj):
     raise TypeError(type(obj).__name__)
 
 
+def console_width() -> int:
+    """gdb's width in 80..240; "unlimited" (MI, `set width 0`) is 240."""
+    try:
+        width = int(gdb.parameter("width") or 0) or 240
+    except (gdb.error, RuntimeError, ValueError):
+        width = 160
+    return min(max(width, 80), 240)
+
+
 def rich_console():
     from rich.console import Console
     color = os.environ.get("SBMDBG_COLOR")
-    try:
-        width = int(gdb.parameter("width") or 0) or 160
-    except (gdb.error, RuntimeError, ValueError):
-        width = 160
     buf = io.StringIO()
-    con = Console(file=buf, width=min(max(width, 80), 240), force_terminal=color == "1",
-                  color_system="standard" if color == "1" else None, highlight=False)
+    # emoji=False: a guest string like ":skull:" is shown as typed
+    con = Console(file=buf, width=console_width(), force_terminal=color == "1",
+                  color_system="standard" if color == "1" else None, highlight=False, emoji=False)
     return con, buf
 
 
@@ -48,16 +54,22 @@ class SbmCommand(gdb.Command):
                               add_help=True, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.parser.add_argument("--json", action="store_true", help="machine-readable output")
         self.add_args(self.parser)
+        # parse_intermixed_args formats the usage on every call unless it is set
+        self.parser.usage = self.parser.format_usage().removeprefix("usage: ").rstrip("\n")
 
     def add_args(self, p: argparse.ArgumentParser) -> None:
         pass
+
+    def parse_argv(self, argv: list[str]):
+        """Options before positionals too (``parse_intermixed_args``)."""
+        return self.parser.parse_intermixed_args(argv)
 
     def run(self, args) -> None:
         raise NotImplementedError
 
     def invoke(self, arg, from_tty):
         try:
-            args = self.parser.parse_intermixed_args(gdb.string_to_argv(arg))  # options before positionals too
+            args = self.parse_argv(gdb.string_to_argv(arg))
         except HelpShown:
             return
         except ArgError as e:
@@ -97,8 +109,15 @@ class SbmCommand(gdb.Command):
         gdb.write(text + "\n")
 
     def emit_rich(self, *renderables) -> None:
-        """Print rich renderables / markup; ``Plain`` text goes out as is."""
+        """Print rich renderables / markup; ``Plain`` text goes out as is.
+        Without colour, simple tables skip rich's layout (commands.fasttable)."""
         from sbmdbg.commands.render import Plain
+        if os.environ.get("SBMDBG_COLOR") != "1":
+            from sbmdbg.commands.fasttable import render_plain
+            text = render_plain(renderables, console_width())
+            if text is not None:
+                gdb.write(text)
+                return
         con = buf = None
         for r in renderables:
             if isinstance(r, Plain):

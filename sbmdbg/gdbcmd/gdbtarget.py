@@ -62,12 +62,25 @@ class GdbTarget(Target):
         super().__init__()
         self.mem = mem
         self.layout = layout or (getattr(mem, "layout", None))
+        self._thread_map: dict[int, object] | None = None   # per stop (invalidate)
+        self._thread_key = None
 
     def _threads(self) -> dict[int, object]:
+        """vCPU -> gdb thread.  ``Inferior.threads()`` costs 0.4-6 ms (a refresh
+        of `sbm` asked it a dozen times): kept while every thread is valid and
+        gdb reports no new one (``forget_threads``, on gdb.events.new_thread)."""
         inf = gdb.selected_inferior()
         if inf is None or inf.pid == 0:
             raise TargetError("gdb is not connected to a target (target remote ...)")
-        return {_cpu_of(t): t for t in inf.threads()}
+        key = (inf.num, inf.pid)
+        m = self._thread_map
+        if m is None or self._thread_key != key or not all(t.is_valid() for t in m.values()):
+            m = self._thread_map = {_cpu_of(t): t for t in inf.threads()}
+            self._thread_key = key
+        return m
+
+    def forget_threads(self, *_args) -> None:
+        self._thread_map = None
 
     @property
     def ncpus(self) -> int:
@@ -75,6 +88,9 @@ class GdbTarget(Target):
 
     def thread_for_cpu(self, cpu: int):
         th = self._threads().get(cpu)
+        if th is not None and not th.is_valid():
+            self._thread_map = None
+            th = self._threads().get(cpu)
         if th is None:
             raise TargetError(f"no vCPU {cpu} in gdb's thread list")
         return th
@@ -87,19 +103,47 @@ class GdbTarget(Target):
 
     def _registers(self, cpu: int) -> dict:
         th = self.thread_for_cpu(cpu)
-        out: dict[str, int] = {}
+        if th == gdb.selected_thread():    # no switch, no selection to restore
+            return self._read_registers()
         with selected_thread(th):
-            frame = gdb.newest_frame()
-            for gname, name in _REGS.items():
-                try:
-                    v = frame.read_register(gname)
-                    out[name] = int(v.cast(gdb.lookup_type("unsigned long"))) & U64 \
-                        if v.type.code == gdb.TYPE_CODE_PTR else int(v) & U64
-                except (gdb.error, ValueError):
-                    continue
+            return self._read_registers()
+
+    @staticmethod
+    def _read_registers() -> dict:
+        """The selected thread's registers (gdb caches them per stop)."""
+        out: dict[str, int] = {}
+        frame = gdb.newest_frame()
+        ulong = None
+        for gname, name in _REGS.items():
+            try:
+                v = frame.read_register(gname)
+                if v.type.code == gdb.TYPE_CODE_PTR:
+                    ulong = ulong or gdb.lookup_type("unsigned long")
+                    out[name] = int(v.cast(ulong)) & U64
+                else:
+                    out[name] = int(v) & U64
+            except (gdb.error, ValueError):
+                continue
         if "cr3" not in out:
             raise TargetError("the gdbstub does not expose control registers (QEMU >= 6 needed)")
         return out
+
+    def prefetch_registers(self) -> None:
+        """Every vCPU's registers in one pass over gdb's threads (one thread
+        switch each, the selection restored once): what `sbm` and `sbm pcpu`
+        need, without a switch-and-restore per vCPU."""
+        todo = {c: th for c, th in self._threads().items() if c not in self._regs and th.is_valid()}
+        if len(todo) < 2:
+            return
+        sel = gdb.selected_thread()
+        for c, th in todo.items():          # the selected thread first: no switch
+            if th == sel:
+                self._regs[c] = self._read_registers()
+        with selected_thread(sel):
+            for c, th in sorted(todo.items()):
+                if c not in self._regs:
+                    th.switch()
+                    self._regs[c] = self._read_registers()
 
     # -- physical memory ------------------------------------------------
     def _check(self, pa: int, n: int) -> None:

@@ -4,6 +4,8 @@ $sbm_state(cpu), $pcpu_hot(cpu), $sbm_mode(cpu), $top_of_intr_stack(cpu)
 (alias $top_of_instr_stack)."""
 from __future__ import annotations
 
+import argparse
+
 import gdb
 
 from sbmdbg.commands import TABLE, ArgError, Command, HelpShown
@@ -65,8 +67,24 @@ class TableCommand(SbmCommand):
     """``sbm CMD`` built from a sbmdbg.commands.Command (``spec``)."""
     spec: Command
 
+    PARSED_CACHE = 64
+
     def add_args(self, p):
         self.spec.args(p)
+        self._parsed: dict[tuple, dict] = {}
+
+    def parse_argv(self, argv):
+        """argparse once per distinct command line (two parser passes cost
+        more than a whole cached `sbm vtop`); the table's arguments have no
+        side effects, so the same words parse the same way."""
+        key = tuple(argv)
+        got = self._parsed.get(key)
+        if got is None:
+            got = vars(super().parse_argv(argv))
+            if len(self._parsed) >= self.PARSED_CACHE:
+                self._parsed.clear()
+            self._parsed[key] = got
+        return argparse.Namespace(**got)
 
     def prepare(self, args):
         args.root_cpu = _selected_cpu()   # user / sandbox roots: the selected vCPU's

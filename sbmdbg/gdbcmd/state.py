@@ -140,6 +140,8 @@ def _connect_events():
         ev.memory_changed.connect(STATE.invalidate)
     if hasattr(ev, "register_changed"):
         ev.register_changed.connect(STATE.invalidate)
+    if hasattr(ev, "new_thread"):
+        ev.new_thread.connect(lambda *_a: STATE.target is not None and STATE.target.forget_threads())
     if hasattr(ev, "new_objfile"):
         ev.new_objfile.connect(STATE.forget)
     if hasattr(ev, "exited"):

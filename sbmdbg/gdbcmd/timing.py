@@ -16,9 +16,10 @@ from sbmdbg.gdbcmd.state import STATE
 class TimeCommand(SbmCommand):
     """Run a gdb command N times and report how long one run takes.
 
-Usage: sbm time [--repeat N] [--cold] [--compute] [--json] COMMAND [ARGS...]
+Usage: sbm time [--repeat N] [--cold] [--flush-gdb] [--compute] [--json] COMMAND [ARGS...]
   --cold      drop every cache of the model before each run (not timed): a
               fresh stop, as after a resume
+  --flush-gdb also flush gdb's register and memory caches (not timed)
   --compute   COMMAND is `sbm CMD ...` of the command table: time only its
               compute (the model), not argument parsing, JSON or text output"""
 
@@ -28,7 +29,15 @@ Usage: sbm time [--repeat N] [--cold] [--compute] [--json] COMMAND [ARGS...]
         p.add_argument("--repeat", type=int, default=10, help="runs (default 10)")
         p.add_argument("--cold", action="store_true", help="drop the caches before each run")
         p.add_argument("--compute", action="store_true", help="time the table's compute only")
+        p.add_argument("--flush-gdb", action="store_true",
+                       help="also flush gdb's register and memory caches before each run (not timed): "
+                            "cold for gdb's own commands and scripts/gdb too")
         p.add_argument("command", nargs=argparse.REMAINDER, help="the gdb command to time")
+
+    def parse_argv(self, argv):
+        # COMMAND is argparse.REMAINDER: intermixed parsing refuses it, and
+        # the timed command's own options must stay with it
+        return self.parser.parse_args(argv)
 
     def run(self, args):
         if not args.command:
@@ -48,6 +57,9 @@ Usage: sbm time [--repeat N] [--cold] [--compute] [--json] COMMAND [ARGS...]
         for _ in range(args.repeat):
             if args.cold:
                 STATE.invalidate()
+            if args.flush_gdb:
+                gdb.execute("maintenance flush register-cache", to_string=True)
+                gdb.execute("maintenance flush dcache", to_string=True)
             t0 = time.perf_counter()
             once()
             ts.append(time.perf_counter() - t0)

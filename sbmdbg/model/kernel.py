@@ -101,6 +101,7 @@ class Kernel:
         self._stop_caches: dict[str, dict] = {}    # per stop: emptied by invalidate()
         self._reader = pg.TableReader(target.read_phys)
         self._tlb = self.cache("tlb")
+        self._big = self.cache("tlb_big")         # (root, shift, va >> shift) -> pa base of a 2M/1G page
         self._discover(cpu, verify)
 
     def has_extension(self, name: str) -> bool:
@@ -288,14 +289,35 @@ class Kernel:
         """Every virtual address mapping physical ``pa`` under ``root``."""
         return pg.ptov(self._reader, root, pa, la57=self.la57, nxe=self.nxe, **kw)
 
+    def _phys(self, root: int, va: int) -> tuple[int, int]:
+        """``va`` -> (physical address, bytes left in its page) through
+        ``root`` for a read: one dict look-up per 2 MiB / 1 GiB page once
+        walked (the direct map, where the task structs live), else
+        ``translate`` (cached per 4 KiB page)."""
+        big = self._big
+        for shift in (21, 30):
+            base = big.get((root, shift, va >> shift))
+            if base is not None:
+                off = va & ((1 << shift) - 1)
+                return base + off, (1 << shift) - off
+        tr = self.translate(root, va)
+        if tr.pa is None:
+            raise FaultError(va, tr)
+        if tr.page_size >= 1 << 21:
+            shift = 30 if tr.page_size >= 1 << 30 else 21
+            off = va & ((1 << shift) - 1)
+            big[(root, shift, va >> shift)] = tr.pa - off
+            return tr.pa, (1 << shift) - off
+        return (tr.pa & ~0xFFF) | (va & 0xFFF), 4096 - (va & 0xFFF)
+
     def _read_virt_root(self, root: int, va: int, n: int) -> bytes:
+        pa, left = self._phys(root, va)
+        if n <= left:                      # the common case: one page
+            return self.target.read_phys(pa, n)
         out = bytearray()
         while n > 0:
-            tr = self.translate(root, va)
-            if tr.pa is None:
-                raise FaultError(va, tr)
-            pa = (tr.pa & ~0xFFF) | (va & 0xFFF)
-            chunk = min(n, 4096 - (va & 0xFFF))
+            pa, left = self._phys(root, va)
+            chunk = min(n, left)
             out += self.target.read_phys(pa, chunk)
             va += chunk
             n -= chunk

@@ -136,84 +136,118 @@ def phys(kernel, root: int, va: int) -> int | None:
     return None if tr.pa is None else (tr.pa & ~0xFFF) | (va & 0xFFF)
 
 
-def task_info(kernel, task: int) -> dict:
-    """pid, comm, stack, sbm_state of one task_struct (cached per stop)."""
-    def get():
-        lay = kernel.layouts.layout("task_struct")
-        out = {"task": task}
-        f = lay.fields
-        # Read only up to the last field used: DWARF's sizeof(task_struct)
-        # (with the largest FPU state) exceeds the allocation
-        # (arch_task_struct_size), and past the allocation may lie a page
-        # the kernel does not map (the top of RAM).
-        used = [f[n] for n in ("pid", "tgid", "comm", "stack") if n in f]
-        if has_sbm(kernel):
-            used.append(kernel.layouts.resolve("task_struct", "thread_info.sbm_state"))
-        need = max(x.offset + x.size for x in used)
+class TaskLayout:
+    """The task_struct fields the SBM model reads, resolved once from DWARF:
+    one read of ``span`` bytes per task gives all of them (the walk's links,
+    pid, tgid, comm, stack, thread_info.sbm_state).  ``span`` stops at the
+    last field used: DWARF's sizeof(task_struct) (with the largest FPU state)
+    exceeds the allocation (arch_task_struct_size), and past the allocation
+    may lie a page the kernel does not map (the top of RAM)."""
+
+    def __init__(self, kernel):
+        lay = kernel.layouts
+        f = lay.layout("task_struct").fields
+        self.pid, self.comm = f["pid"], f["comm"]
+        self.tgid, self.stack = f.get("tgid"), f.get("stack")
+        self.sbm_state = (lay.resolve("task_struct", "thread_info.sbm_state") if has_sbm(kernel) else None)
+        self.tasks = lay.offsetof("task_struct", "tasks")
         try:
-            data = kernel.read_virt(kernel.root, task, need)
-        except ReadErrors as e:
-            out["error"] = str(e)
-            return out
-        out["pid"] = decode_field(f["pid"], data)
-        out["tgid"] = decode_field(f["tgid"], data) if "tgid" in f else out["pid"]
-        out["comm"] = cstring(decode_field(f["comm"], data))
-        out["stack"] = decode_field(f["stack"], data) if "stack" in f else None
-        out["sbm_state"] = 0
-        if has_sbm(kernel):
-            fi = kernel.layouts.resolve("task_struct", "thread_info.sbm_state")
-            out["sbm_state"] = decode_field(fi, data)
+            self.thread_node = lay.offsetof("task_struct", "thread_node")
+            self.signal = lay.offsetof("task_struct", "signal")
+            self.thread_head = lay.offsetof("signal_struct", "thread_head")
+        except LayoutError:
+            self.thread_node = self.signal = self.thread_head = None
+        used = [x for x in (self.pid, self.tgid, self.comm, self.stack, self.sbm_state) if x is not None]
+        ends = [x.offset + x.size for x in used] + [self.tasks + 8]
+        if self.thread_node is not None:
+            ends += [self.thread_node + 8, self.signal + 8]
+        self.span = max(ends)
+
+    def decode(self, task: int, data: bytes) -> dict:
+        pid = decode_field(self.pid, data)
+        out = {"task": task, "pid": pid,
+               "tgid": decode_field(self.tgid, data) if self.tgid else pid,
+               "comm": cstring(decode_field(self.comm, data)),
+               "stack": decode_field(self.stack, data) if self.stack else None,
+               "sbm_state": decode_field(self.sbm_state, data) if self.sbm_state else 0}
         return out
-    return _cached(kernel, ("task", task), get)
+
+    def link(self, data: bytes, off: int) -> int:
+        return int.from_bytes(data[off:off + 8], "little")
 
 
-def _list_walk(kernel, head: int, member_off: int, bound: int):
-    """Entries of a list_head ring starting at ``head`` (the head's own address);
-    yields the containing struct addresses (entry - member_off), bounded."""
+def task_layout(kernel) -> TaskLayout:
+    return _cached(kernel, "task_layout", lambda: TaskLayout(kernel), static=True)
+
+
+def _task_record(kernel, task: int) -> tuple[dict, bytes | None]:
+    """(task_info, the raw bytes) of one task: one read (cached per stop)."""
+    c = stop_cache(kernel)
+    key = ("task_raw", task)
+    if key not in c:
+        tl = task_layout(kernel)
+        try:
+            data = kernel.read_virt(kernel.root, task, tl.span)
+        except ReadErrors as e:
+            c[key] = ({"task": task, "error": str(e)}, None)
+        else:
+            c[key] = (tl.decode(task, data), data)
+        c[("task", task)] = c[key][0]
+    return c[key]
+
+
+def task_info(kernel, task: int) -> dict:
+    """pid, tgid, comm, stack, sbm_state of one task_struct (one read, cached per stop)."""
+    c = stop_cache(kernel)
+    got = c.get(("task", task))
+    return got if got is not None else _task_record(kernel, task)[0]
+
+
+def _ring(kernel, head: int, first: int, member_off: int, bound: int):
+    """Entries of a list_head ring (``first`` = head->next), as containing
+    struct addresses; each entry's next link comes from the same one read per
+    task that gives its task_info (``_task_record``).  Bounded, loop-safe."""
     seen = {head}
-    try:
-        nxt = kernel.read_u64(kernel.root, head)
-    except ReadErrors:
-        return
-    n = 0
+    nxt, n = first, 0
     while nxt and nxt not in seen and n < bound:
         seen.add(nxt)
-        yield (nxt - member_off) & U64
+        t = (nxt - member_off) & U64
+        yield t
         n += 1
-        try:
-            nxt = kernel.read_u64(kernel.root, nxt)
-        except ReadErrors:
+        data = _task_record(kernel, t)[1]
+        if data is None:
             return
+        nxt = int.from_bytes(data[member_off:member_off + 8], "little")
 
 
 def all_tasks(kernel) -> list[int]:
     """Every task_struct: init_task, the init_task.tasks ring, and each
-    group's threads (signal->thread_head via task_struct.thread_node).  Bounded."""
+    group's threads (signal->thread_head via task_struct.thread_node).
+    One read per task (TaskLayout) plus one per thread group.  Bounded."""
     def get():
-        lay = kernel.layouts
+        tl = task_layout(kernel)
         init = kernel.sym("init_task")
-        off_tasks = lay.offsetof("task_struct", "tasks")
-        leaders = [init] + list(_list_walk(kernel, init + off_tasks, off_tasks, MAX_TASKS))
         out, seen = [], set()
-        try:
-            off_node = lay.offsetof("task_struct", "thread_node")
-            off_sig = lay.offsetof("task_struct", "signal")
-            off_head = lay.offsetof("signal_struct", "thread_head")
-        except LayoutError:
-            off_node = None
+        data = _task_record(kernel, init)[1]
+        leaders = [init]
+        if data is not None:
+            leaders += list(_ring(kernel, init + tl.tasks, tl.link(data, tl.tasks), tl.tasks, MAX_TASKS))
         for t in leaders:
             if t not in seen:
                 seen.add(t)
                 out.append(t)
-            if off_node is None:
+            if tl.thread_node is None:
                 continue
-            try:
-                sig = kernel.read_u64(kernel.root, t + off_sig)
-            except ReadErrors:
-                continue
+            data = _task_record(kernel, t)[1]
+            sig = tl.link(data, tl.signal) if data is not None else 0
             if not sig:
                 continue
-            for th in _list_walk(kernel, sig + off_head, off_node, MAX_THREADS):
+            head = (sig + tl.thread_head) & U64
+            try:
+                first = kernel.read_u64(kernel.root, head)
+            except ReadErrors:
+                continue
+            for th in _ring(kernel, head, first, tl.thread_node, MAX_THREADS):
                 if th not in seen:
                     seen.add(th)
                     out.append(th)
@@ -234,6 +268,79 @@ def pcpu_fields(kernel, cpu: int) -> dict:
         d["_address"] = addrs["current_task"]
         return d
     return _cached(kernel, ("pcpu", cpu), get)
+
+
+# ---------------------------------------------------------------- discovery
+# How sandboxes are found (``discovery``): "cpus" = each vCPU's current task
+# (O(vCPUs)), "tasks" = every task (O(tasks)).
+MAX_SCAN = 1 << 16             # bound on the bytes of arch_sbm_exec scanned for calls
+
+
+def _calls(code: bytes, base: int) -> set[int]:
+    """Targets of the ``call rel32`` (E8) byte patterns in ``code`` at
+    address ``base`` (a byte scan: may see a false call, never misses one)."""
+    out = set()
+    for i in range(len(code) - 4):
+        if code[i] == 0xE8:
+            rel = int.from_bytes(code[i + 1:i + 5], "little", signed=True)
+            out.add((base + i + 5 + rel) & U64)
+    return out
+
+
+def _calls_symbol(kernel, caller: str, callee: str) -> bool | None:
+    """Does ``caller`` call ``callee`` (or the 16 bytes of padding before it,
+    where call-depth-tracking kernels point their calls)?  Read from the
+    vmlinux file (link addresses), else from guest memory through the kernel
+    root (slid addresses); None when neither can be read."""
+    syms = kernel.symbols
+    if caller not in syms or callee not in syms:
+        return None
+    size = min(syms.size(caller), MAX_SCAN)
+    if not size:
+        return None
+    link, slid = syms.addr(caller), kernel.sym(caller)
+    code = None
+    try:
+        code = syms.read_file_bytes(link, size) if syms.path else None
+    except OSError:
+        code = None
+    base, target = (link, syms.addr(callee)) if code is not None else (slid, kernel.sym(callee))
+    if code is None:
+        try:
+            code = kernel.read_virt(kernel.root, slid, size)
+        except ReadErrors:
+            return None
+    return any(target - 16 <= t <= target for t in _calls(code, base))
+
+
+def discovery(kernel) -> dict:
+    """How this kernel's sandboxes are found: ``{"mode": "cpus"|"tasks", "reason"}``.
+
+    A sandbox runs only inside arch_sbm_exec with the task's
+    thread_info.sbm_state set, and the kernel clears it before the task
+    leaves arch_sbm_exec.  The per-vCPU current tasks find every sandbox
+    ("cpus") when that task cannot be scheduled out meanwhile: arch_sbm_exec
+    keeps preemption disabled (kernel_fpu_begin, the hardening patch), or the
+    kernel has no in-kernel preemption (no preempt_schedule: CONFIG_PREEMPTION
+    off; nothing in the sandbox path sleeps).  Otherwise an interrupt can
+    preempt a sandbox and its task waits on a run queue, on no CPU: every
+    task is walked ("tasks").  A task that died inside a sandbox (an oops)
+    keeps sbm_state set off-CPU; ``sbm list --all`` walks every task."""
+    def get():
+        syms = kernel.symbols
+        if _calls_symbol(kernel, "arch_sbm_exec", "kernel_fpu_begin_mask"):
+            return {"mode": "cpus", "reason": "arch_sbm_exec disables preemption (kernel_fpu_begin) "
+                                              "while sbm_state is set: a sandbox's task is current on a vCPU"}
+        if "preempt_schedule_irq" in syms and "preempt_schedule" not in syms:
+            return {"mode": "cpus", "reason": "no in-kernel preemption (no preempt_schedule: CONFIG_PREEMPTION "
+                                              "off): a sandbox's task is current on a vCPU"}
+        if "preempt_schedule" in syms:
+            return {"mode": "tasks", "reason": "the kernel preempts kernel code (preempt_schedule) and "
+                                               "arch_sbm_exec does not disable preemption: a preempted "
+                                               "sandbox's task is on no vCPU, every task is walked"}
+        return {"mode": "tasks", "reason": "cannot tell whether a sandbox can be preempted (symbol table "
+                                           "incomplete): every task is walked"}
+    return _cached(kernel, "discovery", get, static=True)
 
 
 # ---------------------------------------------------------------- sandboxes
@@ -320,11 +427,15 @@ def _build_sandbox(kernel, idx: int, state: int, t: dict) -> Sandbox:
     return sb
 
 
-def sandboxes(kernel, all_tasks_walk: bool = True) -> list[Sandbox]:
-    """Active sandboxes: every task whose thread_info.sbm_state is set.
+def sandboxes(kernel, all_tasks_walk: bool | None = None) -> list[Sandbox]:
+    """Active sandboxes: tasks whose thread_info.sbm_state is set.
     CPU-current tasks first (in CPU order), then the rest of the task list.
-    ``all_tasks_walk=False`` looks at the vCPUs' current tasks only (fast)."""
+    ``all_tasks_walk``: None = what ``discovery(kernel)`` says suffices (the
+    vCPUs' current tasks where a sandbox cannot be off-CPU, else every task);
+    True = every task (``sbm list --all``); False = current tasks only."""
     require_sbm(kernel)
+    if all_tasks_walk is None:
+        all_tasks_walk = discovery(kernel)["mode"] == "tasks"
     key = ("sandboxes", all_tasks_walk)
 
     def get():
@@ -535,10 +646,11 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     if sbs is None:
         sbs = sandboxes(kernel, all_tasks_walk=False) if sbm_on else []
     role, sb = cr3_role(kernel, cr3, task, sbs)
-    if sb is None and sbm_on and cpl == 3 and not (decode_cr3(cr3, kernel.cr4).pti_user
-                                                   and kernel.pti_enabled()):
-        # a sandbox CR3 of a task that is not current anywhere? look at every task
-        role, sb = cr3_role(kernel, cr3, task, sandboxes(kernel))
+    if sb is None and sbm_on and cpl == 3 and role == "kernel (other mm)":
+        # CPL 3 on a CR3 that is neither the current task's nor a current
+        # sandbox's: a sandbox CR3 of a task that is not current anywhere?
+        # look at every task (a process's own CR3, PTI or not, needs no walk)
+        role, sb = cr3_role(kernel, cr3, task, sandboxes(kernel, all_tasks_walk=True))
     own = None
     if sbm_on and task:
         st = task_info(kernel, task).get("sbm_state") or 0
@@ -583,6 +695,7 @@ def symbolize(kernel, va: int) -> dict | None:
 
 
 def vcpus_status(kernel) -> list[dict]:
+    getattr(kernel.target, "prefetch_registers", lambda: None)()
     sbs = sandboxes(kernel, all_tasks_walk=False) if has_sbm(kernel) else []
     return [vcpu_status(kernel, c, sbs) for c in range(kernel.target.ncpus)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import select
 import shutil
 import socket
 import time
@@ -150,15 +151,30 @@ class GdbSession:
         seen: list[dict] = []
         deadline = time.monotonic() + timeout
         while True:
-            for r in self.poll(0.1):
+            # poll(0) + select on gdb's pipes: back as soon as the result record
+            # is read (pygdbmi's own timed read lingers 10 ms after any output)
+            for r in self.poll(0):
                 seen.append(r)
                 if r.get("type") == "result" and r.get("token") == token:
                     if r.get("message") == "error" and not keep_on_error:
                         msg = (r.get("payload") or {}).get("msg", "unknown error")
                         raise SbmdbgError(f"gdb: {msg}")
                     return r, seen
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise SbmdbgError(f"gdb did not answer {line!r} in {timeout:g} s")
+            self._wait_output(min(0.1, left))
+
+    def _wait_output(self, timeout: float) -> None:
+        """Until gdb wrote something (or ``timeout``); raises once gdb exited."""
+        proc = getattr(self._gdb, "gdb_process", None) if self._gdb is not None else None
+        if proc is None or proc.poll() is not None:
+            raise SbmdbgError("gdb went away")
+        fds = [f.fileno() for f in (proc.stdout, proc.stderr) if f is not None]
+        try:
+            select.select(fds, [], [], timeout)
+        except (OSError, ValueError):
+            time.sleep(min(timeout, 0.01))
 
     def mi(self, cmd: str, timeout: float = 30.0) -> dict:
         """Run an MI command; its result record (``message``, ``payload``)."""

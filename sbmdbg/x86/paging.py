@@ -782,8 +782,8 @@ class Walker:
             self.findings = []
             self._aliased = set()
             self._full = self._stop = False
-        raw = self._run("raw")
-        with _gc_paused():
+        with _gc_paused():    # one pause for the walk and the results: one collection after
+            raw = self._run("raw")
             try:
                 return iter(self._leaf_mappings(raw))
             finally:
@@ -816,14 +816,14 @@ class Walker:
         """Runs of leaves contiguous in VA and PA with the same page size,
         effective perms, G, PAT index and PKEY (what ``merge(leaves())`` gives)."""
         amask = self._amask
-        if self._raw is not None and self._mode == "raw":
-            # walked keeping the pages already: fold them
-            runs = [(m.va, m.end, m.page_size, m.leaf_raw, _PERMS.index(m.perms))
-                    for m in merge(self._leaf_mappings(self._kept))]
-        else:
-            runs = self._run("merged")
         out: list[Mapping] = []
-        with _gc_paused():
+        with _gc_paused():    # one pause for the walk and the results
+            if self._raw is not None and self._mode == "raw":
+                # walked keeping the pages already: fold them
+                runs = [(m.va, m.end, m.page_size, m.leaf_raw, _PERMS.index(m.perms))
+                        for m in merge(self._leaf_mappings(self._kept))]
+            else:
+                runs = self._run("merged")
             for n, (va, end, span, e, p) in enumerate(runs):
                 if not (n + 1) & 1023 and self._late(n, len(runs)):
                     break

@@ -101,7 +101,9 @@ def test_stopped_in_sandbox(guest, tmp_path):
         other = st["cpus"][1 - s.cpu]
         assert other["mode"] in ("kernel", "user")
 
-        lst = sbm_json(g, "sbm list")["sandboxes"]
+        lst_doc = sbm_json(g, "sbm list")
+        lst = lst_doc["sandboxes"]
+        assert lst_doc["discovery"]["mode"] == "cpus"   # arch_sbm_exec under kernel_fpu_begin (issue 17)
         assert len(lst) == 1 and lst[0]["cpus"] == [s.cpu]
         sb = lst[0]
         assert row["sandbox"] == sb["label"] == f"sandbox:{sb['pid']}" and sb["comm"] == "sh"
@@ -164,7 +166,7 @@ def test_stopped_in_sandbox(guest, tmp_path):
         assert clash and _minus(clash, dq["perms_differ"]) == [], (clash, dq["perms_differ"])
 
         # offline: a vmcore taken at this stop gives the same JSON
-        want = {"status": st, "list": {"sandboxes": lst}, "show": sbm_json(g, "sbm show"),
+        want = {"status": st, "list": lst_doc, "show": sbm_json(g, "sbm show"),
                 "stack": sbm_json(g, "sbm stack"), "audit": sbm_json(g, "sbm audit"),
                 "pcpu": sbm_json(g, "sbm pcpu")}
         for cmd in ("diff kernel sandbox", f"vtop {st_va:#x} --root sandbox={sb['pid']}",
