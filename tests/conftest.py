@@ -6,8 +6,9 @@
                                  options (booted once per session; see VMPool).  Tests that kill
                                  QEMU or gdb use end_vm, tests that need a broken kernel make_vm.
     end_vm(**VMOptions fields)   factory: the pool's idle VM for those options, taken out of the
-                                 pool (else a fresh one), for a test that ends it; stopped after
+                                 pool (else a fresh one), for a test that ends it; stopped after it
     vm_pool                      session: the VMPool (scenario files take their VMs from it too)
+    logged_vms(pti, last=False)  session: (detached VM, its QEMU -d int log), one per PTI setting
     gdb_session(vm, **kw)        factory: a GdbSession attached to vm, always closed
     boots                        the QEMU processes started by this test so far (BootLog)
 
@@ -255,6 +256,36 @@ def end_vm(vm_pool):
     yield factory
     for vm in vms:
         vm.close()
+
+
+@pytest.fixture(scope="session")
+def logged_vms(tmp_path_factory):
+    """``vm, log = logged_vms(pti, last=False)``: a detached VM started by the CLI
+    (`sbmdbg vm start --detach --json --pti PTI --qemu-log LOG`: QEMU's -d int
+    log on, reachable with ``--id``), one per PTI setting for the session
+    (the trace CLI test and test_trace_live share it).  ``last``: the caller
+    is its last user and may kill it (it stops it too); the rest are stopped
+    at the end of the session."""
+    import subprocess
+    import sys
+
+    from sbmdbg.vm import VM
+
+    vms: dict[str, tuple] = {}
+
+    def get(pti: str, last: bool = False):
+        if pti not in vms:
+            log = tmp_path_factory.mktemp(f"qemu-log-pti-{pti}") / "qemu.log"
+            r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "vm", "start", "--detach", "--json",
+                                "--pti", pti, "--qemu-log", str(log)], capture_output=True, text=True,
+                               timeout=300, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, r.stderr[-3000:]
+            vms[pti] = (VM.attach(json.loads(r.stdout)["id"]), log)
+        return vms.pop(pti) if last else vms[pti]
+
+    yield get
+    for vm, _ in vms.values():
+        vm.stop()
 
 
 @pytest.fixture

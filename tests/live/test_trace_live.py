@@ -1,7 +1,8 @@
 """The live tracer against things we did not write: QEMU's exception log
 (-d int) and the demo module's own counters; plus failure handling (QEMU or
 gdb killed mid-trace).  One VM per PTI setting (2 vCPUs, QEMU's -d int log
-on), booted by the log test and ended by the dying-peer test of the same
+on: the session's ``logged_vms``, which the trace CLI test in
+test_claims_live.py uses too), ended by the dying-peer test of the same
 setting, its last user; every gdb and QEMU started here is closed."""
 import json
 import os
@@ -19,27 +20,6 @@ from sbmdbg.trace.qemulog import cross_check, parse_log
 pytestmark = pytest.mark.live
 
 FAULTS = list(FAULT_KINDS)
-
-
-@pytest.fixture(scope="module")
-def logged_vms(kernel_build, tmp_path_factory):
-    """get(pti, last=False) -> (vm, its -d int log): one VM per PTI setting for
-    this file; ``last``: the caller is its last user (it may kill it)."""
-    from sbmdbg.vm import VM, VMOptions
-
-    vms: dict[str, tuple] = {}
-
-    def get(pti: str, last: bool = False):
-        if pti not in vms:
-            qlog = tmp_path_factory.mktemp(f"qemu-log-pti-{pti}") / "qemu.log"
-            vms[pti] = (VM(VMOptions(smp=2, pti=pti, qemu_log=str(qlog), kernel=str(kernel_build.bzImage),
-                                     vmlinux=str(kernel_build.vmlinux), tree=str(kernel_build.tree))),
-                        qlog)
-        return vms.pop(pti) if last else vms[pti]
-
-    yield get
-    for vm, _ in vms.values():
-        vm.close()
 
 
 @pytest.mark.parametrize("pti", ["on", "off"])
@@ -101,7 +81,7 @@ def test_trace_matches_qemu_log_and_stats(logged_vms, tmp_path, pti):
 
 @pytest.mark.parametrize("victim,pti", [("qemu", "on"), ("gdb", "off")])
 def test_trace_survives_a_dying_peer(logged_vms, tmp_path, victim, pti):
-    vm, _ = logged_vms(pti, last=True)     # killed (QEMU) or left busy (gdb): closed here
+    vm, _ = logged_vms(pti, last=True)     # killed (QEMU) or left busy (gdb): stopped here
     trace = tmp_path / "t.jsonl"
     rec = TraceRecorder(vm.info, str(trace), "full")
     try:
@@ -123,7 +103,7 @@ def test_trace_survives_a_dying_peer(logged_vms, tmp_path, victim, pti):
             rec.wait(30)
     finally:
         rec.close()
-        vm.close()
+        vm.stop()
     msg = str(ei.value)
     assert ("QEMU" in msg) if victim == "qemu" else ("gdb" in msg), msg
     events = read_events(str(trace), strict=True)       # every line is valid JSON
