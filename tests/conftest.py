@@ -4,7 +4,11 @@
     make_vm(**VMOptions fields)  factory: a booted VM of this test alone, always stopped at test end
     shared_vm(**VMOptions fields) factory: a VM shared by every test that asks for the same
                                  options (booted once per session; see VMPool).  Tests that kill
-                                 QEMU or gdb, or need a broken kernel, use make_vm instead.
+                                 QEMU or gdb use end_vm, tests that need a broken kernel make_vm.
+    end_vm(**VMOptions fields)   factory: the pool's idle VM for those options, taken out of the
+                                 pool (else a fresh one), for a test that ends it; stopped after it
+    vm_pool                      session: the VMPool (scenario files take their VMs from it too)
+    logged_vms(pti, last=False)  session: (detached VM, its QEMU -d int log), one per PTI setting
     gdb_session(vm, **kw)        factory: a GdbSession attached to vm, always closed
     boots                        the QEMU processes started by this test so far (BootLog)
 
@@ -19,6 +23,7 @@ import os
 import signal
 import tempfile
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -42,9 +47,16 @@ def pytest_configure(config):
         os.close(fd)
         os.environ[BOOT_LOG_ENV] = path
         config._sbmdbg_boot_log_owned = path
+    from sbmdbg.check import pytest_plugin
+
+    config.stash[pytest_plugin.VM_FACTORY] = _check_vm_factory(config)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
+    pool = config.stash.get(_POOL, None)
+    if pool is not None:
+        pool.close()
     path = getattr(config, "_sbmdbg_boot_log_owned", None)
     if path:
         Path(path).unlink(missing_ok=True)
@@ -91,10 +103,12 @@ def kernel_build() -> KernelBuild:
     return ensure_kernel()
 
 
-def _reference_opts(kernel_build, opts: dict):
+def _reference_opts(kernel_build, opts):
+    from dataclasses import replace
+
     from sbmdbg.vm import VMOptions
 
-    o = VMOptions(**opts)
+    o = replace(opts) if isinstance(opts, VMOptions) else VMOptions(**opts)
     if o.kernel is None:
         o.kernel, o.vmlinux, o.tree = (str(kernel_build.bzImage), str(kernel_build.vmlinux),
                                        str(kernel_build.tree))
@@ -140,14 +154,18 @@ class VMPool:
         except Exception:  # noqa: BLE001 - any trouble: boot a fresh one
             return False
 
+    def key(self, opts) -> tuple:
+        """The pool's key: every VMOptions field, the reference kernel's paths
+        filled in (defaults spelt out or not, kernel given or implied)."""
+        from dataclasses import asdict
+
+        o = _reference_opts(self.kernel_build, opts)
+        return tuple(sorted((k, v) for k, v in asdict(o).items() if k != "boot_timeout"))
+
     def get(self, **opts):
         from sbmdbg.vm import VM
 
-        from dataclasses import asdict
-
-        from sbmdbg.vm import VMOptions
-
-        key = tuple(sorted(asdict(VMOptions(**opts)).items()))   # defaults spelt out or not
+        key = self.key(opts)
         vm = self.vms.pop(key, None)
         if vm is not None and not self._healthy(vm):
             vm.close()
@@ -160,17 +178,61 @@ class VMPool:
         self.vms[key] = vm          # most recently used last
         return vm
 
+    def take(self, **opts):
+        """A VM its caller may kill: the pool's idle one for *opts* if it is
+        healthy (it leaves the pool: one boot fewer when that configuration's
+        last user ends it), else a fresh one.  The caller stops it."""
+        from sbmdbg.vm import VM
+
+        vm = self.vms.pop(self.key(opts), None)
+        if vm is not None and self._healthy(vm):
+            return vm
+        if vm is not None:
+            vm.close()
+        return VM(_reference_opts(self.kernel_build, opts))
+
+    def discard(self, vm) -> None:
+        """Stop *vm* and forget it (its user left it unusable)."""
+        for k, v in list(self.vms.items()):
+            if v is vm:
+                del self.vms[k]
+        vm.close()
+
     def close(self) -> None:
         for vm in self.vms.values():
             vm.close()
         self.vms.clear()
 
 
+_POOL = pytest.StashKey()
+
+
+def _pool(config) -> VMPool:
+    """The session's pool (one per pytest process: per xdist worker)."""
+    pool = config.stash.get(_POOL, None)
+    if pool is None:
+        pool = config.stash[_POOL] = VMPool(ensure_kernel(), keep=5)
+    return pool
+
+
 @pytest.fixture(scope="session")
-def vm_pool(kernel_build):
-    pool = VMPool(kernel_build)
-    yield pool
-    pool.close()
+def vm_pool(request):
+    """The VMPool; scenario files (sbmdbg.check.pytest_plugin) take their VMs
+    from it too, so a guest configuration boots once per session."""
+    return _pool(request.config)
+
+
+def _check_vm_factory(config):
+    """Scenario files' VMs come from the pool: (vm, release(vm, healthy))."""
+    def factory(opts):
+        pool = _pool(config)
+        vm = pool.get(**{f.name: getattr(opts, f.name) for f in fields(opts)})
+
+        def release(vm, healthy):
+            if not healthy:
+                pool.discard(vm)
+        return vm, release
+    return factory
 
 
 @pytest.fixture
@@ -178,6 +240,52 @@ def shared_vm(vm_pool):
     """``vm = shared_vm(pti="off", kaslr=True)``: a VM of the session pool.
     The test must leave the guest as it found it (running, no background jobs)."""
     return vm_pool.get
+
+
+@pytest.fixture
+def end_vm(vm_pool):
+    """``vm = end_vm(pti="off")``: a VM this test may kill or leave unusable
+    (VMPool.take: the pool's idle one when there is one); stopped after the test."""
+    vms = []
+
+    def factory(**opts):
+        vm = vm_pool.take(**opts)
+        vms.append(vm)
+        return vm
+
+    yield factory
+    for vm in vms:
+        vm.close()
+
+
+@pytest.fixture(scope="session")
+def logged_vms(tmp_path_factory):
+    """``vm, log = logged_vms(pti, last=False)``: a detached VM started by the CLI
+    (`sbmdbg vm start --detach --json --pti PTI --qemu-log LOG`: QEMU's -d int
+    log on, reachable with ``--id``), one per PTI setting for the session
+    (the trace CLI test and test_trace_live share it).  ``last``: the caller
+    is its last user and may kill it (it stops it too); the rest are stopped
+    at the end of the session."""
+    import subprocess
+    import sys
+
+    from sbmdbg.vm import VM
+
+    vms: dict[str, tuple] = {}
+
+    def get(pti: str, last: bool = False):
+        if pti not in vms:
+            log = tmp_path_factory.mktemp(f"qemu-log-pti-{pti}") / "qemu.log"
+            r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "vm", "start", "--detach", "--json",
+                                "--pti", pti, "--qemu-log", str(log)], capture_output=True, text=True,
+                               timeout=300, stdin=subprocess.DEVNULL)
+            assert r.returncode == 0, r.stderr[-3000:]
+            vms[pti] = (VM.attach(json.loads(r.stdout)["id"]), log)
+        return vms.pop(pti) if last else vms[pti]
+
+    yield get
+    for vm, _ in vms.values():
+        vm.stop()
 
 
 @pytest.fixture

@@ -72,7 +72,8 @@ def cli(args) -> int:
     t0 = time.monotonic()
     from pathlib import Path
     with Runner(kernel=kernel, extra_patches=[str(Path(p).resolve()) for p in args.extra_patch or ()],
-                reuse=not args.no_reuse, reporter=rep) as runner:
+                reuse=not args.no_reuse, reuse_after_failure=args.reuse_after_failure,
+                reporter=rep) as runner:
         results = runner.run(scenarios)
     secs = time.monotonic() - t0
     if args.junit:
@@ -100,6 +101,10 @@ def add_parser(sub) -> None:
     c.add_argument("--extra-patch", action="append", metavar="FILE",
                    help="build the reference kernel with this patch too (for every file)")
     c.add_argument("--no-reuse", action="store_true", help="boot a fresh VM for every file")
+    c.add_argument("--reuse-after-failure", action="store_true",
+                   help="keep a failed file's VM for the next file when the guest still answers "
+                        "(QEMU alive, gdb can stop and resume it, the shell echoes, the kernel's taint "
+                        "unchanged); default: replace it")
     c.add_argument("--validate", action="store_true", help="only validate the files (no VM)")
     c.add_argument("-v", "--verbose", action="store_true", help="print every step's notes")
     c.set_defaults(func=cli)

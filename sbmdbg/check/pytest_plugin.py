@@ -6,7 +6,8 @@ guest state, so they pass or fail together), marked ``live``.  A failure
 shows every failing step's "expected ..., saw ..." lines and the console
 tail.  A malformed file fails at once with FILE:LINE messages, no VM booted.
 One Runner per session: consecutive files with the same kernel and VM
-options share a VM.
+options share a VM (taken from the test suite's VM pool when a conftest
+provides one, see VM_FACTORY).
 
 Options: ``--check-extra-patch FILE`` (repeatable) builds the reference
 kernel with that patch for every scenario file (as ``sbmdbg check
@@ -19,6 +20,10 @@ import pytest
 from sbmdbg.check.spec import is_scenario_file
 
 _RUNNER = pytest.StashKey()
+#: a conftest may set ``config.stash[VM_FACTORY] = factory``: the Runner then
+#: takes its VMs from it (``factory(VMOptions) -> (vm, release(vm, healthy))``,
+#: the test suite's VM pool) instead of booting and stopping its own
+VM_FACTORY = pytest.StashKey()
 
 
 def pytest_addoption(parser):
@@ -41,7 +46,7 @@ def _runner(config):
         from sbmdbg.check.runner import Runner
 
         extra = [str(Path(p).resolve()) for p in config.getoption("--check-extra-patch") or ()]
-        r = Runner(extra_patches=extra)
+        r = Runner(extra_patches=extra, vm_factory=config.stash.get(VM_FACTORY, None))
         config.stash[_RUNNER] = r
     return r
 
@@ -97,7 +102,12 @@ class ScenarioItem(pytest.Item):
             sc = spec.load(self.path)
         except spec.ScenarioError as e:
             raise CheckFailed("\n".join(spec.fmt_problem(*p) for p in e.problems)) from None
-        fr = _runner(self.config).run_one(sc)
+        runner = _runner(self.config)
+        try:
+            fr = runner.run_one(sc)
+        finally:
+            if runner.vm_factory is not None:
+                runner.close()      # gdb detached, the VM back in the pool for the next test
         self.user_properties.append(("check_seconds", fr.seconds))
         if not fr.passed:
             raise CheckFailed(failure_text(fr))

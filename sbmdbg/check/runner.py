@@ -2,7 +2,9 @@
 
 One VM per scenario file, reused by the next file when the kernel and the
 VM options match (and the file did not ask for ``fresh_vm``, and the
-previous file left the VM healthy).  One gdb session per VM, attached on the
+previous file passed -- or, with ``reuse_after_failure``, failed but left the
+guest answering: QEMU alive, gdb able to stop and resume it, the shell
+echoing).  One gdb session per VM, attached on the
 first step that needs it and kept; between steps the guest always runs.
 
 Every step result is a list of failure messages that say what was expected
@@ -152,8 +154,9 @@ def _context(doc, path) -> str:
 class _Machine:
     """A booted VM, its gdb session (lazy) and what the checker has seen of it."""
 
-    def __init__(self, vm, key, kernel: dict):
+    def __init__(self, vm, key, kernel: dict, release=None):
         self.vm = vm
+        self.release = release
         self.key = key
         self.kernel = kernel
         self.g = None
@@ -162,6 +165,7 @@ class _Machine:
         self.dmesg_seen = 0
         self.healthy = True
         self.boot_checked = False
+        self.taint: str | None = None     # /proc/sys/kernel/tainted when the checker took the VM
 
     def gdb(self):
         if self.g is None:
@@ -182,7 +186,10 @@ class _Machine:
                 pass
             self.g.close()
             self.g = None
-        self.vm.close()
+        if self.release is not None:
+            self.release(self.vm, self.healthy and self.vm.alive())
+        else:
+            self.vm.close()
 
 
 # --------------------------------------------------------------- runner
@@ -191,10 +198,16 @@ class Runner:
     ``run(scenarios) -> [FileResult]``; ``close()`` stops the VM."""
 
     def __init__(self, *, kernel: dict | None = None, extra_patches=(), reuse: bool = True,
-                 reporter: Reporter | None = None):
+                 reuse_after_failure: bool = False, reporter: Reporter | None = None,
+                 vm_factory=None):
         self.kernel_override = kernel
         self.extra_patches = [str(p) for p in extra_patches]
         self.reuse = reuse
+        self.reuse_after_failure = reuse_after_failure
+        # vm_factory(VMOptions) -> (vm, release): a VM from someone else's pool
+        # (the test suite's); release(vm, healthy) hands it back instead of
+        # stopping it.  None: the runner boots and stops its own.
+        self.vm_factory = vm_factory
         self.rep = reporter or Reporter()
         self.m: _Machine | None = None
         self._builds: dict[tuple, dict] = {}
@@ -256,10 +269,16 @@ class Runner:
             m = None
         if m is None:
             t0 = time.monotonic()
-            vm = VM(VMOptions(kernel=kern["bzimage"], vmlinux=kern["vmlinux"], tree=kern.get("tree"), **opts))
-            m = self.m = _Machine(vm, key, kern)
+            vo = VMOptions(kernel=kern["bzimage"], vmlinux=kern["vmlinux"], tree=kern.get("tree"), **opts)
+            release = None
+            if self.vm_factory is not None and not sc.fresh_vm:
+                vm, release = self.vm_factory(vo)
+            else:
+                vm = VM(vo)
+            m = self.m = _Machine(vm, key, kern, release)
             fr.vm = {"id": vm.id, "fresh": True, "boot_seconds": round(time.monotonic() - t0, 1), **opts}
-            self.rep.note(f"VM {vm.id} booted in {time.monotonic() - t0:.1f} s "
+            self.rep.note(f"VM {vm.id} {'booted' if release is None else 'from the pool'} in "
+                          f"{time.monotonic() - t0:.1f} s "
                           f"({', '.join(f'{k}={v}' for k, v in opts.items() if v not in ('', '512M'))}; "
                           f"kernel {kern.get('key') or kern['bzimage']})")
         else:
@@ -283,6 +302,8 @@ class Runner:
                                            notes=["not run: setup failed"]))
             return fr
         con_start = len(m.vm.console_text())
+        if self.reuse_after_failure and m.taint is None:
+            m.taint = self._taint(m)
         if sc.console_clean and not m.boot_checked:
             m.boot_checked = True
             bad = self._console_bad(m, 0)
@@ -303,8 +324,11 @@ class Runner:
             failed = True
         if failed:
             fr.status = "fail"
-            m.healthy = False        # the next file gets a fresh VM
             fr.console_tail = console_tail(m.vm.console_text(), con_start)
+            # the next file gets a fresh VM, unless asked to keep one that still answers
+            m.healthy = self.reuse_after_failure and self._answers(m)
+            if m.healthy:
+                self.rep.note(f"VM {m.vm.id} kept after the failure: the guest still answers")
         fr.seconds = round(time.monotonic() - t0, 2)
         return fr
 
@@ -529,6 +553,39 @@ class Runner:
             return ""
         return f"{len(lines)} oops/warning line(s): " + " | ".join(clean(ln.strip(), limit=300)
                                                                   for ln in lines[:5])
+
+    @staticmethod
+    def _taint(m: _Machine) -> str | None:
+        try:
+            res = m.vm.run("cat /proc/sys/kernel/tainted", timeout=20)
+        except SbmdbgError:
+            return None
+        return res.output.strip() if res.status == 0 else None
+
+    def _answers(self, m: _Machine) -> bool:
+        """After a failed file: is the guest still usable (QEMU alive and
+        running, gdb can stop and resume it, the shell echoes within 20 s,
+        the kernel's taint unchanged: no WARN, oops or BUG since the checker
+        took the VM)?"""
+        try:
+            if not m.vm.alive():
+                return False
+            if m.g is not None:
+                m.g.interrupt(timeout=10)
+                m.g.mi("-break-delete", timeout=10)
+                m.g.cont(timeout=10)
+            if m.vm.qmp("query-status", timeout=10)["status"] != "running":
+                return False
+            marker = uuid.uuid4().hex[:8]
+            if m.vm.run(f"echo {marker}", timeout=20).output.strip() != marker:
+                return False
+            taint = self._taint(m)
+            if taint is None or taint != m.taint:
+                self.rep.note(f"VM {m.vm.id} replaced: the kernel's taint went {m.taint} -> {taint}")
+                return False
+            return True
+        except (SbmdbgError, OSError, KeyError, TypeError):
+            return False
 
     def _recover(self, m: _Machine) -> None:
         """After an error: delete breakpoints, let the guest run."""

@@ -223,17 +223,5 @@ def test_cli_detached_start_run_stop(kernel_build, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1
 
 
-def test_demo_command_end_to_end(kernel_build, boots):
-    """`sbmdbg demo` (what `./run demo` runs): pcpu table, then a live stop in
-    a sandbox with the boundary-crossing backtrace, and nothing left running."""
-    r = subprocess.run([sys.executable, "-m", "sbmdbg.cli", "demo"], capture_output=True, text=True,
-                       timeout=300, stdin=subprocess.DEVNULL)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-3000:]
-    assert "pcpu_hot" in out and "swapper/0" in out
-    assert "stopped at the first sandbox instruction" in out
-    assert re.search(r"│ \d+\s+│ sandbox\s+│ 3 ", out), out[-3000:]
-    assert "--- sandbox boundary: [tos-8]" in out and "arch_sbm_exec+" in out
-    assert "worst = info" in out and "result=PASS" in out
-    assert len(boots.pids()) == 1, boots.pids()     # the QEMU the demo started, from the boot log
-    _all_gone(boots.pids())
+# `sbmdbg demo` end to end (what `./run demo` runs): tests/live/test_wheel_live.py
+# runs it once, from the installed wheel, with the same checks (one boot, not two).

@@ -33,38 +33,35 @@ def _no_raw(text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stopped(kernel_build, tmp_path_factory):
-    """(vm, gdb session, vCPU) stopped in the sandbox run by the hostile task."""
-    from sbmdbg.vm import VM, VMOptions
+def stopped(vm_pool, tmp_path_factory):
+    """(vm, gdb session, vCPU) stopped in the sandbox run by the hostile task
+    (the session's shared 2-vCPU PTI guest: the hostile comm is a short-lived
+    task's, gone when the demo returns)."""
     from sbmdbg.vm.gdbmi import GdbSession
-    vm = VM(VMOptions(smp=2, pti="on", kernel=str(kernel_build.bzImage),
-                      vmlinux=str(kernel_build.vmlinux), tree=str(kernel_build.tree)))
+    vm = vm_pool.get(smp=2, pti="on")
     result = {}
+    g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
     try:
-        g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
-        try:
-            g.interrupt()
-            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-            g.mi("-break-insert -t __sbm_thunk_sbm_demo_compute")
-            g.cont()
+        g.interrupt()
+        g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
+        g.mi("-break-insert -t __sbm_thunk_sbm_demo_compute")
+        g.cont()
 
-            def run():
-                result["run"] = vm.run(
-                    f"sh -c 'printf \"{EVIL_PRINTF}\" > /proc/$$/comm; "
-                    "echo ok > /sys/kernel/debug/sbm_demo/run; cat /sys/kernel/debug/sbm_demo/run'",
-                    timeout=180)
-            t = threading.Thread(target=run, daemon=True)
-            t.start()
-            stop = g.wait_stopped(120)
-            assert stop.get("reason") == "breakpoint-hit", stop
-            yield vm, g, int(stop["thread-id"]) - 1
-            g.cont()
-            t.join(120)
-            assert "PASS" in result["run"].output   # the demo itself was not disturbed
-        finally:
-            g.close()
+        def run():
+            result["run"] = vm.run(
+                f"sh -c 'printf \"{EVIL_PRINTF}\" > /proc/$$/comm; "
+                "echo ok > /sys/kernel/debug/sbm_demo/run; cat /sys/kernel/debug/sbm_demo/run'",
+                timeout=180)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        stop = g.wait_stopped(120)
+        assert stop.get("reason") == "breakpoint-hit", stop
+        yield vm, g, int(stop["thread-id"]) - 1
+        g.cont()
+        t.join(120)
+        assert "PASS" in result["run"].output   # the demo itself was not disturbed
     finally:
-        vm.close()
+        g.close()
 
 
 def test_gdb_commands_show_the_comm_visibly(stopped):

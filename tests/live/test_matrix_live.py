@@ -80,8 +80,12 @@ def booted(request, tmp_path_factory):
     name = request.param
     kwargs, has_sbm, layout, release, smp, mem = MATRIX[name]
     kb = build_kernel(**kwargs)
-    vm = VM(VMOptions(kernel=str(kb.bzImage), vmlinux=str(kb.vmlinux), tree=str(kb.tree),
-                      smp=smp, mem=mem, pti="on"))
+    opts = dict(kernel=str(kb.bzImage), vmlinux=str(kb.vmlinux), tree=str(kb.tree), smp=smp, mem=mem,
+                pti="on")
+    # the reference kernel's leg is the session's shared 2-vCPU PTI guest (same
+    # kernel files and options: one boot); the other kernels boot their own
+    pool = request.getfixturevalue("vm_pool") if not kwargs else None
+    vm = pool.get(**opts) if pool is not None else VM(VMOptions(**opts))
     g = None
     try:
         assert vm.run("uname -r").output.strip().startswith(release)
@@ -92,7 +96,8 @@ def booted(request, tmp_path_factory):
     finally:
         if g is not None:
             g.close()
-        vm.close()
+        if pool is None:
+            vm.close()
 
 
 def _dashboard_once(vm, kb) -> dict:

@@ -27,30 +27,30 @@ U64 = (1 << 64) - 1
 
 
 @pytest.fixture(scope="module")
-def guest(kernel_build):
+def guest(vm_pool):
     from sbmdbg.fuzz.guest import CodecGuest
     from sbmdbg.sbm import open_kernel
     from sbmdbg.target.qmp import QmpTarget
     from sbmdbg.target.shm import ShmTarget
-    from sbmdbg.vm import VM, VMOptions
     from sbmdbg.vm.gdbmi import GdbSession
-    vm = VM(VMOptions(smp=2, pti="on", kernel=str(kernel_build.bzImage),
-                      vmlinux=str(kernel_build.vmlinux), tree=str(kernel_build.tree)))
+    vm = vm_pool.get(smp=2, pti="on")   # the session's shared 2-vCPU PTI guest
+    k = open_kernel(ShmTarget(vm.info["ram"], vm.info["ram_size"],
+                              regs_source=QmpTarget(vm.hmp, vm.qmp)), vm.info["vmlinux"])
+    cg = CodecGuest(vm, k)
+    g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
     try:
-        k = open_kernel(ShmTarget(vm.info["ram"], vm.info["ram_size"],
-                                  regs_source=QmpTarget(vm.hmp, vm.qmp)), vm.info["vmlinux"])
-        cg = CodecGuest(vm, k)
-        g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
+        g.interrupt()
+        g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
+        g.console("set disassembly-flavor intel")
+        yield vm, g, k, cg
+    finally:
         try:
             g.interrupt()
-            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-            g.console("set disassembly-flavor intel")
-            yield vm, g, k, cg
+            g.mi("-break-delete")
+            g.cont()        # the pool's guest runs on, without breakpoints
         finally:
             g.close()
-            cg.close()
-    finally:
-        vm.close()
+        cg.close()
 
 
 def gdb_int(g, expr: str) -> int:

@@ -1,7 +1,9 @@
 """The live tracer against things we did not write: QEMU's exception log
 (-d int) and the demo module's own counters; plus failure handling (QEMU or
-gdb killed mid-trace).  Each test boots one VM (2 vCPUs) and closes every
-gdb and QEMU it started."""
+gdb killed mid-trace).  One VM per PTI setting (2 vCPUs, QEMU's -d int log
+on: the session's ``logged_vms``, which the trace CLI test in
+test_claims_live.py uses too), ended by the dying-peer test of the same
+setting, its last user; every gdb and QEMU started here is closed."""
 import json
 import os
 import signal
@@ -19,10 +21,10 @@ pytestmark = pytest.mark.live
 
 FAULTS = list(FAULT_KINDS)
 
+
 @pytest.mark.parametrize("pti", ["on", "off"])
-def test_trace_matches_qemu_log_and_stats(make_vm, tmp_path, pti):
-    qlog = tmp_path / "qemu.log"
-    vm = make_vm(smp=2, pti=pti, qemu_log=str(qlog))
+def test_trace_matches_qemu_log_and_stats(logged_vms, tmp_path, pti):
+    vm, qlog = logged_vms(pti)
     trace = tmp_path / "t.jsonl"
     before = demo_stats(vm)
     rec = TraceRecorder(vm.info, str(trace), "full")
@@ -77,9 +79,9 @@ def test_trace_matches_qemu_log_and_stats(make_vm, tmp_path, pti):
     assert st["level"] == "full"
 
 
-@pytest.mark.parametrize("victim", ["qemu", "gdb"])
-def test_trace_survives_a_dying_peer(make_vm, tmp_path, victim):
-    vm = make_vm(smp=2, pti="on")
+@pytest.mark.parametrize("victim,pti", [("qemu", "on"), ("gdb", "off")])
+def test_trace_survives_a_dying_peer(logged_vms, tmp_path, victim, pti):
+    vm, _ = logged_vms(pti, last=True)     # killed (QEMU) or left busy (gdb): stopped here
     trace = tmp_path / "t.jsonl"
     rec = TraceRecorder(vm.info, str(trace), "full")
     try:
@@ -101,6 +103,7 @@ def test_trace_survives_a_dying_peer(make_vm, tmp_path, victim):
             rec.wait(30)
     finally:
         rec.close()
+        vm.stop()
     msg = str(ei.value)
     assert ("QEMU" in msg) if victim == "qemu" else ("gdb" in msg), msg
     events = read_events(str(trace), strict=True)       # every line is valid JSON

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from demo_helpers import pid_gone, wait_for
 
 from sbmdbg.paths import REPO_ROOT
 
@@ -85,7 +86,10 @@ def test_kernel_build_from_anywhere_is_the_cached_reference(installed, kernel_bu
     assert got["key"] == kernel_build.key and got["vmlinux"] == str(kernel_build.vmlinux)
 
 
-def test_demo_from_anywhere(installed, kernel_build):
+def test_demo_from_anywhere(installed, kernel_build, boots):
+    """`sbmdbg demo` (what `./run demo` runs; the suite's only run of it):
+    pcpu table, then a live stop in a sandbox with the boundary-crossing
+    backtrace, the audit, and nothing left running."""
     venv, elsewhere = installed
     r = _run(venv, elsewhere, "demo", timeout=900)
     out = r.stdout + r.stderr
@@ -94,16 +98,18 @@ def test_demo_from_anywhere(installed, kernel_build):
     assert "pcpu_hot" in out and "swapper/0" in out
     assert "stopped at the first sandbox instruction" in out
     assert re.search(r"│ \d+\s+│ sandbox\s+│ 3 ", out), out[-3000:]
-    assert "--- sandbox boundary: [tos-8]" in out and "result=PASS" in out
+    assert "--- sandbox boundary: [tos-8]" in out and "arch_sbm_exec+" in out and "result=PASS" in out
     assert "worst = info" in out  # sbm audit on the reference kernel: clean
     assert "demo done" in out
+    assert len(boots.pids()) == 1, boots.pids()     # the QEMU the demo started, from the boot log
+    wait_for(lambda: all(pid_gone(p) for p in boots.pids()), 30, f"QEMU {boots.pids()} to exit")
 
 
-def test_gdb_from_anywhere(installed, make_vm):
+def test_gdb_from_anywhere(installed, shared_vm):
     """`sbmdbg gdb` of the installed tool on a running VM: scripts/gdb and the
     sbm commands (from the venv) are loaded, gdb attached."""
     venv, elsewhere = installed
-    vm = make_vm(smp=2, pti="on")
+    vm = shared_vm(smp=2, pti="on")
     info = vm.info
     r = _run(venv, elsewhere, "gdb", "--gdb", info["gdb"], "--vmlinux", info["vmlinux"],
              "--tree", info["tree"], "--", "-batch", "-ex", "sbm pcpu all --json",

@@ -79,3 +79,59 @@ def test_a_passing_assert_is_read_once(monkeypatch):
     r = StepResult(st.index, st.name, st.line)
     Runner()._asserts(FakeGdb(), st, r)
     assert r.failures == [] and r.checks == 1 and len(calls) == 1
+
+
+class FakeGuest:
+    """A VM for Runner._answers: alive or not, a QMP status, shell answers."""
+
+    def __init__(self, alive=True, status="running", taint="262144", echo=True):
+        self.id = "fake"
+        self._alive, self.status, self.taint, self.echo = alive, status, taint, echo
+        self.closed = False
+
+    def alive(self):
+        return self._alive
+
+    def qmp(self, cmd, timeout=None):
+        assert cmd == "query-status"
+        return {"status": self.status}
+
+    def run(self, cmd, timeout=30.0):
+        if cmd.startswith("echo "):
+            if not self.echo:
+                raise R.SbmdbgError("guest command 'echo' did not finish in 20 s")
+            return type("Res", (), {"status": 0, "output": cmd[5:] + "\n"})()
+        assert cmd == "cat /proc/sys/kernel/tainted"
+        return type("Res", (), {"status": 0, "output": self.taint + "\n"})()
+
+    def close(self):
+        self.closed = True
+
+
+def _machine(vm, taint="262144"):
+    m = R._Machine(vm, key=None, kernel={})
+    m.taint = taint
+    return m
+
+
+@pytest.mark.parametrize("guest,kept", [
+    (FakeGuest(), True),
+    (FakeGuest(taint="262656"), False),            # a WARN since the checker took it
+    (FakeGuest(alive=False), False),               # QEMU exited
+    (FakeGuest(status="paused"), False),
+    (FakeGuest(echo=False), False),                # the shell hangs
+], ids=["answers", "tainted", "qemu-gone", "paused", "shell-hung"])
+def test_a_failed_files_vm_is_kept_only_when_the_guest_answers_untainted(guest, kept):
+    assert Runner(reuse_after_failure=True)._answers(_machine(guest)) is kept
+
+
+def test_a_pool_vm_goes_back_to_its_owner_instead_of_being_stopped():
+    handed = []
+    vm = FakeGuest()
+    m = R._Machine(vm, key=None, kernel={}, release=lambda v, healthy: handed.append((v, healthy)))
+    m.healthy = False
+    m.close()
+    assert handed == [(vm, False)] and not vm.closed
+    own = FakeGuest()
+    R._Machine(own, key=None, kernel={}).close()
+    assert own.closed
