@@ -158,6 +158,7 @@ class _Machine:
         self.kernel = kernel
         self.g = None
         self.trace_ok: bool | None = None
+        self.plugin_kernel = None       # the no-stop tracer's open kernel (level "plugin")
         self.slide: int | None = None
         self.dmesg_seen = 0
         self.healthy = True
@@ -374,8 +375,17 @@ class Runner:
         return r
 
     def _trace_start(self, m: _Machine, st: Step, r: StepResult):
-        from sbmdbg.check.transitions import TraceHook
+        from sbmdbg.check.transitions import PluginHook, TraceHook
 
+        if st.transitions.level == "plugin":
+            hook = PluginHook(m.vm, m.plugin_kernel)
+            try:
+                hook.start()
+            except BaseException:
+                hook.cleanup()
+                raise
+            m.plugin_kernel = hook.kernel
+            return hook
         g = m.gdb()
         if m.trace_ok is None:
             try:

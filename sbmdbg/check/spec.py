@@ -86,6 +86,7 @@ class Transitions:
     level: str = "fast"
     line: int | None = None
     attack: str | None = None       # some event names this attack (sbm.attack, issue 15)
+    insn: str | None = None         # some sandbox_insn event names this instruction (level plugin)
 
 
 @dataclass
@@ -608,13 +609,16 @@ class _Validator:
         if not isinstance(d, dict):
             self.err(kp, "transitions: want a table, e.g. transitions = {aborts = 1, abort = {vector = 14}}")
             return None
-        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack"}
+        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack", "insn"}
         self.unknown(kp, d, allowed, "transitions")
         t = Transitions(line=self.line(kp))
         for k, v in d.items():
             if k == "attack":
                 if self.typed(kp + (k,), v, str, "an attack class (sbmdbg/sbm/attack.py)"):
                     t.attack = v
+            elif k == "insn":
+                if self.typed(kp + (k,), v, str, "an instruction mnemonic (sbm.attack.sensitive_insn)"):
+                    t.insn = v
             elif k == "level":
                 if v not in K.TRACE_LEVELS:
                     self.err(kp + (k,), f"transitions.level: want one of {', '.join(K.TRACE_LEVELS)}")
@@ -627,6 +631,9 @@ class _Validator:
             elif k in K.TRACE_KINDS:
                 t.per_kind[k] = self.expectations(kp + (k,), v, None, f"transitions.{k}",
                                                   fields=K.TRACE_FIELDS)
+        if (t.insn is not None or "insns" in d or "sandbox_insn" in d) and t.level != "plugin":
+            self.err(kp, "transitions: insn/insns/sandbox_insn need level = \"plugin\" (only the "
+                         "no-stop tracer watches the instructions a sandbox executes)")
         return t
 
     def assertion(self, kp: tuple, a) -> Assertion | None:

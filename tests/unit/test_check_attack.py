@@ -39,3 +39,23 @@ def test_attack_missing_says_what_was_named():
 def test_attack_must_be_a_string():
     with pytest.raises(SbmdbgError, match="attack"):
         _t("{attack = 3}")
+
+
+INSNS = EVENTS + [{"seq": 5, "kind": "sandbox_insn", "insn": "wrfsbase", "bytes": "f3480faed0"},
+                  {"seq": 6, "kind": "sandbox_insn", "insn": "popf", "bytes": "9d"}]
+
+
+def test_insn_named_by_the_instruction_watch():
+    assert check_transitions(_t('{level = "plugin", insn = "wrfsbase", insns = {op = ">=", value = 2}}'),
+                             INSNS) == []
+    fails = check_transitions(_t('{level = "plugin", insn = "wrgsbase"}'), INSNS)
+    assert fails == ["transitions: expected the tracer to name the sandbox instruction 'wrgsbase', saw popf, "
+                     "wrfsbase (recorded: abort=1, enter=1, exit=1, irq=1, sandbox_insn=2)"]
+    assert "saw no sandbox instruction" in check_transitions(_t('{level = "plugin", insn = "cli"}'), EVENTS)[0]
+
+
+def test_insn_needs_the_plugin_tracer():
+    with pytest.raises(SbmdbgError, match='need level = "plugin"'):
+        _t('{insn = "wrfsbase"}')
+    with pytest.raises(SbmdbgError, match="insn"):
+        _t('{level = "plugin", insn = 3}')
