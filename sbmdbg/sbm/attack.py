@@ -92,8 +92,8 @@ def sensitive_insn(code: bytes) -> str | None:
         elif op == 0xCB and rex & 8:
             name = "lretq"
         return name
-    if op == 0xCD and i + 1 < len(code):
-        return f"int ${code[i + 1]:#x}"
+    if op == 0xCD:
+        return f"int ${code[i + 1]:#x}" if i + 1 < len(code) else "int n"
     if op == 0x8E and i + 1 < len(code):
         sreg = _SREG.get((code[i + 1] >> 3) & 7)
         return f"mov to %{sreg}" if sreg else None
