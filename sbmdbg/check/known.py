@@ -29,7 +29,7 @@ DEMO_SCENARIOS = {
 }
 #: the attack catalogue (issue 15; fixtures/kernel/README.md "Hostile
 #: sandboxes"): scenario -> sbm_error of the attack on the reference kernel
-#: (each also runs a positive control); ``nmi_storm [N]`` as well
+#: (each also runs a positive control); ``nmi_storm [N [external]]`` as well
 ATTACK_SCENARIOS = {
     "gs_selector": 0,
     "wrgsbase": 0,

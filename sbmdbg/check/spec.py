@@ -28,7 +28,7 @@ FILE_KEYS = {"name", "description", "kernel", "extra_patches", "vm", "console_cl
 VM_KEYS = {"smp", "pti", "kaslr", "la57", "append", "mem"}
 KERNEL_KEYS = {"bzimage", "vmlinux", "tree"}
 STEP_KEYS = {"name", "demo", "run", "expect", "stats", "transitions", "break", "assert", "timeout",
-             "console_clean", "trace_level"}
+             "console_clean", "trace_level", "qmp_nmi"}
 EXPECT_SPECIAL = {"result", "sbm_error", "ret", "status", "output"}
 STATS_KEYS = {"calls", "returns", "aborts"}
 ASSERT_KEYS = {"cmd", "path", "op", "value"}
@@ -103,6 +103,7 @@ class Step:
     asserts: list[Assertion] = field(default_factory=list)
     timeout: float = 60.0
     console_clean: bool = True
+    qmp_nmi: bool = False           # QEMU's QMP `nmi` over and over while the command runs
 
     @property
     def command(self) -> str | None:
@@ -475,6 +476,10 @@ class _Validator:
         if "console_clean" in s and self.typed(kp + ("console_clean",), s["console_clean"], bool,
                                                "true or false"):
             st.console_clean = s["console_clean"]
+        if "qmp_nmi" in s and self.typed(kp + ("qmp_nmi",), s["qmp_nmi"], bool, "true or false"):
+            st.qmp_nmi = s["qmp_nmi"]
+            if st.qmp_nmi and st.demo is None and st.run is None:
+                self.err(kp + ("qmp_nmi",), f"step {i + 1}: qmp_nmi needs a command (demo = ... or run = ...)")
         if "break" in s and self.typed(kp + ("break",), s["break"], str, "a symbol (or *ADDRESS)"):
             if not re.fullmatch(r"\*?[A-Za-z_.][\w.$]*(\+\d+|\+0x[0-9a-fA-F]+)?|\*0x[0-9a-fA-F]+",
                                 s["break"].strip()):
@@ -523,10 +528,11 @@ class _Validator:
                 self.err(kp, f"demo {name!r}: want \"repeat N\" with 1 <= N <= {K.DEMO_REPEAT_MAX}")
             return
         if words and words[0] == "nmi_storm":
-            if len(words) > 2 or (len(words) == 2 and not (words[1].isdigit() and
-                                                          1 <= int(words[1]) <= K.DEMO_REPEAT_MAX)):
-                self.err(kp, f"demo {name!r}: want \"nmi_storm\" or \"nmi_storm N\" with 1 <= N <= "
-                             f"{K.DEMO_REPEAT_MAX}")
+            if len(words) > 3 or (len(words) >= 2 and not (re.fullmatch(r"[0-9]{1,9}", words[1]) and
+                                                          1 <= int(words[1]) <= K.DEMO_REPEAT_MAX)) \
+                    or (len(words) == 3 and words[2] != "external"):
+                self.err(kp, f"demo {name!r}: want \"nmi_storm\", \"nmi_storm N\" or \"nmi_storm N external\" "
+                             f"with 1 <= N <= {K.DEMO_REPEAT_MAX}")
             return
         if name not in K.ALL_DEMO_SCENARIOS:
             hint = _suggest(name, set(K.ALL_DEMO_SCENARIOS))

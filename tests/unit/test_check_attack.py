@@ -59,3 +59,54 @@ def test_insn_needs_the_plugin_tracer():
         _t('{insn = "wrfsbase"}')
     with pytest.raises(SbmdbgError, match="insn"):
         _t('{level = "plugin", insn = 3}')
+
+
+def _step(body: str):
+    return spec.loads(f'[[step]]\n{body}\n').steps[0]
+
+
+def test_nmi_storm_external_and_qmp_nmi_are_checked():
+    st = _step('demo = "nmi_storm 100 external"\nqmp_nmi = true')
+    assert st.qmp_nmi and st.demo == "nmi_storm 100 external"
+    for bad in ('demo = "nmi_storm 100 internal"', 'demo = "nmi_storm x external"',
+                'demo = "nmi_storm 1 external 2"'):
+        with pytest.raises(SbmdbgError, match="nmi_storm N external"):
+            _step(bad)
+    with pytest.raises(SbmdbgError, match="qmp_nmi"):
+        _step('demo = "ok"\nqmp_nmi = 1')
+    with pytest.raises(SbmdbgError, match="qmp_nmi needs a command"):
+        _step('break = "x86_sbm_exec"\nqmp_nmi = true')
+
+
+def test_nmi_storm_sends_until_the_block_ends():
+    import threading
+
+    from sbmdbg.check.runner import NmiStorm
+
+    class VM:
+        def __init__(self, fail_after=None):
+            self.n, self.fail_after, self.seen = 0, fail_after, threading.Event()
+
+        def qmp(self, cmd):
+            assert cmd == "nmi"
+            if self.fail_after is not None and self.n >= self.fail_after:
+                raise SbmdbgError("QMP: connection closed")
+            self.n += 1
+            if self.n >= 3:
+                self.seen.set()
+
+    vm = VM()
+    with NmiStorm(vm, pause_s=0) as s:
+        assert vm.seen.wait(30)
+    n = vm.n
+    assert s.sent == n >= 3 and s.error is None
+    with NmiStorm(vm, on=False) as off:
+        pass
+    assert off.sent == 0 and vm.n == n
+    dead = VM(fail_after=2)
+    with NmiStorm(dead, pause_s=0) as s:
+        pass
+    assert s.sent <= 2
+    with NmiStorm(VM(fail_after=0), pause_s=0) as s:
+        s._t.join(30)
+    assert s.sent == 0 and s.error == "QMP: connection closed"
