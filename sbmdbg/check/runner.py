@@ -29,7 +29,7 @@ _FIELD = re.compile(r"(\S+?)=(\S+)")
 
 
 class NmiStorm:
-    """``with NmiStorm(vm, on):`` sends QEMU's QMP ``nmi`` (an NMI to every
+    """``with NmiStorm(vm, on):`` sends QEMU's QMP ``inject-nmi`` (an NMI to every
     vCPU) back to back from a thread until the block ends (issue 15's
     nmi_storm: NMIs from outside the guest while sandboxes run).  ``sent``
     counts them; ``error`` is why the storm stopped early (QEMU gone, ...)."""
@@ -44,7 +44,7 @@ class NmiStorm:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.vm.qmp("nmi")
+                self.vm.qmp("inject-nmi")
             except Exception as e:  # noqa: BLE001 - QEMU gone, QMP closed: say why, stop
                 self.error = str(e) or type(e).__name__
                 return

@@ -103,7 +103,7 @@ class Step:
     asserts: list[Assertion] = field(default_factory=list)
     timeout: float = 60.0
     console_clean: bool = True
-    qmp_nmi: bool = False           # QEMU's QMP `nmi` over and over while the command runs
+    qmp_nmi: bool = False           # QEMU's QMP `inject-nmi` over and over while the command runs
 
     @property
     def command(self) -> str | None:

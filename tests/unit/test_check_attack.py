@@ -88,7 +88,7 @@ def test_nmi_storm_sends_until_the_block_ends():
             self.n, self.fail_after, self.seen = 0, fail_after, threading.Event()
 
         def qmp(self, cmd):
-            assert cmd == "nmi"
+            assert cmd == "inject-nmi"
             if self.fail_after is not None and self.n >= self.fail_after:
                 raise SbmdbgError("QMP: connection closed")
             self.n += 1
