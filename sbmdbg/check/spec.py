@@ -87,6 +87,8 @@ class Transitions:
     line: int | None = None
     attack: str | None = None       # some event names this attack (sbm.attack, issue 15)
     insn: str | None = None         # some sandbox_insn event names this instruction (level plugin)
+    attack_counts: list[Expectation] = field(default_factory=list)   # events naming each attack class
+    insn_counts: list[Expectation] = field(default_factory=list)     # sandbox_insn events per mnemonic
 
 
 @dataclass
@@ -615,7 +617,8 @@ class _Validator:
         if not isinstance(d, dict):
             self.err(kp, "transitions: want a table, e.g. transitions = {aborts = 1, abort = {vector = 14}}")
             return None
-        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack", "insn"}
+        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack", "insn", "attack_counts",
+                                                         "insn_counts"}
         self.unknown(kp, d, allowed, "transitions")
         t = Transitions(line=self.line(kp))
         for k, v in d.items():
@@ -625,6 +628,12 @@ class _Validator:
             elif k == "insn":
                 if self.typed(kp + (k,), v, str, "an instruction mnemonic (sbm.attack.sensitive_insn)"):
                     t.insn = v
+            elif k in ("attack_counts", "insn_counts"):
+                if self.typed(kp + (k,), v, dict, 'a table, e.g. {syscall = 40, "int $0x80" = {op = ">=", value = 40}}'):
+                    for name, x in v.items():
+                        e = self.expectation(kp + (k, name), name, x, f"transitions.{k}")
+                        if e is not None:
+                            getattr(t, k).append(e)
             elif k == "level":
                 if v not in K.TRACE_LEVELS:
                     self.err(kp + (k,), f"transitions.level: want one of {', '.join(K.TRACE_LEVELS)}")
@@ -637,7 +646,7 @@ class _Validator:
             elif k in K.TRACE_KINDS:
                 t.per_kind[k] = self.expectations(kp + (k,), v, None, f"transitions.{k}",
                                                   fields=K.TRACE_FIELDS)
-        if (t.insn is not None or "insns" in d or "sandbox_insn" in d) and t.level != "plugin":
+        if (t.insn is not None or t.insn_counts or "insns" in d or "sandbox_insn" in d) and t.level != "plugin":
             self.err(kp, "transitions: insn/insns/sandbox_insn need level = \"plugin\" (only the "
                          "no-stop tracer watches the instructions a sandbox executes)")
         return t

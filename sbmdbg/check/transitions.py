@@ -60,6 +60,21 @@ def check_transitions(spec: Transitions, events: list[dict]) -> list[str]:
         seen = sorted({str(ev.get("insn")) for ev in evs if ev.get("kind") == "sandbox_insn"})
         fails.append(f"transitions: expected the tracer to name the sandbox instruction {spec.insn!r}, "
                      f"saw {', '.join(seen) or 'no sandbox instruction'} (recorded: {_counts_text(kinds)})")
+    for exps, what, named in ((spec.attack_counts, "events naming the attack",
+                               lambda ev: ev.get("attack")),
+                              (spec.insn_counts, "sandbox_insn events naming",
+                               lambda ev: ev.get("insn") if ev.get("kind") == "sandbox_insn" else None)):
+        if not exps:
+            continue
+        seen: dict = {}
+        for ev in evs:
+            n = named(ev)
+            if n is not None:
+                seen[n] = seen.get(n, 0) + 1
+        for e in exps:
+            if not compare(e.op, seen.get(e.key, 0), e.value):
+                fails.append(f"transitions: expected {what} {e.key!r} {e.op} {short(e.value)}, "
+                             f"saw {seen.get(e.key, 0)} (named: {_counts_text(seen)})")
     for kind, exps in spec.per_kind.items():
         sel = [ev for ev in evs if ev.get("kind") == kind]
         if not sel:

@@ -110,3 +110,18 @@ def test_nmi_storm_sends_until_the_block_ends():
     with NmiStorm(VM(fail_after=0), pause_s=0) as s:
         s._t.join(30)
     assert s.sent == 0 and s.error == "QMP: connection closed"
+
+
+def test_attack_and_insn_counts():
+    evs = INSNS + [dict(INSNS[-2], seq=7), {"seq": 8, "kind": "exit", "attack": "syscall"}]
+    t = _t('{level = "plugin", attack_counts = {syscall = 2, gs_base = {op = ">=", value = 1}}, '
+           'insn_counts = {wrfsbase = 2, popf = 1, "int $0x80" = {op = "<", value = 1}}}')
+    assert check_transitions(t, evs) == []
+    fails = check_transitions(_t('{level = "plugin", attack_counts = {int1 = 40}, insn_counts = {wrfsbase = 3}}'), evs)
+    assert fails == [
+        "transitions: expected events naming the attack 'int1' == 40, saw 0 (named: gs_base=1, syscall=2)",
+        "transitions: expected sandbox_insn events naming 'wrfsbase' == 3, saw 2 (named: popf=1, wrfsbase=2)"]
+    with pytest.raises(SbmdbgError, match='need level = "plugin"'):
+        _t('{insn_counts = {wrfsbase = 1}}')
+    with pytest.raises(SbmdbgError, match="attack_counts"):
+        _t('{attack_counts = 3}')
