@@ -130,7 +130,7 @@ def to_perfetto(events: list[dict]) -> dict:
             continue
         args = {key: v for key, v in ev.items() if key not in ("kind", "host_ns") and v is not None}
         out.append({"ph": "i", "s": "t", "pid": 1, "tid": ev["vcpu"], "ts": us(ev),
-                    "name": summary_line(ev) if k in ("abort", "irq", "nmi", "spurious") else k,
+                    "name": summary_line(ev) if k in ("abort", "irq", "nmi", "spurious", "sandbox_insn") else k,
                     "cat": k, "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"source": "sbmdbg trace", "schema": start.get("schema"),
