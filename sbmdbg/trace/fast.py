@@ -622,11 +622,17 @@ class PluginTracer(TracerBase):
               "log_plugin_gaps": sum(p.gaps for _, p in self._files.values()),
               "log_plugin_gap_at": [g for _, p in self._files.values() for g in p.gap_at],
               "log_bytes": self.log_bytes, "log_files": len(self._files),
-              "plugin": self.ctl.status()}
+              "plugin": self.ctl.status(), "insn_watch": self._insn_watch()}
         self._seal("stopped")
         self.ctl.close()
         st["summary"] = summarize(read_events(self.path))
         return st
+
+    def _insn_watch(self) -> dict:
+        """The plugin's instruction watch counters: lines written, sites
+        watched, sites not watched because its table was full."""
+        words = self.ctl.cmd("insns").split()[2:]
+        return {k: int(v) for k, v in (w.split("=", 1) for w in words)}
 
     def _close_files(self) -> None:
         for fh, _ in self._files.values():

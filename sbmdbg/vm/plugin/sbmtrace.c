@@ -417,12 +417,15 @@ static void sbx_watch(struct qemu_plugin_insn *insn)
 {
     const uint8_t *b = qemu_plugin_insn_data(insn);
     size_t n = qemu_plugin_insn_size(insn);
+    uint64_t va = qemu_plugin_insn_vaddr(insn);
     struct sens *s;
     int k;
-    if (!b || !n || n > 15)
+    /* a sandbox's user half is empty: its code is kernel text and module
+     * code at their kernel addresses; user processes are not watched */
+    if (!b || !n || n > 15 || va < (1ULL << 47))
         return;
     k = sbx_classify(b, n);
-    if (!k || !(s = sbx_intern(qemu_plugin_insn_vaddr(insn), b, n, k == 2)))
+    if (!k || !(s = sbx_intern(va, b, n, k == 2)))
         return;
     qemu_plugin_register_vcpu_insn_exec_cb(insn, sbx_on_insn, QEMU_PLUGIN_CB_NO_REGS, s);
 }
