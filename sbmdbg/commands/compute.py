@@ -83,6 +83,7 @@ def audit(kernel, args=None) -> dict:
         lm = rg.labeled_map(kernel, sb)
         findings = au.audit_ranges(lm["ranges"], m.state_page_views(kernel, sb), sb.sbm)
         findings += au.consistency(kernel, sb.pgd_pa, lm["ranges"])
+        findings += au.out_of_object(lm["ranges"], lm["regions"])
         findings.sort(key=lambda f: -au.severity_rank(f["severity"]))
         for f in lm["walk"]["findings"]:
             findings.append({"rule": f"walk_{f['kind']}", "severity": "high", "region": None,
@@ -190,6 +191,13 @@ def kernel_summary(kernel, args=None) -> dict:
     from sbmdbg.model.percpu import percpu_layout
     s = kernel.summary()
     s["pti"] = kernel.pti_enabled()
+    s["pti_evidence"] = kernel.pti_evidence()
     s["percpu_layout"] = percpu_layout(kernel).kind
     s["sbm"] = m.no_sbm_reason(kernel) is None
+    if s["sbm"]:
+        from sbmdbg.sbm.variant import detect
+        var = detect(kernel)
+        s["sbm_variant"] = var.name
+        s["sbm_layout"] = var.describe()
+        s["sbm_variant_detail"] = var.to_json()
     return jsonable(s)

@@ -128,6 +128,12 @@ def stack(d: dict) -> list:
                            f"sp={r.get('sp', 0):#x} flags={r.get('flags', 0):#x}")
             else:
                 out.append(f"  pt_regs at {pr['address']:#x}: {escape(pr.get('error', ''))}")
+            if pr.get("stack") == "entry_stack":
+                out.append("  (the handler runs on the entry stack: pt_regs where the CPU pushed it)")
+            if "kernel_rsp" in pr:
+                out.append(f"  kernel rsp at \\[exc_top-{pr['exc_top'] - pr['kernel_rsp_slot']}] "
+                           f"{pr['kernel_rsp_slot']:#x}: {pr['kernel_rsp']:#x}"
+                           + (" (= state->return_sp)" if pr.get("kernel_rsp_is_return_sp") else ""))
         bt = c["backtrace"]
         i = 0
         for f in bt["frames"]:
@@ -275,7 +281,10 @@ def memory_line(info: dict) -> str:
 def kernel(d: dict) -> list:
     out = []
     for key, v in d.items():
-        if key != "memory":
+        if key == "sbm_variant_detail":
+            out += [f"{'sbm evidence':18} {escape(e)}" for e in v.get("evidence", [])]
+            out += [f"{'sbm not detected':18} {escape(e)}" for e in v.get("errors", [])]
+        elif key != "memory":
             out.append(f"{key:18} {v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{key:18} {v}")
     if "memory" in d:
         out.append(f"{'memory':18} " + memory_line(d["memory"]).partition(": ")[2])

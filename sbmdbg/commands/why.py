@@ -45,7 +45,7 @@ def sandbox_buffers(sb) -> list[dict]:
 
 def _fault_from_stop(kernel, sb, cpu: int | None) -> dict:
     f: dict = {}
-    pr = stk.pt_regs_on_exc_stack(kernel, sb) or {}
+    pr = stk.pt_regs_on_exc_stack(kernel, sb, cpu) or {}
     regs = pr.get("regs") or {}
     if regs.get("ip") and pr.get("from_sandbox"):     # a frame saved by an exception from the sandbox
         f["rip"] = regs["ip"]

@@ -397,6 +397,7 @@ class Backend:
                 try:
                     lm = RG.labeled_map(k, sb)
                     findings = AU.audit_ranges(lm["ranges"], M.state_page_views(k, sb), sb.sbm)
+                    findings += AU.out_of_object(lm["ranges"], lm["regions"])
                     d["pt_summary"] = pt_summary(lm["ranges"])
                     d["audit"] = [{"severity": f["severity"], "rule": f["rule"], "message": f["message"],
                                    "pages": f["pages"]} for f in findings]

@@ -34,6 +34,8 @@ from sbmdbg.x86 import paging as pg
 from sbmdbg.x86.regs import CR4_LA57, EFER_NXE, decode_cr3
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
+#: X86_FEATURE_PTI (arch/x86/include/asm/cpufeatures.h: word 7, bit 11)
+PTI_FEATURE = 7 * 32 + 11
 KERNEL_IMAGE_SPAN = 1 << 30
 
 
@@ -337,7 +339,19 @@ class Kernel:
             c = 0 if cpu is None else cpu
             cr3 = self.target.registers(c)["cr3"]
             d = decode_cr3(cr3, self.cr4)
-            return RootSpec("user", d.user_pgd_pa if self.pti_enabled() else d.pgd_pa, cr3)
+            pti = self.pti_enabled()
+            if not pti or not d.pti_user:
+                sb = self._sandbox_root_of(cr3)
+                if sb is not None:
+                    # a vCPU on a sandbox table: the process's user table is its mm's
+                    # (a sandbox PGD may have bit 12 set without being a PTI user PGD)
+                    pa = self._task_mm_pgd(c)
+                    if pa is None:
+                        raise KernelError(f"vCPU {c} runs on {sb.label}'s page table and its task's "
+                                          "mm is unreadable: use --root sandbox or a CR3 value")
+                    return RootSpec("user", pa | (1 << 12) if pti else pa, cr3,
+                                    {"note": f"vCPU {c} is on {sb.label}: the current task's mm"})
+            return RootSpec("user", d.user_pgd_pa if pti else d.pgd_pa, cr3)
         if spec.startswith("sandbox"):
             want = spec.partition("=")[2]
             roots: list[RootSpec] = []
@@ -365,25 +379,65 @@ class Kernel:
         return RootSpec("cr3", decode_cr3(v, self.cr4).pgd_pa, v)
 
     def pti_enabled(self) -> bool:
-        """PTI is on when the kernel root's user half is mirrored at +4 KiB:
-        Linux sets X86_FEATURE_PTI; we check the capability bit when layouts
-        allow, else look at the running CR3s."""
+        """The kernel's own decision: X86_FEATURE_PTI in boot_cpu_data (Linux
+        sets it when it isolates page tables).  Only when that cannot be read,
+        a running CR3 with bit 12 set counts (bit 12 alone is no proof: a
+        sandbox PGD of the v1 series is a single 4 KiB page, any address)."""
+        memo = self.cache("pti", per_stop=False)
+        if "cap" in memo:
+            return memo["cap"]
+        cap = self.cpu_cap(PTI_FEATURE)
+        if cap is not None:
+            memo["cap"] = cap       # set once at boot
+            return cap
         for c in range(self.target.ncpus):
             if decode_cr3(self.target.registers(c)["cr3"], self.cr4).pti_user:
                 return True
-        return self.cpu_has(7 * 32 + 11)  # X86_FEATURE_PTI (cpufeatures.h)
+        return False
+
+    def pti_evidence(self) -> str:
+        cap = self.cpu_cap(PTI_FEATURE)
+        if cap is not None:
+            return f"boot_cpu_data.x86_capability: X86_FEATURE_PTI {'set' if cap else 'clear'}"
+        return "boot_cpu_data unreadable: a running CR3 with bit 12 set (PTI user PGD)"
 
     def cpu_has(self, feature: int) -> bool:
         """boot_cpu_data.x86_capability bit (layout from DWARF)."""
+        return bool(self.cpu_cap(feature))
+
+    def cpu_cap(self, feature: int) -> bool | None:
+        """boot_cpu_data.x86_capability bit, None when unreadable."""
         a = self.symbols.get("boot_cpu_data")
         if a is None:
-            return False
+            return None
         try:
             off = self.layouts.offsetof("cpuinfo_x86", "x86_capability")
             word = struct.unpack("<I", self.read_virt(self.root, a + self.slide + off + 4 * (feature // 32), 4))[0]
         except (SbmdbgError, TargetError):
-            return False
+            return None
         return bool(word >> (feature % 32) & 1)
+
+    def _sandbox_root_of(self, cr3: int):
+        for e in self.extensions:
+            if not e.sandbox_roots:
+                continue
+            try:
+                for r in e.sandbox_roots(self):
+                    if r.cr3 is not None and (r.cr3 ^ cr3) & ((1 << 52) - 1) & ~0xFFF == 0:
+                        return r
+            except SbmdbgError:
+                pass
+        return None
+
+    def _task_mm_pgd(self, cpu: int) -> int | None:
+        from sbmdbg.model.percpu import current_task
+        try:
+            task = current_task(self, cpu)
+            mm = self.read_field("task_struct", task, "mm") or self.read_field("task_struct", task, "active_mm")
+            pgd = self.read_field("mm_struct", mm, "pgd")
+            return self.translate(self.root, pgd).pa
+        except (SbmdbgError, TargetError):
+            return None
 
     def summary(self) -> dict:
         return {"root": self.root, "levels": self.levels, "la57": self.la57, "nxe": self.nxe,

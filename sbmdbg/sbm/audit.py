@@ -3,6 +3,8 @@ diff of two page-table roots.  Pure functions over labeled ranges (see
 sbmdbg.sbm.regions), so the rules are testable on hand-built inputs."""
 from __future__ import annotations
 
+import bisect
+
 from sbmdbg.sbm.regions import EXPECTED, KERNEL_DATA, PAGE, perm_str
 
 SEVERITIES = ["info", "low", "medium", "high", "critical"]
@@ -84,8 +86,10 @@ def consistency(kernel, sandbox_root: int, ranges: list[dict],
     """The design's sandbox table reuses kernel VAs: every sandbox translation
     of a non-private region must map the physical page the kernel's own table
     maps there.  Findings: ``not_mapped_by_kernel`` (a VA the kernel does not
-    map, e.g. an unused IST stack), ``pa_zero`` (a mapping onto physical page
-    0, any region), ``pa_differs``.  Bounded to *max_pages* pages."""
+    map, e.g. an unused IST stack or a guard page), ``pa_zero`` (a mapping onto
+    physical page 0, any region: also reported with ``not_mapped_by_kernel``
+    when the kernel does not map the VA), ``pa_differs``.  Bounded to
+    *max_pages* pages."""
     agg: dict[tuple, dict] = {}
     budget = max_pages
 
@@ -111,9 +115,8 @@ def consistency(kernel, sandbox_root: int, ranges: list[dict],
             if spa is None:
                 continue
             if spa >> 12 == 0:
-                add("pa_zero", "high", "mapped onto physical page 0 (a translation of an absent "
-                    "kernel mapping?)", r, va)
-                continue
+                add("pa_zero", "high", "mapped onto physical page 0 (slow_virt_to_phys() of a "
+                    "non-present kernel PTE gives PFN 0)", r, va)
             if r["kind"] in PRIVATE:
                 continue
             ktr = kernel.translate(kernel.root, va)
@@ -124,7 +127,7 @@ def consistency(kernel, sandbox_root: int, ranges: list[dict],
             elif kpa is None:
                 add("not_mapped_by_kernel", "high", "the sandbox maps a VA the kernel's own table "
                     "does not map", r, va)
-            elif kpa >> 12 != spa >> 12:
+            elif kpa >> 12 != spa >> 12 and spa >> 12:
                 add("pa_differs", "high", "the sandbox maps another physical page than the "
                     "kernel's own table at this VA", r, va)
     out = list(agg.values())
@@ -132,6 +135,92 @@ def consistency(kernel, sandbox_root: int, ranges: list[dict],
         out.append({"rule": "consistency_truncated", "severity": "low", "region": None,
                     "message": f"consistency checked on the first {max_pages} pages only",
                     "ranges": [], "pages": 0})
+    return out
+
+
+#: Regions that are one object the design exposes (not a section or a stack
+#: of fixed size): a mapping past their pages is the object over-mapped.
+OBJECTS = ("task_struct", "input_buffer", "output_buffer", "io_buffer")
+MAX_OVERRUN_PAGES = 4096
+
+
+def _object_label(reg: dict) -> str:
+    if reg["kind"] == "task_struct":
+        return f"{reg['name']} ({reg.get('size_source', 'size')}={reg.get('size')})"
+    return f"{reg['name']} of {reg.get('size')} bytes"
+
+
+def out_of_object(ranges: list[dict], regions: list[dict],
+                  max_pages: int = MAX_OVERRUN_PAGES) -> list[dict]:
+    """Mappings that exceed the object they expose: sandbox pages that no
+    region explains ("unknown"), contiguous with an object's pages (the
+    task_struct of the task in the sandbox, each buffer copy) before its first
+    or after its last page.  The design maps an object at page granularity:
+    its first and last pages are its own; a page past them is the object
+    over-mapped (v1 maps sizeof(struct task_struct) from ``current``; the
+    allocation is arch_task_struct_size).  Severity high if a page is writable,
+    else medium.  Also, for the task_struct (a slab object), an ``info``
+    finding for the bytes of its first and last pages outside the object
+    (other objects of its slab page, visible through the page granularity).
+    *ranges* are the labeled ranges (sorted by VA), *regions* the design's
+    regions with their exact bounds (sbmdbg.sbm.regions)."""
+    rs = sorted(ranges, key=lambda r: r["va"])
+    starts = [r["va"] for r in rs]
+    out = []
+
+    def covering(va):
+        i = bisect.bisect_right(starts, va) - 1
+        return rs[i] if i >= 0 and va < rs[i]["end"] else None
+
+    for reg in regions:
+        if reg["kind"] not in OBJECTS:
+            continue
+        over = []       # (va, range) of each over-mapped page, ascending
+        for step, va0 in ((PAGE, reg["end"]), (-PAGE, reg["start"] - PAGE)):
+            va, n = va0, 0
+            while n < max_pages and 0 <= va < 1 << 64:
+                r = covering(va)
+                if r is None or r["kind"] != "unknown":
+                    break
+                over.append((va, r))
+                va += step
+                n += 1
+        label = _object_label(reg)
+        if over:
+            over.sort(key=lambda x: x[0])
+            writable = any(r["perms"]["w"] for _, r in over)
+            past = [va for va, _ in over if va >= reg["end"]]
+            before = [va for va, _ in over if va < reg["start"]]
+            where = []
+            if past:
+                end = past[-1] + PAGE
+                where.append(f"{len(past)} page(s) past its last page, up to {end:#x} "
+                             f"({end - reg['exact_end']} bytes past its end at {reg['exact_end']:#x})")
+            if before:
+                where.append(f"{len(before)} page(s) before its first page")
+            f = {"rule": "out_of_object", "severity": "high" if writable else "medium",
+                 "region": reg["kind"], "object": label, "object_start": reg["exact_start"],
+                 "object_end": reg["exact_end"], "object_size": reg.get("size"),
+                 "size_source": reg.get("size_source"),
+                 "message": f"{label} mapped beyond the object: {'; '.join(where)}"
+                            f"{' (writable)' if writable else ''}",
+                 "ranges": [], "pages": len(over)}
+            for va, r in over:
+                last = f["ranges"][-1] if f["ranges"] else None
+                if last and last["end"] == va and last["perms"] == perm_str(r["perms"]):
+                    last["end"] = va + PAGE
+                else:
+                    f["ranges"].append({"va": va, "end": va + PAGE, "perms": perm_str(r["perms"]),
+                                        "global": r["global"], "name": f"past {label}"})
+            out.append(f)
+        if reg["kind"] == "task_struct":
+            head = reg["exact_start"] - reg["start"] if covering(reg["start"]) else 0
+            tail = reg["end"] - reg["exact_end"] if covering(reg["end"] - PAGE) else 0
+            if head or tail:
+                out.append({"rule": "object_page_neighbours", "severity": "info", "region": reg["kind"],
+                            "object": label, "message": f"{label}: its pages also show {head} bytes "
+                            f"before and {tail} bytes after the object (other objects of its slab page; "
+                            "the design maps at page granularity)", "ranges": [], "pages": 0})
     return out
 
 
@@ -232,4 +321,4 @@ def diff_roots(kernel, root_a: int, root_b: int, rng: tuple[int, int] | None = N
     return d
 
 
-__all__ = ["audit_ranges", "diff_mappings", "diff_roots", "worst", "severity_rank", "SEVERITIES", "PAGE"]
+__all__ = ["audit_ranges", "consistency", "out_of_object", "diff_mappings", "diff_roots", "worst", "severity_rank", "SEVERITIES", "PAGE"]

@@ -466,15 +466,16 @@ def is_sandbox_role(role: str | None) -> bool:
     return bool(role) and role.startswith("sandbox:")
 
 
-def role_of_cr3(cr3: int, cr4: int, sandboxes, kernel_pgds) -> tuple[str, object]:
+def role_of_cr3(cr3: int, cr4: int, sandboxes, kernel_pgds, pti: bool = True) -> tuple[str, object]:
     """The role of ``cr3`` (a word of CR3_ROLES) and the matching sandbox.
     ``sandboxes``: [(sbm_cr3, label, obj)]; ``kernel_pgds()``: the PGD
-    physical addresses that count as the kernel's (called only when needed)."""
+    physical addresses that count as the kernel's (called only when needed);
+    ``pti``: the kernel isolates page tables (else bit 12 means nothing)."""
     for sbm_cr3, label, obj in sandboxes:
         if sbm_cr3 and cr3 & PA_MASK == sbm_cr3 & PA_MASK:
             return label, obj
     d = decode_cr3(cr3, cr4)
-    if d.pti_user:
+    if pti and d.pti_user:
         return "user (PTI)", None
     if d.pgd_pa in kernel_pgds():
         return "kernel", None
@@ -483,24 +484,35 @@ def role_of_cr3(cr3: int, cr4: int, sandboxes, kernel_pgds) -> tuple[str, object
 
 def cr3_role(kernel, cr3: int, task: int | None, sbs: list[Sandbox]) -> tuple[str, Sandbox | None]:
     return role_of_cr3(cr3, kernel.cr4, [(s.sbm_cr3, s.label, s) for s in sbs],
-                       lambda: _kernel_pgds(kernel, task) if task else {kernel.root})
+                       lambda: _kernel_pgds(kernel, task) if task else {kernel.root}, kernel.pti_enabled())
 
 
 def mode_of(cpl: int, in_sandbox: bool, own_sandbox: bool, rip_symbol: str | None,
-            stack_kind: str | None) -> str:
+            stack_kind: str | None, handler_stack: str | None = None) -> str:
     """The vCPU mode (a word of MODES): ``in_sandbox`` = CR3 is a sandbox's,
-    ``own_sandbox`` = the current task has thread_info.sbm_state set."""
+    ``own_sandbox`` = the current task has thread_info.sbm_state set,
+    ``handler_stack`` = the stack class the kernel's handlers of sandbox
+    exceptions run on (sbm.variant: the SBM exception stack, or v1's entry
+    stack); the SBM exception stack always counts (NMIs from the sandbox)."""
     if cpl == 3:
         return "sandbox" if in_sandbox else "user"
     if cpl == 0 and own_sandbox:
         if in_sandbox or rip_symbol in ("x86_sbm_exec", "x86_sbm_return"):
             return "transition"
-        if stack_kind == "sbm_exception_stack":
+        if stack_kind == "sbm_exception_stack" or (handler_stack and stack_kind == handler_stack):
             return "sandbox (in kernel handler)"
         return "transition"
     if cpl == 0:
         return "kernel"
     return f"cpl{cpl}"
+
+
+def handler_stack(kernel) -> str | None:
+    """The stack class handlers of sandbox exceptions run on, detected from
+    the kernel's code (sbm.variant); None when the code cannot be read."""
+    from sbmdbg.sbm.variant import detect
+    hs = detect(kernel).handler_stack
+    return hs if hs in ("sbm_exception_stack", "entry_stack") else None
 
 
 def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
@@ -523,7 +535,8 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     if sbs is None:
         sbs = sandboxes(kernel, all_tasks_walk=False) if sbm_on else []
     role, sb = cr3_role(kernel, cr3, task, sbs)
-    if sb is None and sbm_on and cpl == 3 and not decode_cr3(cr3, kernel.cr4).pti_user:
+    if sb is None and sbm_on and cpl == 3 and not (decode_cr3(cr3, kernel.cr4).pti_user
+                                                   and kernel.pti_enabled()):
         # a sandbox CR3 of a task that is not current anywhere? look at every task
         role, sb = cr3_role(kernel, cr3, task, sandboxes(kernel))
     own = None
@@ -535,7 +548,8 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     stack = classify_address(kernel, rsp, cpu=cpu)
     out["stack"] = stack
     out["mode"] = mode_of(cpl, sb is not None, own is not None,
-                          (out["rip_symbol"] or {}).get("symbol"), stack.get("kind"))
+                          (out["rip_symbol"] or {}).get("symbol"), stack.get("kind"),
+                          handler_stack(kernel) if own is not None else None)
     sbx = sb or own
     out["sandbox"] = sbx.label if sbx else None
     out["sandbox_state"] = sbx.state if sbx else None

@@ -98,10 +98,12 @@ def sandbox_regions(kernel, sb) -> list[dict]:
     for b in (sb.sbm or {}).get("buffers", []):
         if b.get("sbm_ptr") and b.get("size") is not None:
             out.append(_r(f"{b['direction']}_buffer", f"{b['direction']} buffer (copy of {b.get('kern_ptr', 0):#x})",
-                          b["sbm_ptr"], b["sbm_ptr"] + max(b["size"], 1)))
+                          b["sbm_ptr"], b["sbm_ptr"] + max(b["size"], 1), size=b["size"],
+                          size_source="sbm_buf.size"))
     if sb.task:
-        tsize = _task_struct_size(kernel)
-        out.append(_r("task_struct", f"task_struct of {sb.comm} (pid {sb.pid})", sb.task, sb.task + tsize))
+        tsize, tsource = _task_struct_size(kernel)
+        out.append(_r("task_struct", f"task_struct of {sb.comm} (pid {sb.pid})", sb.task, sb.task + tsize,
+                      size=tsize, size_source=tsource))
         t = m.task_info(kernel, sb.task)
         if t.get("stack"):
             out.append(_r("task_stack", f"thread stack of {sb.comm} (pid {sb.pid})", t["stack"],
@@ -123,19 +125,22 @@ def _possible_cpus(kernel) -> int:
     return n
 
 
-def _task_struct_size(kernel) -> int:
-    """arch_task_struct_size (x86: sizeof(task_struct) + the dynamic FPU state)."""
+def _task_struct_size(kernel) -> tuple[int, str]:
+    """(size, where it came from) of a task_struct allocation: the kernel
+    variable arch_task_struct_size (x86: sizeof(task_struct) minus the static
+    FPU register area plus the CPU's xstate size; what the task_struct slab
+    cache allocates), else DWARF's sizeof, else a page."""
     if "arch_task_struct_size" in kernel.symbols:
         try:
             v = int.from_bytes(kernel.read_virt(kernel.root, kernel.sym("arch_task_struct_size"), 4), "little")
             if 0 < v < 1 << 20:
-                return v
+                return v, "arch_task_struct_size"
         except m.ReadErrors:
             pass
     try:
-        return kernel.layouts.sizeof("task_struct")
+        return kernel.layouts.sizeof("task_struct"), "sizeof(struct task_struct)"
     except LayoutError:
-        return PAGE
+        return PAGE, "a page (no size known)"
 
 
 class RegionMap:

@@ -177,9 +177,12 @@ def backtrace(kernel, cpu: int, max_frames: int = 64) -> dict:
         root = sb.pgd_pa if ctx == "sandbox" else kernel.root
         root_label = sb.label if ctx == "sandbox" else "kernel"
         stops = {ret_pc} if (ctx == "sandbox" and ret_pc) else set()
+        # sandbox frames live on the sandbox stack: an rbp elsewhere is the
+        # kernel's (the v1 series enters the sandbox with it), not a frame
+        in_stack = _on_sandbox_stack(kernel, sb) if ctx == "sandbox" else None
         last = None
         for f in xs.fp_walk(kernel, root, pc, sp, bp, max_frames=budget, stop_pcs=stops,
-                            first_from_regs=first):
+                            first_from_regs=first, in_stack=in_stack):
             if "pc" in f and "end" not in f:
                 if frames and f["how"] == "link" and frames[-1]["pc"] == f["pc"]:
                     continue
@@ -209,8 +212,12 @@ def backtrace(kernel, cpu: int, max_frames: int = 64) -> dict:
                 ctx = "kernel"
             first = True   # a fresh register set: the interrupted pc may be in a prologue
             continue
-        if ctx == "sandbox" and sb is not None and (last.get("end") == "boundary"
-                                                    or str(last.get("end", "")).startswith("rbp is 0")):
+        end = str(last.get("end", ""))
+        if ctx == "sandbox" and sb is not None and (end == "boundary" or end.startswith("rbp is 0")
+                                                    or end.endswith("is not a frame on this stack")):
+            if end.endswith("is not a frame on this stack"):
+                notes.append(f"sandbox rbp {last.get('bp', 0):#x} is not on the sandbox stack "
+                             "(the kernel's rbp at entry): not followed")
             tos = sb.fields.get("stack", 0) + m.sizes(kernel)["thread_size"]
             try:
                 ksp = kernel.read_u64(sb.pgd_pa, tos - 8)
@@ -237,16 +244,51 @@ def backtrace(kernel, cpu: int, max_frames: int = 64) -> dict:
     return {"cpu": cpu, "mode": st["mode"], "frames": frames, "notes": notes}
 
 
+def _on_sandbox_stack(kernel, sb):
+    if sb is None or not sb.fields.get("stack"):
+        return None
+    lo = sb.fields["stack"]
+    hi = lo + m.sizes(kernel)["thread_size"]
+    return lambda va: lo <= va < hi
+
+
 # ---------------------------------------------------------------- sbm stack
-def pt_regs_on_exc_stack(kernel, sb) -> dict | None:
-    """The pt_regs at exc_stack + EXCEPTION_STKSZ - sizeof(pt_regs)."""
+def pt_regs_on_exc_stack(kernel, sb, cpu: int | None = None) -> dict | None:
+    """The sandbox's saved frame, where the kernel under test keeps it
+    (sbm.variant, from its code): a pt_regs whose IRET part is the frame
+    x86_sbm_exec built at exc_top (reference) or below the kernel rsp at
+    [exc_top-8] (v1); on a kernel whose handlers run on the entry stack
+    (v1), with ``cpu`` in such a handler, the pt_regs at the top of that
+    CPU's entry stack."""
+    from sbmdbg.sbm.variant import detect
+    var = detect(kernel)
     sz = m.sizes(kernel)
     exc = sb.fields.get("exc_stack") or 0
     if not exc:
         return None
-    top = exc + sz["exception_stksz"]
+    exc_top = exc + sz["exception_stksz"]
+    gap = var.exc_frame_gap or 0
+    top, where = exc_top - gap, "sbm_exception_stack"
+    if cpu is not None and var.handler_stack == "entry_stack":
+        st = m.vcpu_status(kernel, cpu)
+        kind = st["stack"].get("kind")
+        if st.get("mode") == "sandbox (in kernel handler)" and kind == "entry_stack":
+            top, where = st["stack"]["end"], "entry_stack"
+        elif st.get("mode") == "sandbox (in kernel handler)" and kind == "sbm_exception_stack":
+            top = exc_top       # an NMI from the sandbox: its pt_regs at the very top
     va = top - sz["pt_regs"]
     out = {"address": va, "top": top}
+    if where != "sbm_exception_stack":
+        out["stack"] = where
+    if gap:
+        out["exc_top"] = exc_top
+        out["kernel_rsp_slot"] = exc_top - gap
+        try:
+            ksp = kernel.read_u64(kernel.root, exc_top - gap)
+            out["kernel_rsp"] = ksp
+            out["kernel_rsp_is_return_sp"] = ksp == sb.fields.get("return_sp")
+        except m.ReadErrors as e:
+            out["kernel_rsp_error"] = str(e)
     try:
         regs = xs.decode_pt_regs(kernel, va, kernel.root)
     except m.ReadErrors as e:
@@ -279,7 +321,7 @@ def cpu_stack(kernel, cpu: int) -> dict:
         sb = next((s for s in m.sandboxes(kernel) if s.state == st["sbm_state"]), None)
         if sb is not None:
             out["sbm_stacks"] = sbm_stacks(kernel, sb)
-            out["exc_pt_regs"] = pt_regs_on_exc_stack(kernel, sb)
+            out["exc_pt_regs"] = pt_regs_on_exc_stack(kernel, sb, cpu)
             out["return_sp"] = sb.fields.get("return_sp")
     out["backtrace"] = backtrace(kernel, cpu)
     return out

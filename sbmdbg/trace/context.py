@@ -75,6 +75,7 @@ class GuestContext:
         sizes = M.sizes(kernel)
         self.thread_size = sizes["thread_size"]
         self.exc_stksz = sizes["exception_stksz"]
+        self.pti = kernel.pti_enabled()       # X86_FEATURE_PTI: whether CR3 bit 12 means a PTI user PGD
         self.irq_size = sizes["irq_stack_size"]
         self.jiffies = opt("jiffies") or opt("jiffies_64")
         # the SBM model's section table, the innermost first (entry text is in .text)
@@ -218,14 +219,22 @@ class GuestContext:
     def cr3_role(self, cr3: int, st: dict | None, task: int = 0, pid: int | None = None) -> str:
         """A word of sbm.model.CR3_ROLES."""
         sbs = [(st["sbm_cr3"], M.sandbox_label(pid), None)] if st else []
-        role, _ = M.role_of_cr3(cr3, self.k.cr4, sbs, lambda: self.kernel_pgds(task))
+        role, _ = M.role_of_cr3(cr3, self.k.cr4, sbs, lambda: self.kernel_pgds(task), self.pti)
         return role
 
     @staticmethod
-    def mode(cpl: int, role: str | None, st: dict | None, sym: str | None, stack: str | None) -> str:
-        """A word of sbm.model.MODES (``sym``: "name+0x.." as sym() gives it)."""
+    def mode(cpl: int, role: str | None, st: dict | None, sym: str | None, stack: str | None,
+             handler_stack: str | None = None) -> str:
+        """A word of sbm.model.MODES (``sym``: "name+0x.." as sym() gives it;
+        ``handler_stack``: the stack class handlers of sandbox exceptions run
+        on, ``self.handler_stack``)."""
         return M.mode_of(cpl, M.is_sandbox_role(role), bool(st), (sym or "").partition("+")[0] or None,
-                         stack)
+                         stack, handler_stack)
+
+    @property
+    def handler_stack(self) -> str | None:
+        """The kernel's (sbm.variant, detected from its code once)."""
+        return M.handler_stack(self.k)
 
     def sym(self, va: int | None) -> str | None:
         if va is None:

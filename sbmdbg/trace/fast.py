@@ -179,8 +179,9 @@ class Assembler:
 
     def __init__(self, ctx, sink, *, x86_sbm_return: int, gs_to_cpu: dict[int, int],
                  state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns,
-                 code_at=None):
+                 code_at=None, resume_stack: str = EXCEPTION_STACK):
         self.ctx = ctx
+        self.resume_stack = resume_stack    # where the kernel returns to the sandbox (sbm.variant)
         self.code_at = code_at          # (runtime address, n) -> vmlinux bytes or None
         self.sink = sink
         self.x86_sbm_return = x86_sbm_return
@@ -196,6 +197,12 @@ class Assembler:
         self._vcpu_ctx: dict[int, dict] = {}      # vcpu -> context of its sandbox call
         self._inside: dict[int, int] = {}         # vcpu -> sandbox CR3, between enter and exit
         self._last_ret: dict[int, int] = {}
+
+    def _handler_stack(self) -> str | None:
+        try:
+            return self.ctx.handler_stack
+        except AttributeError:      # a context without a kernel model (unit tests' fakes)
+            return None
 
     # ------------------------------------------------------------ events
     def _emit(self, ev: dict) -> dict:
@@ -246,12 +253,12 @@ class Assembler:
         ev.update({"cpl": cpl, "rip": hx(rip), "sym": ctx.sym(rip), "rsp": hx(rsp),
                    "stack": ctx.stack_class(rsp, task, st, vcpu), "cr3": hx(cr3),
                    "cr3_role": ctx.cr3_role(cr3, st, task, c.get("pid")) if cr3 is not None else None})
-        ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"])
+        ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"], self._handler_stack())
 
     def _mode(self, ev: dict, vcpu: int) -> None:
         """The SBM model's mode for an event whose CR3 the log does not show."""
         st = (self._vcpu_ctx.get(vcpu) or {}).get("st")
-        ev["mode"] = GuestContext.mode(ev["cpl"], None, st, ev.get("sym"), ev.get("stack"))
+        ev["mode"] = GuestContext.mode(ev["cpl"], None, st, ev.get("sym"), ev.get("stack"), self._handler_stack())
 
     def _sandbox_int(self, rec: dict, stamp: dict) -> None:
         vcpu = stamp["vcpu"]
@@ -353,6 +360,8 @@ class Assembler:
     def _on_resume(self, rec: dict) -> None:
         vcpu = rec["vcpu"]
         frame = dict(zip(FRAME, rec.get("mw") or []))
+        if frame.get("cs") is not None and frame["cs"] & 3 != 3:
+            return      # an iretq the sandbox return shares with the kernel's (v1): not into the sandbox
         exc = self._pending_exc.pop(vcpu, None)
         if exc is not None:
             exc["kind"] = "spurious"
@@ -364,7 +373,7 @@ class Assembler:
         ev["vector"] = stack.pop() if stack else None
         to = frame.get("rip")
         ev.update(to_rip=hx(to), to_sym=self.ctx.sym(to) if to else None, cpl=0,
-                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack=EXCEPTION_STACK,
+                  rip=hx(self.sites.get("resume")), rsp=hx(rec.get("mva")), stack=self.resume_stack,
                   sandbox_rsp=hx(frame.get("rsp")))
         self._mode(ev, vcpu)
         self._emit(ev)
@@ -431,6 +440,7 @@ class PluginTracer(TracerBase):
         self._tailer = Watcher(self._tail_step, "sbm-fasttrace")
         self._lock = threading.Lock()
         self.busy_s = 0.0
+        self.notes: list[str] = []
 
     # ------------------------------------------------------------ setup
     def _kernel(self):
@@ -446,7 +456,8 @@ class PluginTracer(TracerBase):
 
     def probes(self) -> list[tuple[int, str, str, int]]:
         """(runtime address, tag, kind, words) of every probe."""
-        from sbmdbg.trace.points import find_sbm_resume, function_code
+        from sbmdbg.sbm.variant import find_exit_check
+        from sbmdbg.trace.points import function_code
 
         # code from vmlinux (link-time addresses, exact function sizes), slid
         k = self.k
@@ -457,12 +468,15 @@ class PluginTracer(TracerBase):
         out = [(a + i + k.slide, "enter", "mem", 5), (k.sym("x86_sbm_return"), "exit", "ctx", 0)]
         try:
             b, rcode = function_code(k.symbols, "restore_regs_and_return_to_kernel", 256)
-            lab = find_sbm_resume(b, rcode, k.layouts.offsetof("pt_regs", "cs"))
+            # either shape (je to the sandbox return, or v1's jne around it inline)
+            lab = find_exit_check(b, rcode, k.layouts.offsetof("pt_regs", "cs")).sandbox
             j = rcode.find(IRETQ, lab - b)
-            if j >= 0:
-                out.append((b + j + k.slide, "resume", "mem", 5))
-        except SbmdbgError:
-            pass        # a kernel without the resume label: no irq_return events
+            if j < 0:
+                raise SbmdbgError("no iretq after the sandbox return label")
+            out.append((b + j + k.slide, "resume", "mem", 5))
+        except SbmdbgError as e:
+            # say so: a kernel whose sandbox return sbmdbg cannot find records no irq_return events
+            self.notes.append(f"no irq_return events: {e}")
         # every IDT handler: a time stamp right after QEMU logged the delivery
         idt = k.read_virt(k.root, k.sym("idt_table"), 256 * 16)
         seen = set()
@@ -521,9 +535,12 @@ class PluginTracer(TracerBase):
         def code_at(addr: int, n: int) -> bytes | None:
             return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
 
+        from sbmdbg.sbm.variant import detect
+        var = detect(k)
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
-                             clock=self.clock, code_at=code_at)
+                             clock=self.clock, code_at=code_at,
+                             resume_stack=var.handler_stack or EXCEPTION_STACK)
         meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
                 "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
                 "slide": hx(k.slide), "ncpus": ncpus, "vmlinux": self.info.get("vmlinux"),
@@ -531,6 +548,7 @@ class PluginTracer(TracerBase):
                 "probes": [{"name": t, "site": hx(a), "kind": kd} for a, t, kd, _ in plist
                            if not t.startswith("v")],
                 "stamps": sum(1 for p in plist if p[1].startswith("v")),
+                "sbm_variant": var.name, "notes": list(self.notes),
                 "clocks": "host_ns: host CLOCK_REALTIME at the event (in QEMU's vCPU thread); "
                           "tsc: host TSC (under TCG the guest TSC is the host TSC plus an offset "
                           "that changes only when the VM is stopped); jiffies: the guest's"}

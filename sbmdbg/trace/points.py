@@ -2,18 +2,21 @@
 
 Function entries come from the symbol table.  Three probes sit on local
 labels of entry_64.S that have no symbol; they are found by decoding the
-instructions the SBM patch emits there, from vmlinux's bytes (no
-disassembler needed, nothing hard-coded but the instruction encodings):
+kernel's own instructions there, from vmlinux's bytes (capstone, in
+sbmdbg.sbm.variant; both the reference series' and the v1 series' shapes):
 
-* ``sbm_entry`` = ``.Lerror_entry_from_sbm``: the target of the ``jne`` in
-  error_entry's SBM_CHECK_SANDBOX_CR3 (``mov x86_sbm_state+kernel_cr3(%rip),
-  %rax; test %rax,%rax; jne``).  Every exception and interrupt that arrives
-  at CPL 3 in a sandbox passes here (NMIs and #DF excepted), with pt_regs at
-  rsp+8 and the entry stub's return address at [rsp]: the vector.
-* ``sbm_nmi`` = ``.Lnmi_from_sbm``: the same check in asm_exc_nmi (on %rdx).
-* ``sbm_resume`` = ``.Lsbm_return_to_sandbox``: the target of the ``je`` after
-  ``cmpq $__SBM_CS, CS(%rsp)`` in restore_regs_and_return_to_kernel; pt_regs
-  at rsp, regs->ip is where the sandbox resumes.
+* ``sbm_entry`` = ``.Lerror_entry_from_sbm``: the sandbox path of
+  error_entry's check of x86_sbm_state.kernel_cr3 (``mov ...(%rip), %rax;
+  test; jne`` -> its target, or v1's ``movq <abs>, %rcx; jrcxz`` -> the
+  fall-through).  Every exception and interrupt that arrives at CPL 3 in a
+  sandbox passes here (NMIs and #DF excepted), with pt_regs at rsp+8 and the
+  entry stub's return address at [rsp]: the vector.
+* ``sbm_nmi`` = ``.Lnmi_from_sbm``: the same check in asm_exc_nmi (v1:
+  ``cmpq $0, <abs>; jne``).
+* ``sbm_resume`` = ``.Lsbm_return_to_sandbox``: the sandbox return after
+  ``cmpq $__SBM_CS, CS(%rsp); je`` (its target) or v1's ``cmpw ...; jne``
+  (the fall-through) in restore_regs_and_return_to_kernel; pt_regs at rsp,
+  regs->ip is where the sandbox resumes.
 
 Levels (each probe is one gdb stop per hit):
 
@@ -23,7 +26,6 @@ Levels (each probe is one gdb stop per hit):
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from sbmdbg.errors import SbmdbgError
@@ -119,54 +121,14 @@ def function_code(symbols, name: str, default_len: int = 512) -> tuple[int, byte
     return a, data
 
 
-def _branch(code: bytes, i: int, base: int, cond: int) -> int | None:
-    """A jcc with condition nibble ``cond`` at code[i] (short 7x or near 0f 8x) -> target."""
-    if i + 2 <= len(code) and code[i] == 0x70 | cond:
-        return base + i + 2 + struct.unpack_from("<b", code, i + 1)[0]
-    if i + 6 <= len(code) and code[i] == 0x0F and code[i + 1] == 0x80 | cond:
-        return base + i + 6 + struct.unpack_from("<i", code, i + 2)[0]
-    return None
-
-
-JNE, JE = 0x5, 0x4
-
-
-def find_sbm_check(base: int, code: bytes, kernel_cr3_va: int) -> int:
-    """The jne target of SBM_CHECK_SANDBOX_CR3 in ``code`` (at ``base``):
-    ``mov kernel_cr3(%rip), %reg`` (48 8b /r, rip-relative), ``test %reg,%reg``,
-    ``jne label``."""
-    for i in range(len(code) - 10):
-        if code[i] != 0x48 or code[i + 1] != 0x8B or code[i + 2] & 0xC7 != 0x05:
-            continue
-        reg = (code[i + 2] >> 3) & 7
-        if base + i + 7 + struct.unpack_from("<i", code, i + 3)[0] != kernel_cr3_va:
-            continue
-        j = i + 7
-        if code[j:j + 3] != bytes([0x48, 0x85, 0xC0 | reg << 3 | reg]):
-            continue
-        t = _branch(code, j + 3, base, JNE)
-        if t is not None:
-            return t
-    raise ProbeError("SBM_CHECK_SANDBOX_CR3 (mov x86_sbm_state.kernel_cr3; test; jne) not found")
-
-
-def find_sbm_resume(base: int, code: bytes, cs_off: int) -> int:
-    """The je target after ``cmpq $__SBM_CS, CS(%rsp)`` (48 83 7c/bc 24 disp imm8)."""
-    pats = [bytes([0x48, 0x83, 0xBC, 0x24]) + struct.pack("<i", cs_off) + bytes([SBM_CS])]
-    if cs_off < 128:
-        pats.append(bytes([0x48, 0x83, 0x7C, 0x24, cs_off, SBM_CS]))
-    for pat in pats:
-        i = code.find(pat)
-        while i >= 0:
-            t = _branch(code, i + len(pat), base, JE)
-            if t is not None:
-                return t
-            i = code.find(pat, i + 1)
-    raise ProbeError("cmpq $__SBM_CS, CS(%rsp); je .Lsbm_return_to_sandbox not found")
-
-
 def find_probes(symbols, layouts, level: str = "full") -> dict[str, Probe]:
-    """Probe name -> Probe (link-time addresses) for ``level``."""
+    """Probe name -> Probe (link-time addresses) for ``level``.  The three
+    labels come from the kernel's own code in either shape the SBM series
+    use (sbmdbg.sbm.variant: ``mov kernel_cr3(%rip); test; jne`` or v1's
+    ``movq <abs>, %rcx; jrcxz`` / ``cmpq $0, <abs>; jne``; ``cmpq ...; je``
+    or v1's ``cmpw $__SBM_CS, CS(%rsp); jne`` with the sandbox return inline)."""
+    from sbmdbg.sbm.variant import VariantError, find_cr3_check, find_exit_check
+
     if level not in LEVELS:
         raise ProbeError(f"bad level {level!r}: {', '.join(LEVELS)}")
     want = LEVELS[level]
@@ -186,11 +148,17 @@ def find_probes(symbols, layouts, level: str = "full") -> dict[str, Probe]:
         for name, fn in (("sbm_entry", "error_entry"), ("sbm_nmi", "asm_exc_nmi")):
             if name in want:
                 base, code = function_code(symbols, fn)
-                out[name] = Probe(name, find_sbm_check(base, code, kcr3),
-                                  f"jne target of the SBM check in {fn}")
+                try:
+                    c = find_cr3_check(base, code, kcr3)
+                except VariantError as e:
+                    raise ProbeError(f"SBM_CHECK_SANDBOX_CR3 in {fn}: {e}") from None
+                out[name] = Probe(name, c.sandbox, f"sandbox path of `{c.shape}` in {fn}")
     if "sbm_resume" in want:
         base, code = function_code(symbols, "restore_regs_and_return_to_kernel", 256)
-        out["sbm_resume"] = Probe(name="sbm_resume",
-                                  addr=find_sbm_resume(base, code, layouts.offsetof("pt_regs", "cs")),
-                                  how="je target of cmpq $__SBM_CS in restore_regs_and_return_to_kernel")
+        try:
+            c = find_exit_check(base, code, layouts.offsetof("pt_regs", "cs"))
+        except VariantError as e:
+            raise ProbeError(f"restore_regs_and_return_to_kernel: {e}") from None
+        out["sbm_resume"] = Probe(name="sbm_resume", addr=c.sandbox,
+                                  how=f"sandbox return of `{c.shape}` in restore_regs_and_return_to_kernel")
     return {n: out[n] for n in want}

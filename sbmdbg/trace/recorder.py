@@ -102,7 +102,7 @@ class Tracer:
             ev["stack"] = ctx.stack_class(rsp, task, st, cpu)
         except Exception:  # noqa: BLE001
             ev["stack"] = "unknown"
-        ev["mode"] = ctx.mode(cs & 3, role, st, ev["sym"], ev["stack"])
+        ev["mode"] = ctx.mode(cs & 3, role, st, ev["sym"], ev["stack"], ctx.handler_stack)
         return ev, task, st
 
     def hit(self, point: str, cpu: int, reg: Reg) -> None:

@@ -1,8 +1,10 @@
 """Helpers of the live tests, one per job: the demo module, gdb JSON, waits."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
 
 # plain gdb and the guest as independent sources: the same readers the fixture recorder uses
@@ -68,3 +70,44 @@ def pid_gone(pid: int) -> bool:
     except OSError:
         return True
     return st[st.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+class Stop:
+    """Break at ``sym`` (gdb MI session ``g``), run a demo scenario in the
+    background, wait for the hit; ``finish()`` continues and returns its output."""
+
+    def __init__(self, vm, g, sym: str, scenario: str, timeout: float = 90):
+        self.vm, self.g, self.result, self.timeout = vm, g, {}, timeout
+        g.interrupt()
+        g.mi(f"-break-insert -t {sym}")
+        g.cont()
+        self.t = threading.Thread(target=self._run, args=(scenario,), daemon=True)
+        self.t.start()
+        self.stop = stop = g.wait_stopped(timeout)
+        assert stop.get("reason") == "breakpoint-hit", stop
+        self.cpu = int(stop["thread-id"]) - 1
+
+    def _run(self, scenario):
+        self.result["run"] = self.vm.run(f"echo {scenario} > {DEMO}/run; cat {DEMO}/run",
+                                         timeout=max(180, self.timeout))
+
+    def finish(self) -> str:
+        self.g.cont()
+        self.t.join(max(120, self.timeout))
+        r = self.result.get("run")
+        assert r is not None, "the demo scenario did not finish"
+        return r.output
+
+
+@contextlib.contextmanager
+def stopped_in_sandbox(vm, g, timeout: float = 300):
+    """The guest stopped (temporary breakpoint) at the first instruction of
+    the `ok` scenario's sandboxed function; yields (the vCPU in the sandbox,
+    the stop record).  Afterwards the guest runs on and the scenario has
+    finished with PASS."""
+    s = Stop(vm, g, "__sbm_thunk_sbm_demo_compute", "ok", timeout)
+    try:
+        yield s.cpu, s.stop
+    finally:
+        out = s.finish()
+    assert "scenario=ok" in out and "result=PASS" in out, out

@@ -10,10 +10,9 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
-from demo_helpers import DEMO, demo_stats, run_scenario, sbm_json
+from demo_helpers import DEMO, demo_stats, run_scenario, sbm_json, stopped_in_sandbox
 
 from sbmdbg.paths import REPO_ROOT
 from sbmdbg.target.qmp import info_tlb_flags as qemu_flags, parse_info_tlb, parse_info_registers
@@ -156,17 +155,7 @@ def test_sbm_model_audit_and_tracer_under_la57(shared_vm, gdb_session, tmp_path)
     assert s["aborts"] == 3
 
     g = gdb_session(vm)
-    g.interrupt()
-    g.mi("-break-insert -t __sbm_thunk_sbm_demo_compute")
-    g.cont()
-    res = {}
-    th = threading.Thread(target=lambda: res.update(r=vm.run(f"echo ok > {DEMO}/run; cat {DEMO}/run",
-                                                            timeout=180)), daemon=True)
-    th.start()
-    stop = g.wait_stopped(120)
-    try:
-        assert stop.get("reason") == "breakpoint-hit", stop
-        cpu = int(stop["thread-id"]) - 1
+    with stopped_in_sandbox(vm, g, timeout=180) as (cpu, _):
         k = sbm_json(g, "sbm kernel")
         assert k["la57"] and k["levels"] == 5
         row = sbm_json(g, "sbm")["cpus"][cpu]
@@ -180,7 +169,3 @@ def test_sbm_model_audit_and_tracer_under_la57(shared_vm, gdb_session, tmp_path)
         ours = [(m["va"], m["pa"], qemu_flags(m["leaf"], m["page_size"])) for m in mine["mappings"]]
         theirs = parse_info_tlb(vm.hmp("info tlb", cpu_index=cpu))
         assert len(theirs) > 10 and ours == theirs, next((a, b) for a, b in zip(ours, theirs) if a != b)
-    finally:
-        g.cont()
-        th.join(180)
-    assert "scenario=ok" in res["r"].output and "result=PASS" in res["r"].output

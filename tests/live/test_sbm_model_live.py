@@ -18,11 +18,10 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import types
 
 import pytest
-from demo_helpers import gdb_int, sbm_json
+from demo_helpers import Stop, gdb_int, sbm_json
 
 pytestmark = pytest.mark.live
 
@@ -88,30 +87,6 @@ def _perm_clash(a, b) -> list[tuple[int, int]]:
             if lo < hi and ap != bp:
                 out.append((lo, hi))
     return _merge(out)
-
-
-class Stop:
-    """Break at ``sym``, run a demo scenario in the background, wait for the hit."""
-
-    def __init__(self, vm, g, sym: str, scenario: str):
-        self.vm, self.g, self.result = vm, g, {}
-        g.interrupt()
-        g.mi(f"-break-insert -t {sym}")
-        g.cont()
-        self.t = threading.Thread(target=self._run, args=(scenario,), daemon=True)
-        self.t.start()
-        stop = g.wait_stopped(90)
-        assert stop.get("reason") == "breakpoint-hit", stop
-        self.cpu = int(stop["thread-id"]) - 1
-
-    def _run(self, scenario):
-        self.result["run"] = self.vm.run(f"echo {scenario} > /sys/kernel/debug/sbm_demo/run; "
-                                         "cat /sys/kernel/debug/sbm_demo/run", timeout=180)
-
-    def finish(self) -> str:
-        self.g.cont()
-        self.t.join(120)
-        return self.result["run"].output
 
 
 def test_stopped_in_sandbox(guest, tmp_path):

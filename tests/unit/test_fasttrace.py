@@ -166,6 +166,26 @@ def test_attacks_are_named(tmp_path):
     assert gs["attack_evidence"] == ["GS base 0x0 at the interrupt: not the CPU's per-CPU base"]
 
 
+def test_resume_into_the_kernel_is_no_irq_return(tmp_path):
+    """A kernel whose sandbox return shares its iretq with the kernel's (the
+    v1 series: the probe then sees every kernel-mode return too): only a
+    frame back to CPL 3 is an irq_return."""
+    recs = records()
+    res = next(i for i, r in enumerate(recs) if r["type"] == "P" and r["tag"] == "resume")
+    kernel_ret = dict(recs[res], mw=[0xFFFFFFFF81000000, 0x10, 0x2, 0xFFFFC90000000F00, 0x18])
+    recs[res:res] = [kernel_ret]
+    path = str(tmp_path / "t.jsonl")
+    sink = EventSink(path)
+    asm = Assembler(TinyContext(), sink, x86_sbm_return=X86_SBM_RETURN, gs_to_cpu=GS, state_off=STATE_OFF,
+                    sites={"enter": 1, "resume": 2, "exit": X86_SBM_RETURN}, clock=lambda: 0)
+    for r in recs:
+        asm.record(r)
+    asm.flush()
+    sink.close()
+    backs = [e for e in read_events(path) if e["kind"] == "irq_return"]
+    assert len(backs) == 1 and backs[0]["to_rip"] != hex(0xFFFFFFFF81000000), backs
+
+
 def test_sandbox_instruction_watch(tmp_path):
     """Issue 15: the plugin's "@sbm S insn" lines (a sensitive instruction a
     sandbox executed) become sandbox_insn events with the address, symbol,

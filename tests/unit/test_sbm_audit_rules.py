@@ -41,6 +41,13 @@ def test_design_table_is_clean():
     (rng("state_page", False, True, False, g=True), ("state_page_global", "high")),
     (rng("data", True, False, False, g=True), ("global", "medium")),
     (rng("sandbox_stack", True, True, True), ("wx", "critical")),
+    (rng("tss", True, False, False), ("supervisor_region_user", "high")),
+    (rng("data", False, True, False), ("kernel_data_writable", "medium")),
+    (rng("rodata", True, False, True), ("executable", "high")),
+    (rng("rodata", False, False, True), ("executable", "medium")),
+    (rng("kernel_text", False, False, True), ("user_region_supervisor", "low")),
+    (rng("sandbox_stack", True, False, False), ("readonly", "low")),
+    (rng("kernel_text", True, False, False), ("not_executable", "low")),
 ])
 def test_each_rule(bad, want):
     f = audit_ranges([bad], VIEW)
@@ -53,6 +60,12 @@ def test_wx_also_reports_the_nx_violation_once_and_aggregates():
     assert rules.count(("wx", "critical")) == 1 and ("executable", "high") in rules
     wx = next(x for x in f if x["rule"] == "wx")
     assert wx["pages"] == 2 and len(wx["ranges"]) == 2
+
+
+def test_sbm_error_and_summary_are_info():
+    f = audit_ranges(GOOD, VIEW, {"error": -14})
+    assert {(x["rule"], x["severity"]) for x in f} >= {("sbm_error", "info"), ("summary", "info")}
+    assert "-14" in next(x for x in f if x["rule"] == "sbm_error")["message"]
 
 
 def test_state_page_checks():
@@ -116,7 +129,7 @@ def test_consistency_rule():
             K + 0x9000: 0x888000,                        # the sandbox stack: private
             K + 0xA000: 0x301000}                        # a per-CPU page onto another frame
     f = {(x["rule"], x["region"]): x for x in consistency(TwoRoots(kmap, smap), 0x2000, ranges)}
-    assert set(f) == {("pa_zero", "ist_stack"), ("pa_differs", "percpu")}
+    assert set(f) == {("pa_zero", "ist_stack"), ("not_mapped_by_kernel", "ist_stack"), ("pa_differs", "percpu")}
     assert f[("pa_zero", "ist_stack")]["pages"] == 2 and f[("pa_zero", "ist_stack")]["severity"] == "high"
     assert f[("pa_zero", "ist_stack")]["ranges"] == [{"va": K + 0x4000, "end": K + 0x6000, "perms": "rw- supv",
                                                       "global": False, "name": "ist_stack"}]
@@ -141,3 +154,144 @@ def test_writable_unexplained():
     assert ("writable_unexplained", "high") in above_info(f) and ("unexplained", "medium") in above_info(f)
     assert "writable_unexplained" not in {x["rule"] for x in audit_ranges([rng("unknown", True, False, False)], VIEW)}
     assert "writable_unexplained" not in {x["rule"] for x in audit_ranges([rng("unknown", False, True, False)], VIEW)}
+
+
+# ---------------------------------------------------------------- issue 13: out-of-object mappings
+T = 0xFFFF888000100000 + 0x0B40           # a task_struct in the middle of a slab page
+
+
+def obj(kind, start, size, name, source):
+    return {"kind": kind, "name": name, "start": start & ~0xFFF, "end": (start + size + 0xFFF) & ~0xFFF,
+            "exact_start": start, "exact_end": start + size, "size": size, "size_source": source}
+
+
+TASK = obj("task_struct", T, 3392, "task_struct of sh (pid 43)", "arch_task_struct_size")
+OUT = obj("output_buffer", 0xFFFFC90000010000, 64, "output buffer (copy of 0x1234)", "sbm_buf.size")
+
+
+def test_out_of_object_task_struct_past_arch_task_struct_size():
+    """v1 maps sizeof(task_struct) from current; the allocation is
+    arch_task_struct_size: a page past the object's last page is a finding
+    naming the object and the size the audit used."""
+    from sbmdbg.sbm.audit import out_of_object
+    base = T & ~0xFFF
+    ranges = [rng("task_struct", True, False, False, base, 1),   # T .. T+3392 fits in [base, base+0x2000)
+              rng("task_struct", True, False, False, base + 0x1000, 1),
+              rng("unknown", True, False, False, base + 0x2000, 1)]
+    f = [x for x in out_of_object(ranges, [TASK]) if x["rule"] == "out_of_object"]
+    assert len(f) == 1 and f[0]["severity"] == "medium" and f[0]["pages"] == 1
+    assert "task_struct of sh (pid 43) (arch_task_struct_size=3392)" in f[0]["message"]
+    assert f[0]["object_size"] == 3392 and f[0]["size_source"] == "arch_task_struct_size"
+    assert f[0]["ranges"] == [{"va": base + 0x2000, "end": base + 0x3000, "perms": "r-- user", "global": False,
+                               "name": "past task_struct of sh (pid 43) (arch_task_struct_size=3392)"}]
+    assert f"{base + 0x3000 - (T + 3392)} bytes past its end" in f[0]["message"]
+    # the object's own pages only: no finding above info, the slab neighbours on them are info
+    clean = out_of_object(ranges[:2], [TASK])
+    assert [(x["rule"], x["severity"]) for x in clean] == [("object_page_neighbours", "info")]
+    assert f"{T & 0xFFF} bytes before" in clean[0]["message"]
+    # a page before the first one, writable: high
+    before = out_of_object([rng("unknown", True, True, False, base - 0x1000)] + ranges[:2], [TASK])
+    f = [x for x in before if x["rule"] == "out_of_object"]
+    assert f[0]["severity"] == "high" and "1 page(s) before its first page" in f[0]["message"]
+
+
+def test_out_of_object_only_unexplained_contiguous_pages():
+    from sbmdbg.sbm.audit import out_of_object
+    base = T & ~0xFFF
+    own = [rng("task_struct", True, False, False, base, 2)]
+    # a gap, then an unknown page: not this object's overrun (the unexplained rule reports it)
+    assert not [x for x in out_of_object(own + [rng("unknown", True, False, False, base + 0x3000)], [TASK])
+                if x["rule"] == "out_of_object"]
+    # the next page is another region of the design (a thread stack): not an overrun
+    assert not [x for x in out_of_object(own + [rng("task_stack", True, False, False, base + 0x2000, 4)], [TASK])
+                if x["rule"] == "out_of_object"]
+
+
+def test_out_of_object_output_buffer_past_its_rounded_size():
+    """Issue 15: writable sandbox pages beyond an output buffer's bytes (past
+    its size rounded up to a page) are a high finding naming the buffer."""
+    from sbmdbg.sbm.audit import out_of_object
+    va = OUT["start"]
+    ranges = [rng("output_buffer", True, True, False, va), rng("unknown", True, True, False, va + 0x1000, 2)]
+    f = out_of_object(ranges, [OUT])
+    assert [(x["rule"], x["severity"], x["pages"]) for x in f] == [("out_of_object", "high", 2)]
+    assert f[0]["message"].startswith("output buffer (copy of 0x1234) of 64 bytes mapped beyond the object: "
+                                      "2 page(s) past its last page")
+    assert f[0]["ranges"][0]["va"] == va + 0x1000 and f[0]["ranges"][0]["end"] == va + 0x3000
+    assert out_of_object(ranges[:1], [OUT]) == []   # buffer copies own their pages: no neighbours
+
+
+def test_consistency_pa_zero_of_an_unmapped_va_is_both_findings():
+    """v1 maps the #VC IST stack, which the kernel does not map, onto PA 0:
+    both the VA the kernel does not map and the mapping onto page 0."""
+    from sbmdbg.sbm.audit import consistency
+    ranges = [rng("ist_guard", False, True, False, K + 0x4000)]
+    f = {(x["rule"], x["region"]): x for x in consistency(TwoRoots({}, {K + 0x4000: 0x0}), 0x2000, ranges)}
+    assert set(f) == {("pa_zero", "ist_guard"), ("not_mapped_by_kernel", "ist_guard")}
+    # a kernel page mapped at PA 0 by both tables: pa_zero only (the frames agree)
+    f = {x["rule"] for x in consistency(TwoRoots({K + 0x4000: 0x0}, {K + 0x4000: 0x0}), 0x2000, ranges)}
+    assert f == {"pa_zero"}
+
+
+class _Syms(dict):
+    def addr(self, n):
+        return self[n]
+
+
+class _FakeKernel:
+    """What regions._task_struct_size reads: the symbol, guest memory, DWARF."""
+    root = 0x1000
+
+    def __init__(self, arch_size, readable=True):
+        self.symbols = _Syms({"arch_task_struct_size": 0xFFFFFFFF82000000})
+        self.mem = arch_size.to_bytes(4, "little")
+        self.readable = readable
+        self.layouts = type("L", (), {"sizeof": staticmethod(lambda name: 6400)})()
+
+    def sym(self, n):
+        return self.symbols[n]
+
+    def read_virt(self, root, va, n):
+        from sbmdbg.errors import SbmdbgError
+        if not self.readable:
+            raise SbmdbgError("not readable")
+        return self.mem[:n]
+
+
+def test_task_struct_size_is_the_kernel_variable_not_dwarf():
+    from sbmdbg.sbm import regions
+    assert regions._task_struct_size(_FakeKernel(3392)) == (3392, "arch_task_struct_size")
+    assert regions._task_struct_size(_FakeKernel(3392, readable=False)) == (6400, "sizeof(struct task_struct)")
+
+
+def test_gva2gpa_reads_physical_address_zero():
+    """QEMU prints gva2gpa's result with %#x: PA 0 is "gpa: 0", not unmapped
+    (the live audit test checks a mapping onto page 0 against it)."""
+    from sbmdbg.fixture.sources import gva2gpa
+    vm = type("VM", (), {"hmp": lambda self, cmd, cpu_index: self.out})()
+    for out, want in (("gpa: 0\r\n", 0), ("gpa: 0x7e3000\r\n", 0x7E3000), ("Unmapped\r\n", None)):
+        vm.out = out
+        assert gva2gpa(vm, 0, 0xFFFFFE0000008000) == want, out
+
+
+def test_readme_documents_every_rule_with_its_severity():
+    """Audit severities documented: every rule audit.py emits has a row of
+    README's rules table carrying its severity."""
+    import re
+
+    from sbmdbg.paths import REPO_ROOT
+    from sbmdbg.sbm import audit
+    src = open(audit.__file__).read()
+    emitted = set(re.findall(r'\(f?"(\w+)", "(info|low|medium|high|critical)"', src))
+    emitted |= set(re.findall(r'"rule": "(\w+)", "severity": "(info|low|medium|high|critical)"', src))
+    emitted |= {("out_of_object", "medium"), ("out_of_object", "high")}   # chosen at run time
+    assert len({r for r, _ in emitted}) >= 20, emitted
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("### `sbm audit`: rules and severities"):]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    for rule, sev in sorted(emitted):
+        if rule.startswith("{"):
+            continue
+        row = next((ln for ln in rows if f"`{rule}`" in ln.split("|")[1]), None)
+        assert row is not None, f"README has no row for audit rule {rule}"
+        assert sev in row.split("|")[2], (rule, sev, row)

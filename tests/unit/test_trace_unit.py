@@ -10,7 +10,8 @@ from sbmdbg.errors import SbmdbgError
 from sbmdbg.trace import emulate as em
 from sbmdbg.trace.events import EventSink, decode_pf_error, describe_pf_error, read_events, summarize, validate
 from sbmdbg.trace.export import pair_calls, timeline, to_perfetto
-from sbmdbg.trace.points import Probe, choose_site, find_sbm_check, find_sbm_resume
+from sbmdbg.sbm.variant import VariantError, find_cr3_check, find_exit_check
+from sbmdbg.trace.points import Probe, choose_site
 from sbmdbg.trace.qemulog import cross_check, parse_log
 
 pytestmark = pytest.mark.unit
@@ -88,12 +89,26 @@ def test_find_sbm_check_and_resume():
     code = bytearray(b"\x90" * 16 + b"\x0f\x20\xd8" + b"\x48\x0f\xba\xe0\x0c" + b"\x72\x10")
     i = len(code)
     code += b"\x48\x8b\x05" + struct.pack("<i", kcr3 - (base + i + 7)) + b"\x48\x85\xc0" + b"\x75\x20"
-    assert find_sbm_check(base, bytes(code), kcr3) == base + len(code) + 0x20
-    with pytest.raises(SbmdbgError):
-        find_sbm_check(base, bytes(code), kcr3 + 8)
+    c = find_cr3_check(base, bytes(code), kcr3)
+    assert c.sandbox == base + len(code) + 0x20 and c.pti_bit_test and c.addr == base + i
+    with pytest.raises(VariantError):
+        find_cr3_check(base, bytes(code), kcr3 + 8)
+    # v1: movq kcr3 (absolute), %rcx; jrcxz +0x40: the sandbox path falls through
+    v1 = b"\x90" + b"\x48\x8b\x0c\x25" + struct.pack("<i", kcr3 - (1 << 64)) + b"\xe3\x40" + b"\x0f\x22\xd9"
+    c = find_cr3_check(base, v1, kcr3)
+    assert c.sandbox == base + 11 and not c.pti_bit_test and "jrcxz" in c.shape
+    # v1 NMI: cmpq $0, kcr3 (absolute); jne rel32
+    v1n = b"\x48\x83\x3c\x25" + struct.pack("<i", kcr3 - (1 << 64)) + b"\x00" + b"\x0f\x85" + struct.pack("<i", 0x9e)
+    assert find_cr3_check(base, v1n, kcr3).sandbox == base + len(v1n) + 0x9e
     # cmpq $0x30, 0x88(%rsp); je rel32
     code2 = b"\x90\x90" + b"\x48\x83\xbc\x24\x88\x00\x00\x00\x30" + b"\x0f\x84" + struct.pack("<i", 0x100)
-    assert find_sbm_resume(base, code2, 0x88) == base + len(code2) + 0x100
+    assert find_exit_check(base, code2, 0x88).sandbox == base + len(code2) + 0x100
+    # v1: cmpw $0x30, 0x88(%rsp); jne short: the sandbox return is the fall-through
+    code3 = b"\x66\x83\xbc\x24\x88\x00\x00\x00\x30" + b"\x75\x3f" + b"\x41\x5f"
+    e = find_exit_check(base, code3, 0x88)
+    assert e.sandbox == base + 11 and e.shape == "cmpw $__SBM_CS, CS(%rsp); jne"
+    with pytest.raises(VariantError):
+        find_exit_check(base, code3, 0x90)
 
 
 def test_emulate_decode_execute():
