@@ -29,7 +29,7 @@ DEMO_SCENARIOS = {
 }
 #: the attack catalogue (issue 15; fixtures/kernel/README.md "Hostile
 #: sandboxes"): scenario -> sbm_error of the attack on the reference kernel
-#: (each also runs a positive control); ``nmi_storm [N]`` as well
+#: (each also runs a positive control); ``nmi_storm [N [external]]`` as well
 ATTACK_SCENARIOS = {
     "gs_selector": 0,
     "wrgsbase": 0,
@@ -71,10 +71,11 @@ SBM_COMMANDS_FORBIDDEN = {"trace": "use a step's `transitions` table instead of 
 TRACE_COUNTS = {
     "enters": "enter", "returns": "return", "aborts": "abort", "exits": "exit",
     "irqs": "irq", "nmis": "nmi", "irq_returns": "irq_return", "spurious": "spurious",
-    "calls": "call",
+    "calls": "call", "insns": "sandbox_insn",
 }
 #: per-kind tables of a ``transitions`` table (every event of that kind must match)
-TRACE_KINDS = {"enter", "return", "abort", "exit", "irq", "nmi", "irq_return", "spurious", "call"}
+TRACE_KINDS = {"enter", "return", "abort", "exit", "irq", "nmi", "irq_return", "spurious", "call",
+               "sandbox_insn"}
 #: fields of trace events (sbmdbg.trace.events schema 2)
 TRACE_FIELDS = frozenset({
     "seq", "kind", "host_ns", "jiffies", "vcpu", "point", "pid", "comm", "task", "sandbox", "cr3",
@@ -83,5 +84,6 @@ TRACE_FIELDS = frozenset({
     "ret", "vector", "vector_name", "error_code", "error_bits", "error_desc", "stub", "cr2", "cr2_region",
     "fault_rip", "fault_sym", "fault_rsp", "fault_stack", "via", "address", "error", "aborted",
     "to_rip", "to_sym", "to_rsp", "agrees", "read_error", "attack", "attack_insn", "attack_evidence",
+    "insn", "bytes",
 })
-TRACE_LEVELS = ("lean", "fast", "full")
+TRACE_LEVELS = ("lean", "fast", "full", "plugin")   # plugin: the no-stop tracer (sbmdbg.trace.fast)

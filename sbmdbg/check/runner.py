@@ -14,6 +14,7 @@ failed.
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,41 @@ from sbmdbg.text import clean
 BAD_CONSOLE = re.compile(r"WARNING:|BUG:|Oops|general protection fault|Call Trace|"
                          r"Kernel panic|double fault|not ok \d")
 _FIELD = re.compile(r"(\S+?)=(\S+)")
+
+
+class NmiStorm:
+    """``with NmiStorm(vm, on):`` sends QEMU's QMP ``inject-nmi`` (an NMI to every
+    vCPU) back to back from a thread until the block ends (issue 15's
+    nmi_storm: NMIs from outside the guest while sandboxes run).  ``sent``
+    counts them; ``error`` is why the storm stopped early (QEMU gone, ...)."""
+
+    def __init__(self, vm, on: bool = True, pause_s: float = 0.002):
+        self.vm, self.on, self.pause_s = vm, on, pause_s
+        self.sent = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._t: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.vm.qmp("inject-nmi")
+            except Exception as e:  # noqa: BLE001 - QEMU gone, QMP closed: say why, stop
+                self.error = str(e) or type(e).__name__
+                return
+            self.sent += 1
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> "NmiStorm":
+        if self.on:
+            self._t = threading.Thread(target=self._run, name="sbm-check-nmi", daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._t is not None:
+            self._t.join(30)
 
 
 # --------------------------------------------------------------- results
@@ -161,6 +197,7 @@ class _Machine:
         self.kernel = kernel
         self.g = None
         self.trace_ok: bool | None = None
+        self.plugin_kernel = None       # the no-stop tracer's open kernel (level "plugin")
         self.slide: int | None = None
         self.dmesg_seen = 0
         self.healthy = True
@@ -347,8 +384,15 @@ class Runner:
             else:
                 status, output = None, ""
                 if st.command is not None:
-                    res = m.vm.run(st.command, timeout=st.timeout)
+                    with NmiStorm(m.vm, st.qmp_nmi) as storm:
+                        res = m.vm.run(st.command, timeout=st.timeout)
                     status, output = res.status, res.output
+                    if st.qmp_nmi:
+                        r.notes.append(f"qmp_nmi: {storm.sent} NMIs sent while the command ran")
+                        r.checks += 1
+                        if not storm.sent:
+                            r.failures.append("qmp_nmi: no NMI was sent while the command ran"
+                                              + (f" ({storm.error})" if storm.error else ""))
                 if st.asserts:
                     g = m.gdb()
                     g.interrupt()
@@ -398,8 +442,17 @@ class Runner:
         return r
 
     def _trace_start(self, m: _Machine, st: Step, r: StepResult):
-        from sbmdbg.check.transitions import TraceHook
+        from sbmdbg.check.transitions import PluginHook, TraceHook
 
+        if st.transitions.level == "plugin":
+            hook = PluginHook(m.vm, m.plugin_kernel)
+            try:
+                hook.start()
+            except BaseException:
+                hook.cleanup()
+                raise
+            m.plugin_kernel = hook.kernel
+            return hook
         g = m.gdb()
         if m.trace_ok is None:
             try:

@@ -28,7 +28,7 @@ FILE_KEYS = {"name", "description", "kernel", "extra_patches", "vm", "console_cl
 VM_KEYS = {"smp", "pti", "kaslr", "la57", "append", "mem"}
 KERNEL_KEYS = {"bzimage", "vmlinux", "tree"}
 STEP_KEYS = {"name", "demo", "run", "expect", "stats", "transitions", "break", "assert", "timeout",
-             "console_clean", "trace_level"}
+             "console_clean", "trace_level", "qmp_nmi"}
 EXPECT_SPECIAL = {"result", "sbm_error", "ret", "status", "output"}
 STATS_KEYS = {"calls", "returns", "aborts"}
 ASSERT_KEYS = {"cmd", "path", "op", "value"}
@@ -86,6 +86,9 @@ class Transitions:
     level: str = "fast"
     line: int | None = None
     attack: str | None = None       # some event names this attack (sbm.attack, issue 15)
+    insn: str | None = None         # some sandbox_insn event names this instruction (level plugin)
+    attack_counts: list[Expectation] = field(default_factory=list)   # events naming each attack class
+    insn_counts: list[Expectation] = field(default_factory=list)     # sandbox_insn events per mnemonic
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Step:
     asserts: list[Assertion] = field(default_factory=list)
     timeout: float = 60.0
     console_clean: bool = True
+    qmp_nmi: bool = False           # QEMU's QMP `inject-nmi` over and over while the command runs
 
     @property
     def command(self) -> str | None:
@@ -474,6 +478,10 @@ class _Validator:
         if "console_clean" in s and self.typed(kp + ("console_clean",), s["console_clean"], bool,
                                                "true or false"):
             st.console_clean = s["console_clean"]
+        if "qmp_nmi" in s and self.typed(kp + ("qmp_nmi",), s["qmp_nmi"], bool, "true or false"):
+            st.qmp_nmi = s["qmp_nmi"]
+            if st.qmp_nmi and st.demo is None and st.run is None:
+                self.err(kp + ("qmp_nmi",), f"step {i + 1}: qmp_nmi needs a command (demo = ... or run = ...)")
         if "break" in s and self.typed(kp + ("break",), s["break"], str, "a symbol (or *ADDRESS)"):
             if not re.fullmatch(r"\*?[A-Za-z_.][\w.$]*(\+\d+|\+0x[0-9a-fA-F]+)?|\*0x[0-9a-fA-F]+",
                                 s["break"].strip()):
@@ -522,10 +530,11 @@ class _Validator:
                 self.err(kp, f"demo {name!r}: want \"repeat N\" with 1 <= N <= {K.DEMO_REPEAT_MAX}")
             return
         if words and words[0] == "nmi_storm":
-            if len(words) > 2 or (len(words) == 2 and not (words[1].isdigit() and
-                                                          1 <= int(words[1]) <= K.DEMO_REPEAT_MAX)):
-                self.err(kp, f"demo {name!r}: want \"nmi_storm\" or \"nmi_storm N\" with 1 <= N <= "
-                             f"{K.DEMO_REPEAT_MAX}")
+            if len(words) > 3 or (len(words) >= 2 and not (re.fullmatch(r"[0-9]{1,9}", words[1]) and
+                                                          1 <= int(words[1]) <= K.DEMO_REPEAT_MAX)) \
+                    or (len(words) == 3 and words[2] != "external"):
+                self.err(kp, f"demo {name!r}: want \"nmi_storm\", \"nmi_storm N\" or \"nmi_storm N external\" "
+                             f"with 1 <= N <= {K.DEMO_REPEAT_MAX}")
             return
         if name not in K.ALL_DEMO_SCENARIOS:
             hint = _suggest(name, set(K.ALL_DEMO_SCENARIOS))
@@ -608,13 +617,23 @@ class _Validator:
         if not isinstance(d, dict):
             self.err(kp, "transitions: want a table, e.g. transitions = {aborts = 1, abort = {vector = 14}}")
             return None
-        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack"}
+        allowed = set(K.TRACE_COUNTS) | K.TRACE_KINDS | {"level", "attack", "insn", "attack_counts",
+                                                         "insn_counts"}
         self.unknown(kp, d, allowed, "transitions")
         t = Transitions(line=self.line(kp))
         for k, v in d.items():
             if k == "attack":
                 if self.typed(kp + (k,), v, str, "an attack class (sbmdbg/sbm/attack.py)"):
                     t.attack = v
+            elif k == "insn":
+                if self.typed(kp + (k,), v, str, "an instruction mnemonic (sbm.attack.sensitive_insn)"):
+                    t.insn = v
+            elif k in ("attack_counts", "insn_counts"):
+                if self.typed(kp + (k,), v, dict, 'a table, e.g. {syscall = 40, "int $0x80" = {op = ">=", value = 40}}'):
+                    for name, x in v.items():
+                        e = self.expectation(kp + (k, name), name, x, f"transitions.{k}")
+                        if e is not None:
+                            getattr(t, k).append(e)
             elif k == "level":
                 if v not in K.TRACE_LEVELS:
                     self.err(kp + (k,), f"transitions.level: want one of {', '.join(K.TRACE_LEVELS)}")
@@ -627,6 +646,9 @@ class _Validator:
             elif k in K.TRACE_KINDS:
                 t.per_kind[k] = self.expectations(kp + (k,), v, None, f"transitions.{k}",
                                                   fields=K.TRACE_FIELDS)
+        if (t.insn is not None or t.insn_counts or "insns" in d or "sandbox_insn" in d) and t.level != "plugin":
+            self.err(kp, "transitions: insn/insns/sandbox_insn need level = \"plugin\" (only the "
+                         "no-stop tracer watches the instructions a sandbox executes)")
         return t
 
     def assertion(self, kp: tuple, a) -> Assertion | None:

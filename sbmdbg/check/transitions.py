@@ -55,6 +55,26 @@ def check_transitions(spec: Transitions, events: list[dict]) -> list[str]:
         named = sorted({str(ev["attack"]) for ev in evs if ev.get("attack")})
         fails.append(f"transitions: expected an event naming the attack {spec.attack!r}, "
                      f"saw {', '.join(named) or 'none named'} (recorded: {_counts_text(kinds)})")
+    if spec.insn is not None and not any(ev.get("kind") == "sandbox_insn" and ev.get("insn") == spec.insn
+                                         for ev in evs):
+        seen = sorted({str(ev.get("insn")) for ev in evs if ev.get("kind") == "sandbox_insn"})
+        fails.append(f"transitions: expected the tracer to name the sandbox instruction {spec.insn!r}, "
+                     f"saw {', '.join(seen) or 'no sandbox instruction'} (recorded: {_counts_text(kinds)})")
+    for exps, what, named in ((spec.attack_counts, "events naming the attack",
+                               lambda ev: ev.get("attack")),
+                              (spec.insn_counts, "sandbox_insn events naming",
+                               lambda ev: ev.get("insn") if ev.get("kind") == "sandbox_insn" else None)):
+        if not exps:
+            continue
+        seen: dict = {}
+        for ev in evs:
+            n = named(ev)
+            if n is not None:
+                seen[n] = seen.get(n, 0) + 1
+        for e in exps:
+            if not compare(e.op, seen.get(e.key, 0), e.value):
+                fails.append(f"transitions: expected {what} {e.key!r} {e.op} {short(e.value)}, "
+                             f"saw {seen.get(e.key, 0)} (named: {_counts_text(seen)})")
     for kind, exps in spec.per_kind.items():
         sel = [ev for ev in evs if ev.get("kind") == kind]
         if not sel:
@@ -138,6 +158,42 @@ class TraceHook:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+class PluginHook:
+    """Runs the no-stop tracer (sbmdbg.trace.fast.PluginTracer: QEMU's log
+    and the sbmtrace plugin; ``level = "plugin"``) around one step: the only
+    tracer that records the sensitive instructions a sandbox executes
+    (``sandbox_insn``).  ``kernel``: an open kernel to reuse (opening one
+    per step would reload the DWARF)."""
+
+    def __init__(self, vm, kernel=None):
+        from sbmdbg.trace.fast import PluginTracer
+
+        fd, self.path = tempfile.mkstemp(prefix="sbmdbg-check-", suffix=".jsonl")
+        os.close(fd)
+        self.tracer = PluginTracer(vm, self.path, kernel=kernel, force=True)
+
+    @property
+    def kernel(self):
+        return self.tracer.k
+
+    def start(self) -> None:
+        self.tracer.start()
+
+    def stop(self) -> list[dict]:
+        from sbmdbg.trace.events import read_events
+
+        self.tracer.stop()
+        return read_events(self.path)
+
+    def abandon(self) -> None:
+        try:
+            self.tracer.close()
+        except SbmdbgError:
+            pass
+
+    cleanup = TraceHook.cleanup
 
 
 def summary(events: list[dict]) -> str:

@@ -111,10 +111,12 @@ def vcpu_panel(snap: dict) -> Table | Text:
         ])
     for i, name in enumerate(VCPU_ROWS):
         t.add_row(name, *[c[i] for c in cols])
+    # issue 15: a GS/FS base or PKRU that is not what the kernel expects in a sandbox
+    flags = [T(f"vCPU {r['cpu']}: {e}", "bold red") for r in cpus for e in r.get("attack_evidence") or ()]
     bt = snap.get("backtrace")
     if not bt:
-        return t
-    lines = [t, Text(f"backtrace of vCPU {sel}:", style="bold")]
+        return Group(t, *flags) if flags else t
+    lines = [t, *flags, Text(f"backtrace of vCPU {sel}:", style="bold")]
     if "error" in bt:
         lines.append(T(bt["error"], "red"))
     for f in (bt.get("frames") or [])[:8]:

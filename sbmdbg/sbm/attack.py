@@ -64,7 +64,11 @@ _OF01 = {0xEF: "wrpkru", 0xEE: "rdpkru", 0xF8: "swapgs", 0xF9: "rdtscp", 0xCA: "
          0xCB: "stac", 0xD0: "xgetbv", 0xD1: "xsetbv"}
 _OF = {0x05: "syscall", 0x07: "sysret", 0x34: "sysenter", 0x35: "sysexit", 0x0B: "ud2",
        0x30: "wrmsr", 0x32: "rdmsr", 0x06: "clts", 0x08: "invd", 0x09: "wbinvd", 0xB9: "ud1",
-       0xFF: "ud0", 0xA1: "pop %fs", 0xA9: "pop %gs"}
+       0xFF: "ud0", 0xA1: "pop %fs", 0xA9: "pop %gs", 0xB2: "lss", 0xB4: "lfs", 0xB5: "lgs"}
+#: opcode -> ModRM.reg -> mnemonic, memory operands only
+_MEM_ONE = {0xFF: {3: "lcall *m", 5: "ljmp *m"}, 0xD9: {4: "fldenv", 5: "fldcw"}, 0xDD: {4: "frstor"}}
+_OF_MEM = {0x00: {2: "lldt", 3: "ltr"}, 0x01: {2: "lgdt", 3: "lidt", 6: "lmsw", 7: "invlpg"},
+           0xC7: {3: "xrstors"}}
 _ONE = {0xF1: "int1", 0xCC: "int3", 0xCE: "into", 0xFA: "cli", 0xFB: "sti", 0xF4: "hlt",
         0x9D: "popf", 0xCF: "iret", 0xCB: "lret", 0xCA: "lret $imm", 0x1F: "pop %ds",
         0x07: "pop %es", 0x17: "pop %ss", 0x6C: "insb", 0x6D: "insl", 0x6E: "outsb",
@@ -88,19 +92,24 @@ def sensitive_insn(code: bytes) -> str | None:
         elif op == 0xCB and rex & 8:
             name = "lretq"
         return name
-    if op == 0xCD and i + 1 < len(code):
-        return f"int ${code[i + 1]:#x}"
+    if op == 0xCD:
+        return f"int ${code[i + 1]:#x}" if i + 1 < len(code) else "int n"
     if op == 0x8E and i + 1 < len(code):
         sreg = _SREG.get((code[i + 1] >> 3) & 7)
         return f"mov to %{sreg}" if sreg else None
-    if op == 0xFF and i + 1 < len(code):
+    if op in (0xFF, 0xD9, 0xDD) and i + 1 < len(code):
         reg = (code[i + 1] >> 3) & 7
-        return {3: "lcall *m", 5: "ljmp *m"}.get(reg) if code[i + 1] >> 6 != 3 else None
+        if code[i + 1] >> 6 == 3:
+            return None
+        return _MEM_ONE[op].get(reg)
     if op != 0x0F or i + 1 >= len(code):
         return None
     op2 = code[i + 1]
-    if op2 == 0x01 and i + 2 < len(code):
-        return _OF01.get(code[i + 2])
+    if op2 in (0x00, 0x01, 0xC7) and i + 2 < len(code):
+        modrm = code[i + 2]
+        if op2 == 0x01 and modrm >> 6 == 3:
+            return _OF01.get(modrm)
+        return _OF_MEM[op2].get((modrm >> 3) & 7) if op2 != 0xC7 or modrm >> 6 != 3 else None
     if op2 == 0xAE and i + 2 < len(code):
         modrm = code[i + 2]
         reg = (modrm >> 3) & 7

@@ -667,9 +667,57 @@ def vcpu_status(kernel, cpu: int, sbs: list[Sandbox] | None = None) -> dict:
     out["sandbox_state"] = sbx.state if sbx else None
     if sbx is not None:
         ev = _gs_base_evidence(kernel, cpu, r.get("gs_base"))
+        if task:
+            ev += _fs_base_evidence(kernel, cpu, r.get("fs_base"), task, out.get("task") or {})
+            ev += _pkru_evidence(kernel, cpu, r.get("pkru"), task)
         if ev:
             out["attack_evidence"] = ev
     return out
+
+
+def _task_thread(kernel, task: int, field: str, size: int = 8) -> int | None:
+    """task->thread.<field> (little-endian, ``size`` bytes) or None (no
+    such field in this kernel, or unreadable)."""
+    try:
+        off = kernel.layouts.offsetof("task_struct", f"thread.{field}")
+        return int.from_bytes(kernel.read_virt(kernel.root, task + off, size), "little")
+    except Exception:  # noqa: BLE001 - a kernel without the field, a page we cannot read
+        return None
+
+
+def _fs_base_evidence(kernel, cpu: int, fs_base, task: int, who: dict) -> list[str]:
+    """(issue 15) In or just out of a sandbox, the FS base is the caller's
+    user TLS base: the sandbox's task is current on this CPU, and while a task
+    is current x86_64 Linux keeps its user FS base in the register (the
+    kernel never uses FS; __switch_to saves it to thread.fsbase when the task
+    is switched out and loads the next task's).  So the expected value is the
+    current task's thread.fsbase.  It can be stale only if the task's user
+    code wrote its own FS base with WRFSBASE since it was last switched in
+    (arch_prctl(ARCH_SET_FS) updates both); a kernel thread's is 0."""
+    if fs_base is None:
+        return []
+    want = _task_thread(kernel, task, "fsbase")
+    if want is None or fs_base == want:
+        return []
+    name = f"{who.get('pid')} {who.get('comm')}" if "pid" in who else f"task {task:#x}"
+    return [f"FS base {fs_base:#x} on cpu {cpu}: not {name}'s thread.fsbase {want:#x} "
+            "(its user TLS: a WRFSBASE or FS load in the sandbox)"]
+
+
+def _pkru_evidence(kernel, cpu: int, pkru, task: int) -> list[str]:
+    """(issue 15) PKRU in or just out of a sandbox must be the current
+    task's (thread.pkru, loaded at its last switch-in) or 0 (all keys
+    accessible: what the reference kernel gives a sandbox); anything else is
+    a WRPKRU by the sandbox, which could deny the kernel its own pages (key
+    0) after the exit.  Only where the target reads PKRU (QEMU 7.2's gdb
+    stub and QMP expose none: then nothing is checked)."""
+    if pkru is None:
+        return []
+    want = _task_thread(kernel, task, "pkru", 4)
+    if want is None or pkru in (0, want):
+        return []
+    return [f"PKRU {pkru:#x} on cpu {cpu}: neither the task's thread.pkru {want:#x} nor 0 "
+            "(a WRPKRU in the sandbox)"]
 
 
 def _gs_base_evidence(kernel, cpu: int, gs_base) -> list[str]:

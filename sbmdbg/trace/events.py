@@ -11,7 +11,8 @@ Schema (``SCHEMA`` = 2).  Every event has::
 
     seq        int     0, 1, 2, ... in recording order (0 = trace_start)
     kind       str     trace_start | call | arch_call | enter | return | abort |
-                       exit | irq | nmi | irq_return | spurious | trace_stop
+                       exit | irq | nmi | irq_return | spurious | sandbox_insn |
+                       trace_stop
     host_ns    int     host time.time_ns() when the tracer saw it
     jiffies    int     guest jiffies (read from guest RAM; the guest clock we
                        can read without an extra round trip, see README)
@@ -50,6 +51,10 @@ Kind-specific fields (addresses are hex strings, numbers are ints):
     irq/nmi         vector, vector_name, fault_rip, fault_sym, fault_rsp
     irq_return      vector (of the interrupt returned from), to_rip, to_sym
     spurious        vector 14, error_code, error_bits, cr2, cr2_region, fault_rip
+    sandbox_insn    (the no-stop tracer's instruction watch, issue 15) a
+                    sensitive instruction a vCPU executed inside a sandbox:
+                    rip, sym, insn (mnemonic, sbm.attack.sensitive_insn),
+                    bytes (hex, at most 15 bytes), cpl 3, mode sandbox
     abort/irq/nmi/exit (when sbm.attack names the attempt, issue 15):
                     attack (class: syscall, int1, trap_flag, lret32, gs_base,
                     endless_loop, ...), attack_insn, attack_evidence [str]
@@ -199,10 +204,11 @@ INT_FIELDS = {
     "irqs": _U64,
 }
 #: may be null: no task yet, no IRQ count, a vector that pushes no error code (#UD, #DB, ...),
-#: an interrupt whose vector the tracer could not tell
-NULLABLE = {"pid", "irqs", "error_code", "vector"}
+#: an interrupt whose vector the tracer could not tell, an event no handler stamp timed (jiffies:
+#: a software `int n` that faulted before its handler ran)
+NULLABLE = {"pid", "irqs", "error_code", "vector", "jiffies"}
 STR_FIELDS = {"point", "comm", "cr3_role", "mode", "sym", "stack", "func_sym", "fault_sym",
-              "vector_name", "cr2_region", "to_sym", "fault_stack", "via", "level", "reason"}
+              "vector_name", "cr2_region", "to_sym", "fault_stack", "via", "level", "reason", "insn"}
 HEX_FIELDS = {"task", "sandbox", "cr3", "rip", "rsp", "sbm", "func", "data", "sbm_tos", "exc_tos",
               "sbm_cr3", "cr2", "fault_rip", "fault_rsp", "address", "to_rip", "sandbox_rsp"}
 _HEX_RE = None
@@ -247,6 +253,10 @@ def check_event(ev) -> str | None:
     if eb is not None and (not isinstance(eb, list) or len(eb) > 64
                            or not all(isinstance(b, str) for b in eb)):
         return "error_bits: want a list of bit names"
+    b = ev.get("bytes")
+    if b is not None and not (isinstance(b, str) and len(b) <= 30 and len(b) % 2 == 0
+                              and all(ch in "0123456789abcdefABCDEF" for ch in b)):
+        return f"bytes: want at most 15 bytes in hex, got {_short(b)}"
     if "probes" in ev and not isinstance(ev["probes"], list):
         return "probes: want a list"
     return None

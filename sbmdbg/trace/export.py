@@ -21,7 +21,7 @@ from rich.text import Text
 KIND_STYLE = {
     "enter": "bold green", "return": "green", "exit": "dim green", "abort": "bold red",
     "irq": "yellow", "nmi": "bold yellow", "irq_return": "dim yellow", "spurious": "magenta",
-    "call": "cyan", "arch_call": "dim cyan", "error": "red", "trace_start": "dim", "trace_stop": "dim",
+    "call": "cyan", "arch_call": "dim cyan", "sandbox_insn": "bold magenta", "error": "red", "trace_start": "dim", "trace_stop": "dim",
 }
 
 
@@ -83,6 +83,8 @@ def summary_line(ev: dict) -> str:
             (f" (after {ev['vector_name']})" if ev.get("vector_name") else "")
     if k == "spurious":
         return f"spurious #PF err={ev.get('error_code') or 0:#x} cr2={ev.get('cr2')} resumed"
+    if k == "sandbox_insn":
+        return f"insn {ev.get('insn')} [{ev.get('bytes')}] at {ev.get('sym') or ev.get('rip')}"
     if k == "trace_start":
         return f"trace start (level {ev.get('level')}, {len(ev.get('probes', []))} probes)"
     if k == "trace_stop":
@@ -128,7 +130,7 @@ def to_perfetto(events: list[dict]) -> dict:
             continue
         args = {key: v for key, v in ev.items() if key not in ("kind", "host_ns") and v is not None}
         out.append({"ph": "i", "s": "t", "pid": 1, "tid": ev["vcpu"], "ts": us(ev),
-                    "name": summary_line(ev) if k in ("abort", "irq", "nmi", "spurious") else k,
+                    "name": summary_line(ev) if k in ("abort", "irq", "nmi", "spurious", "sandbox_insn") else k,
                     "cat": k, "args": args})
     return {"traceEvents": out, "displayTimeUnit": "ms",
             "otherData": {"source": "sbmdbg trace", "schema": start.get("schema"),

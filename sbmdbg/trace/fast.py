@@ -25,6 +25,8 @@ This module parses that log as it grows and turns it into the same events
     plugin enter line                      -> enter
     plugin resume line                     -> irq_return (or spurious, above)
     plugin exit line                       -> exit (ret, sbm->error)
+    plugin insn line (S)                   -> sandbox_insn (a sensitive instruction the
+                                              sandbox executed: address, symbol, bytes)
 
     >>> t = PluginTracer(vm, "t.jsonl"); t.start()
     >>> vm.run("echo repeat 1000 > /sys/kernel/debug/sbm_demo/run")
@@ -43,7 +45,7 @@ import time
 
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import cstring
-from sbmdbg.sbm.attack import Attack, classify
+from sbmdbg.sbm.attack import Attack, classify, sensitive_insn
 from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, TracerBase, Watcher, pid_alive
 from sbmdbg.trace.events import (
@@ -74,6 +76,7 @@ class LogParser:
     * ``H``:   tag, vcpu, ns, tsc, jiffies           (a handler-entry stamp)
     * ``P``:   tag, vcpu, ns, tsc, jiffies, task, pid, comm, state, sw (state
                words), err, mva, mpa, mw (words at the access)
+    * ``S``:   vcpu, ns, tsc, jiffies, va, bytes  (a sensitive instruction in a sandbox)
     """
 
     def __init__(self):
@@ -158,7 +161,9 @@ class LogParser:
                     rec["comm"] = cstring(bytes.fromhex(v))   # guest bytes: sanitized
                 elif k in ("sw", "mw"):
                     rec[k] = [int(x, 16) for x in v.split(",") if x]
-                elif k in ("t", "st", "mva", "mpa"):
+                elif k == "b":                 # instruction bytes (the insn watch)
+                    rec["bytes"] = bytes.fromhex(v)[:15]
+                elif k in ("t", "st", "mva", "mpa", "va"):
                     rec[{"t": "task", "st": "state"}.get(k, k)] = int(v, 16)
         except (IndexError, ValueError):
             self.bad += 1
@@ -230,6 +235,8 @@ class Assembler:
                     break
         elif t == "P":
             getattr(self, "_on_" + rec["tag"], lambda r: None)(rec)
+        elif t == "S":
+            self._sandbox_insn(rec)
 
     def _common(self, kind: str, stamp: dict, vcpu: int) -> dict:
         ev = {"kind": kind, "host_ns": stamp.get("ns"), "tsc": stamp.get("tsc"),
@@ -283,6 +290,17 @@ class Assembler:
                       cr2_region=self._region(cr2, c, rec["error"]))
         self._attack(rec, ev)
         self._pending_exc[vcpu] = ev
+
+    def _sandbox_insn(self, rec: dict) -> None:
+        """A sensitive instruction the sandbox is about to execute (the
+        plugin's instruction watch, issue 15): its address, symbol, the bytes
+        QEMU translated and their mnemonic (sbm.attack.sensitive_insn)."""
+        vcpu, va, code = rec["vcpu"], rec.get("va"), rec.get("bytes") or b""
+        ev = self._common("sandbox_insn", rec, vcpu)
+        ev.update(point="sbmtrace instruction watch", cpl=3, mode="sandbox", rip=hx(va),
+                  sym=self.ctx.sym(va) if va is not None else None,
+                  insn=sensitive_insn(code) or "?", bytes=code.hex())
+        self._emit(ev)
 
     def _sandbox_cr3(self, cr3: int | None) -> bool:
         """A sandbox's CR3 (a sandbox at a user-half RIP: after a far
@@ -622,11 +640,17 @@ class PluginTracer(TracerBase):
               "log_plugin_gaps": sum(p.gaps for _, p in self._files.values()),
               "log_plugin_gap_at": [g for _, p in self._files.values() for g in p.gap_at],
               "log_bytes": self.log_bytes, "log_files": len(self._files),
-              "plugin": self.ctl.status()}
+              "plugin": self.ctl.status(), "insn_watch": self._insn_watch()}
         self._seal("stopped")
         self.ctl.close()
         st["summary"] = summarize(read_events(self.path))
         return st
+
+    def _insn_watch(self) -> dict:
+        """The plugin's instruction watch counters: lines written, sites
+        watched, sites not watched because its table was full."""
+        words = self.ctl.cmd("insns").split()[2:]
+        return {k: int(v) for k, v in (w.split("=", 1) for w in words)}
 
     def _close_files(self) -> None:
         for fh, _ in self._files.values():

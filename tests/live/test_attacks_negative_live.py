@@ -53,7 +53,10 @@ def split_catalogue(dest: Path, timeout: int = 40) -> list[Path]:
     out = []
     for i, body in enumerate(steps, 1):
         body = re.sub(r"(?m)^timeout = \d+$", f"timeout = {timeout}", body)
-        demo = re.search(r'(?m)^demo = "([^"]+)"$', body).group(1)
+        m = re.search(r'(?m)^demo = "([^"]+)"$', body)
+        if m is None:           # the 20 rounds from two shells (run =): each scenario alone says more
+            continue
+        demo = m.group(1)
         f = dest / f"attack_{i:02d}.toml"
         f.write_text(f'name = "unhardened {demo}"\ntimeout = {timeout}\n{head}\n'
                      f"[[step]]\n{body}")

@@ -233,3 +233,15 @@ def test_abort_why_lines_in_the_transitions_panel():
     assert rows[i + 1].strip() == "why: " + lines[str(last["seq"])]
     assert rows[-2].strip().startswith("99 cpu0") and "why: no explanation" in rows[-1]
     assert sum(1 for r in rows if re.match(r"\s*\d+ cpu", r) or "why:" in r) <= 8   # the newest fit
+
+
+def test_vcpu_panel_flags_foreign_bases():
+    """Issue 15: the vCPU panel shows `sbm`'s evidence (GS/FS base, PKRU not
+    what the kernel expects in a sandbox), with or without a backtrace."""
+    s = _snap()
+    ev = "FS base 0x5bad000 on cpu 0: not 67 sh's thread.fsbase 0x0 " + EVIL
+    s["cpus"][0]["attack_evidence"] = [ev]
+    for snap in (s, dict(s, backtrace=None)):
+        text = _render(P.vcpu_panel(snap), 200)
+        assert "vCPU 0: FS base 0x5bad000 on cpu 0" in text and "[red]x[/red]" in text
+    assert "FS base" not in _render(P.vcpu_panel(_snap()), 200)

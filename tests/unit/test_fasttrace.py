@@ -184,3 +184,41 @@ def test_resume_into_the_kernel_is_no_irq_return(tmp_path):
     sink.close()
     backs = [e for e in read_events(path) if e["kind"] == "irq_return"]
     assert len(backs) == 1 and backs[0]["to_rip"] != hex(0xFFFFFFFF81000000), backs
+
+
+def test_sandbox_instruction_watch(tmp_path):
+    """Issue 15: the plugin's "@sbm S insn" lines (a sensitive instruction a
+    sandbox executed) become sandbox_insn events with the address, symbol,
+    bytes and the mnemonic named from those bytes; bad bytes are one bad line."""
+    p = LogParser()
+    recs = p.feed(b"@sbm S insn 1 10 20 q=0 j=5 va=ffffffff81092e80 b=f3480fae\n"
+                  b"@sbm S insn 1 11 21 q=1 va=ffffffff81092e80 b=f3480faed0\n"
+                  b"@sbm S insn 1 12 22 q=2 va=ffffffff81092e85 b=zz\n")
+    assert p.bad == 1 and len(recs) == 2
+    assert recs[1] == {"type": "S", "tag": "insn", "vcpu": 1, "ns": 11, "tsc": 21,
+                       "va": 0xFFFFFFFF81092E80, "bytes": b"\xf3\x48\x0f\xae\xd0"}
+    path = str(tmp_path / "t.jsonl")
+    sink = EventSink(path)
+    asm = Assembler(TinyContext(), sink, x86_sbm_return=X86_SBM_RETURN, gs_to_cpu=GS, state_off=STATE_OFF,
+                    sites={"enter": 1, "resume": 2, "exit": X86_SBM_RETURN}, clock=lambda: 0)
+    for r in recs:
+        asm.record(r)
+    sink.close()
+    a, b = read_events(path, strict=True)
+    assert a["insn"] == "?" and a["bytes"] == "f3480fae" and a["jiffies"] == 5
+    assert (b["kind"], b["insn"], b["bytes"], b["rip"], b["vcpu"]) == \
+        ("sandbox_insn", "wrfsbase", "f3480faed0", "0xffffffff81092e80", 1)
+    assert b["sym"] == "0xffffffff81092e80" and b["cpl"] == 3 and b["mode"] == "sandbox"
+    from sbmdbg.trace.export import summary_line
+    assert summary_line(b) == "insn wrfsbase [f3480faed0] at 0xffffffff81092e80"
+
+
+@pytest.mark.parametrize("bad", ['"bytes": "0g"', '"bytes": "abc"', '"bytes": 5', '"bytes": "' + "00" * 16 + '"',
+                                 '"insn": 3'])
+def test_sandbox_insn_fields_are_checked(tmp_path, bad):
+    from sbmdbg.errors import SbmdbgError
+
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"seq": 0, "kind": "sandbox_insn", "vcpu": 0, ' + bad + '}\n')
+    with pytest.raises(SbmdbgError, match=r"t.jsonl:1: (bytes|insn):"):
+        read_events(str(f))

@@ -80,7 +80,9 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile-cli")
     (d / "garbage.jsonl").write_bytes(os.urandom(300))
     (d / "ok.jsonl").write_text('{"seq":0,"kind":"trace_start","ncpus":1}\n'
-                                '{"seq":1,"kind":"enter","vcpu":0,"comm":"\\u001b[2J"}\n')
+                                '{"seq":1,"kind":"enter","vcpu":0,"comm":"\\u001b[2J"}\n'
+                                '{"seq":2,"kind":"sandbox_insn","vcpu":0,"insn":"\\u001b]0;x\\u0007",'
+                                '"sym":"[red]\\u009b31m","bytes":"0f05","rip":"0x10"}\n')
     (d / "bad.check.toml").write_bytes(b"x = \xff\n")
     (d / "log.txt").write_text("garbage\n")
     (d / "dir").mkdir()

@@ -104,3 +104,44 @@ def test_sbm_status_flags_a_foreign_gs_base():
            "task": None, "stack": {}, "sandbox": "sandbox:1", "attack_evidence": [e]}
     out = status({"sbm": True, "note": "", "cpus": [row]})
     assert any(isinstance(x, str) and "cpu 0: GS base 0x0" in x for x in out)
+
+
+def _fake_kernel(fsbase: int, pkru: int | None):
+    """A kernel whose one task (at 0x1000) has thread.fsbase/thread.pkru."""
+    from types import SimpleNamespace
+
+    offs = {"thread.fsbase": 0x100, "thread.pkru": 0x108}
+    mem = {0x1100: fsbase.to_bytes(8, "little")}
+    if pkru is not None:
+        mem[0x1108] = pkru.to_bytes(4, "little")
+
+    def offsetof(struct, path):
+        if path == "thread.pkru" and pkru is None:
+            raise KeyError(path)              # a kernel without the field
+        return offs[path]
+    return SimpleNamespace(root=0, layouts=SimpleNamespace(offsetof=offsetof),
+                           read_virt=lambda root, va, n: mem[va][:n])
+
+
+def test_sbm_status_flags_a_foreign_fs_base():
+    from sbmdbg.sbm.model import _fs_base_evidence
+
+    k = _fake_kernel(0x7F0000001740, 0x55555554)
+    who = {"pid": 70, "comm": "sh"}
+    assert _fs_base_evidence(k, 0, 0x7F0000001740, 0x1000, who) == []
+    assert _fs_base_evidence(k, 0, None, 0x1000, who) == []
+    [e] = _fs_base_evidence(k, 1, 0x5BAD000, 0x1000, who)
+    assert e == ("FS base 0x5bad000 on cpu 1: not 70 sh's thread.fsbase 0x7f0000001740 "
+                 "(its user TLS: a WRFSBASE or FS load in the sandbox)")
+
+
+def test_sbm_status_flags_a_foreign_pkru():
+    from sbmdbg.sbm.model import _pkru_evidence
+
+    k = _fake_kernel(0, 0x55555554)
+    assert _pkru_evidence(k, 0, 0x55555554, 0x1000) == []      # the task's own
+    assert _pkru_evidence(k, 0, 0, 0x1000) == []               # the reference kernel's sandbox PKRU
+    assert _pkru_evidence(k, 0, None, 0x1000) == []            # the target reads no PKRU
+    [e] = _pkru_evidence(k, 0, 2, 0x1000)                      # key 0 write-disabled
+    assert e.startswith("PKRU 0x2 on cpu 0: neither the task's thread.pkru 0x55555554 nor 0")
+    assert _pkru_evidence(_fake_kernel(0, None), 0, 2, 0x1000) == []   # no thread.pkru: no claim

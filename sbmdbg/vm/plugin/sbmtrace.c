@@ -13,6 +13,9 @@
  *       mem    like ctx, plus the first memory access of the instruction:
  *              its virtual and physical address and N words read there
  *              (iretq: the IRET frame)
+ *   - every sensitive instruction a vCPU executes inside a sandbox
+ *       insn   write "@sbm S insn <vcpu> <ns> <tsc> va=VADDR b=BYTES"
+ *              (see "sandbox instruction watch" below)
  *   - guest memory is read from QEMU's memory-backend-file (share=on), mapped
  *     read-only; every read is bounds-checked (guest memory is untrusted).
  *
@@ -29,6 +32,7 @@
  *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem)
  *   arm | disarm                  apply (flushes QEMU's translation cache)
  *   status
+ *   insns                         sandbox instruction watch counters (issue 15)
  *
  * Written for sbmdbg from QEMU's documented plugin API (version 1, QEMU 7.2);
  * the few declarations it needs are below, since Debian ships no header.
@@ -81,6 +85,8 @@ extern void qemu_plugin_register_vcpu_mem_cb(struct qemu_plugin_insn *, qemu_plu
 extern size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *);
 extern struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *, size_t);
 extern uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *);
+extern const void *qemu_plugin_insn_data(const struct qemu_plugin_insn *);
+extern size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *);
 extern struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t, uint64_t);
 extern bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *);
 extern uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *);
@@ -240,12 +246,220 @@ static void emit(char *b, int at)
     __atomic_fetch_add(&lines_out, 1, __ATOMIC_RELAXED);
 }
 
+/* ---- sandbox instruction watch (issue 15) ----
+ * Between a vCPU's enter probe and its exit probe, and outside the kernel's
+ * handlers meanwhile (from an IDT handler stamp to the resume probe), every
+ * instruction that can change state outside the sandbox (or try to) is
+ * written as
+ *   "@sbm S insn <vcpu> <ns> <tsc> q=N [j=J] va=VADDR b=BYTES"
+ * before it executes.  At translation time a small opcode classifier looks
+ * at the bytes QEMU translated and registers an exec callback on the
+ * sensitive ones only; the callback writes a line only while its vCPU is
+ * inside a sandbox.  sbmdbg names the instruction from the bytes
+ * (sbmdbg.sbm.attack.sensitive_insn).  QEMU 7.2 gives plugins no
+ * registers, so "inside" is the probes' state machine, not a CR3 check. */
+struct sens {
+    uint64_t vaddr;
+    uint8_t n, used, to_kernel;     /* to_kernel: syscall/sysenter (no IDT stamp) */
+    uint8_t b[15];
+};
+#define SENS_SLOTS 8192
+static struct sens sens_tab[SENS_SLOTS];   /* interned; never freed (callbacks point here) */
+static uint8_t sbx_in[MAX_VCPUS];          /* between enter and exit */
+static uint8_t sbx_kern[MAX_VCPUS];        /* ... and in a kernel handler */
+static char sbx_buf[MAX_VCPUS][256];
+static uint64_t sbx_lines, sbx_sites, sbx_full;
+
+/* 0: not sensitive, 1: sensitive, 2: sensitive and enters the kernel without the IDT */
+static int sbx_classify(const uint8_t *c, size_t n)
+{
+    size_t i = 0;
+    int f3 = 0, has_m, has_r, reg, mem;
+    uint8_t op, m, r;
+    while (i < n && i < 14 && (c[i] == 0x66 || c[i] == 0x67 || c[i] == 0xf2 || c[i] == 0xf3 ||
+                               c[i] == 0x2e || c[i] == 0x36 || c[i] == 0x3e || c[i] == 0x26 ||
+                               c[i] == 0x64 || c[i] == 0x65 || c[i] == 0xf0)) {
+        f3 |= c[i] == 0xf3;
+        i++;
+    }
+    if (i < n && (c[i] & 0xf0) == 0x40)      /* REX */
+        i++;
+    if (i >= n)
+        return 0;
+    op = c[i];
+    has_m = i + 1 < n;
+    m = has_m ? c[i + 1] : 0;
+    reg = (m >> 3) & 7;
+    mem = (m >> 6) != 3;
+    switch (op) {
+    case 0x07: case 0x17: case 0x1f:                        /* pop %es/%ss/%ds */
+    case 0x6c: case 0x6d: case 0x6e: case 0x6f:             /* ins, outs */
+    case 0x9a: case 0xea:                                   /* lcall, ljmp ptr16:32 */
+    case 0x9d: case 0xcf:                                   /* popf, iret */
+    case 0xca: case 0xcb:                                   /* lret */
+    case 0xcc: case 0xcd: case 0xce: case 0xf1:             /* int3, int n, into, int1 */
+    case 0xe4: case 0xe5: case 0xe6: case 0xe7:             /* in, out imm8 */
+    case 0xec: case 0xed: case 0xee: case 0xef:             /* in, out %dx */
+    case 0xf4: case 0xfa: case 0xfb:                        /* hlt, cli, sti */
+        return 1;
+    case 0x8e:                                              /* mov to a segment register */
+        return has_m && reg <= 5;
+    case 0xff:                                              /* lcall/ljmp m16:64 */
+        return has_m && mem && (reg == 3 || reg == 5);
+    case 0xd9:                                              /* fldenv, fldcw */
+        return has_m && mem && (reg == 4 || reg == 5);
+    case 0xdd:                                              /* frstor */
+        return has_m && mem && reg == 4;
+    case 0x0f:
+        break;
+    default:
+        return 0;
+    }
+    if (!has_m)
+        return 0;
+    has_r = i + 2 < n;
+    r = has_r ? c[i + 2] : 0;
+    reg = (r >> 3) & 7;
+    mem = (r >> 6) != 3;
+    switch (m) {
+    case 0x05: case 0x34:                                   /* syscall, sysenter */
+        return 2;
+    case 0x06: case 0x07: case 0x08: case 0x09: case 0x0b: /* clts sysret invd wbinvd ud2 */
+    case 0x20: case 0x21: case 0x22: case 0x23:             /* mov cr/dr */
+    case 0x30: case 0x32: case 0x35:                        /* wrmsr rdmsr sysexit */
+    case 0xa1: case 0xa9:                                   /* pop %fs/%gs */
+    case 0xb2: case 0xb4: case 0xb5:                        /* lss lfs lgs */
+    case 0xb9: case 0xff:                                   /* ud1 ud0 */
+        return 1;
+    case 0x00:                                              /* lldt, ltr */
+        return has_r && (reg == 2 || reg == 3);
+    case 0x01:
+        if (!has_r)
+            return 0;
+        if (mem)                                            /* lgdt lidt lmsw invlpg */
+            return reg == 2 || reg == 3 || reg == 6 || reg == 7;
+        return r == 0xef || r == 0xf8 || r == 0xca || r == 0xcb || r == 0xd1;  /* wrpkru swapgs clac stac xsetbv */
+    case 0xae:
+        if (!has_r)
+            return 0;
+        if (!mem)                                           /* wrfsbase, wrgsbase */
+            return f3 && (reg == 2 || reg == 3);
+        return reg == 1 || reg == 2 || reg == 5;            /* fxrstor ldmxcsr xrstor */
+    case 0xc7:                                              /* xrstors */
+        return has_r && mem && reg == 3;
+    default:
+        return 0;
+    }
+}
+
+static struct sens *sbx_intern(uint64_t va, const uint8_t *b, size_t n, int to_kernel)
+{
+    uint64_t h = va * 0x9e3779b97f4a7c15ULL;
+    struct sens *s = NULL;
+    for (size_t j = 0; j < n; j++)
+        h = (h ^ b[j]) * 0x100000001b3ULL;
+    pthread_mutex_lock(&lock);
+    for (int probe = 0; probe < SENS_SLOTS; probe++) {
+        struct sens *e = &sens_tab[(h + (uint64_t)probe) % SENS_SLOTS];
+        if (!e->used) {
+            e->vaddr = va;
+            e->n = (uint8_t)n;
+            e->to_kernel = (uint8_t)to_kernel;
+            memcpy(e->b, b, n);
+            __atomic_store_n(&e->used, 1, __ATOMIC_RELEASE);
+            sbx_sites++;
+            s = e;
+            break;
+        }
+        if (e->vaddr == va && e->n == n && !memcmp(e->b, b, n)) {
+            s = e;
+            break;
+        }
+    }
+    if (!s)
+        sbx_full++;
+    pthread_mutex_unlock(&lock);
+    return s;
+}
+
+static void sbx_on_insn(unsigned int vcpu, void *udata)
+{
+    const struct sens *s = udata;
+    char *b;
+    int at;
+    if (vcpu >= MAX_VCPUS || !sbx_in[vcpu] || sbx_kern[vcpu])
+        return;
+    b = sbx_buf[vcpu];
+    at = snprintf(b, 200, "@sbm S insn %u %" PRIu64 " %llu q=%" PRIu64, vcpu, now_ns(),
+                  (unsigned long long)__rdtsc(), line_seq[vcpu]++);
+    if (at < 0 || at > 200)
+        return;
+    if (jiffies_phys) {
+        uint64_t j;
+        if (!rd64(jiffies_phys, &j))
+            at += snprintf(b + at, 30, " j=%" PRIu64, j);
+    }
+    at += snprintf(b + at, 24, " va=%" PRIx64, s->vaddr);
+    at += snprintf(b + at, 4, " b=");
+    for (int i = 0; i < s->n && i < 15; i++)
+        at += snprintf(b + at, 3, "%02x", s->b[i]);
+    b[at++] = '\n';
+    b[at] = 0;
+    qemu_plugin_outs(b);
+    __atomic_fetch_add(&sbx_lines, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&lines_out, 1, __ATOMIC_RELAXED);
+    if (s->to_kernel)
+        sbx_kern[vcpu] = 1;      /* syscall/sysenter: the kernel runs next, no IDT stamp */
+}
+
+/* translation: instrument a non-probe instruction if it is sensitive */
+static void sbx_watch(struct qemu_plugin_insn *insn)
+{
+    const uint8_t *b = qemu_plugin_insn_data(insn);
+    size_t n = qemu_plugin_insn_size(insn);
+    uint64_t va = qemu_plugin_insn_vaddr(insn);
+    struct sens *s;
+    int k;
+    /* a sandbox's user half is empty: its code is kernel text and module
+     * code at their kernel addresses; user processes are not watched */
+    if (!b || !n || n > 15 || va < (1ULL << 47))
+        return;
+    k = sbx_classify(b, n);
+    if (!k || !(s = sbx_intern(va, b, n, k == 2)))
+        return;
+    qemu_plugin_register_vcpu_insn_exec_cb(insn, sbx_on_insn, QEMU_PLUGIN_CB_NO_REGS, s);
+}
+
+/* a probe fired: enter/exit/resume and the IDT handler stamps move the state */
+static void sbx_probe(unsigned int vcpu, const struct probe *p)
+{
+    if (vcpu >= MAX_VCPUS)
+        return;
+    if (p->kind == K_STAMP)
+        sbx_kern[vcpu] = 1;
+    else if (!strcmp(p->tag, "enter"))
+        sbx_in[vcpu] = 1, sbx_kern[vcpu] = 0;
+    else if (!strcmp(p->tag, "exit"))
+        sbx_in[vcpu] = 0, sbx_kern[vcpu] = 0;
+    else if (!strcmp(p->tag, "resume"))
+        sbx_kern[vcpu] = 0;
+}
+
+static void sbx_reset(void)
+{
+    memset(sbx_in, 0, sizeof(sbx_in));
+    memset(sbx_kern, 0, sizeof(sbx_kern));
+}
+
+static void sbx_status(int fd);
+
 static void on_insn(unsigned int vcpu, void *udata)
 {
     const struct probe *p = udata;
     char *b = line_buf[vcpu % MAX_VCPUS];
     int at;
     __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
+    sbx_probe(vcpu, p);
     if (p->kind == K_STAMP) {
         at = put(b, 0, "@sbm H %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
                  (unsigned long long)__rdtsc(), line_seq[vcpu % MAX_VCPUS]++);
@@ -328,8 +542,10 @@ static void on_tb(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         int k = find(t, qemu_plugin_insn_vaddr(insn));
-        if (k < 0)
+        if (k < 0) {
+            sbx_watch(insn);
             continue;
+        }
         qemu_plugin_register_vcpu_insn_exec_cb(insn, on_insn, QEMU_PLUGIN_CB_NO_REGS,
                                                (void *)&t->p[k]);
         if (t->p[k].kind == K_MEM)
@@ -360,6 +576,7 @@ static void after_reset(qemu_plugin_id_t id)
     for (int i = 0; i < MAX_VCPUS; i++)
         want_mem[i] = NULL;
     reset_done_gen = reset_want_gen;
+    sbx_reset();
     pthread_mutex_unlock(&lock);
     free(old);          /* nothing translated refers to it any more */
     register_cbs();
@@ -489,7 +706,14 @@ static void command(int fd, char *line)
         pthread_mutex_unlock(&lock);
         return;
     }
+    if (!strcmp(w[0], "insns"))
+        return sbx_status(fd);
     reply(fd, "error unknown command: %.40s", w[0]);
+}
+
+static void sbx_status(int fd)
+{
+    reply(fd, "ok insns lines=%" PRIu64 " sites=%" PRIu64 " full=%" PRIu64, sbx_lines, sbx_sites, sbx_full);
 }
 
 static void *control(void *arg)
