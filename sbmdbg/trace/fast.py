@@ -156,7 +156,7 @@ class LogParser:
                     rec["err"] = int(v)
                 elif k == "comm":
                     rec["comm"] = cstring(bytes.fromhex(v))   # guest bytes: sanitized
-                elif k in ("sw", "mw"):
+                elif k in ("sw", "mw", "rw"):
                     rec[k] = [int(x, 16) for x in v.split(",") if x]
                 elif k in ("t", "st", "mva", "mpa"):
                     rec[{"t": "task", "st": "state"}.get(k, k)] = int(v, 16)
@@ -174,8 +174,10 @@ class Assembler:
 
     def __init__(self, ctx, sink, *, x86_sbm_return: int, gs_to_cpu: dict[int, int],
                  state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns,
-                 code_at=None):
+                 code_at=None, frames=None):
         self.ctx = ctx
+        self.frames = frames            # a frames.FrameDecoder: interrupts from @sbm F/R, not -d int
+        self.source = "QEMU -d int" if frames is None else "exception frame"
         self.code_at = code_at          # (runtime address, n) -> vmlinux bytes or None
         self.sink = sink
         self.x86_sbm_return = x86_sbm_return
@@ -222,7 +224,23 @@ class Assembler:
                     self._sandbox_int(p, rec)
                     break
         elif t == "P":
+            self._frames_flush(rec["vcpu"])
             getattr(self, "_on_" + rec["tag"], lambda r: None)(rec)
+        elif t in ("F", "R") and self.frames is not None:
+            for r in self.frames.feed(rec):
+                self._frame_int(r)
+
+    # ------------------------------------------------------------ frames (no -d int)
+    def _frames_flush(self, vcpu: int | None) -> None:
+        """A frame whose registers never came (a paranoid entry: #DF, NMI)."""
+        if self.frames is not None:
+            for r in self.frames.flush(vcpu):
+                self._frame_int(r)
+
+    def _frame_int(self, rec: dict) -> None:
+        """An int record from the plugin's frame probe: it is its own stamp."""
+        if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
+            self._sandbox_int(rec, rec)
 
     def _common(self, kind: str, stamp: dict, vcpu: int) -> dict:
         ev = {"kind": kind, "host_ns": stamp.get("ns"), "tsc": stamp.get("tsc"),
@@ -251,7 +269,7 @@ class Assembler:
         v, regs = rec["vector"], rec["regs"]
         ev = self._common("irq", stamp, vcpu)
         self._where(ev, rec["ip"], rec["sp"], regs.get("CR3"), 3, vcpu)
-        ev["point"] = f"IDT vector {v:#x} (QEMU -d int)"
+        ev["point"] = f"IDT vector {v:#x} ({self.source})"
         if v == 14 and rec["cr2"] == self.x86_sbm_return and rec["error"] == PF_EXIT_ERROR:
             ev.update(kind="return", ret=regs.get("RAX"), vector=14, error_code=rec["error"],
                       cr2=hx(rec["cr2"]), fault_rip=hx(rec["ip"]))
@@ -356,7 +374,7 @@ class Assembler:
         exc = self._pending_exc.pop(vcpu, None)
         if exc is not None:
             exc["kind"] = "abort"
-            exc["via"] = "QEMU -d int (the exception) + x86_sbm_return (the exit)"
+            exc["via"] = f"{self.source} (the exception) + x86_sbm_return (the exit)"
             exc["sbm_error"] = rec.get("err")
             self._emit(exc)
         ev = self._common("exit", rec, vcpu)
@@ -373,12 +391,13 @@ class Assembler:
 
     def flush(self) -> None:
         """The trace stops: decide what is still pending."""
+        self._frames_flush(None)
         for p in self._pending_int:          # delivered but never reached a handler stamp
             self._sandbox_int(p, {"vcpu": p["vcpu"] if p["vcpu"] is not None else -1})
         self._pending_int.clear()
         for exc in list(self._pending_exc.values()):
             exc["kind"] = "abort"
-            exc["via"] = "QEMU -d int (trace stopped before the exit)"
+            exc["via"] = f"{self.source} (trace stopped before the exit)"
             self._emit(exc)
         self._pending_exc.clear()
 
@@ -387,9 +406,20 @@ class Assembler:
 class PluginTracer(TracerBase):
     """Trace a VM started by the harness with the sbmtrace plugin loaded
     (``VMOptions(trace_plugin=True)``, the default).  ``vm`` is a
-    :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``)."""
+    :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``).
 
-    def __init__(self, vm, path: str, kernel=None, clock=time.time_ns, force: bool = False):
+    ``source``: where sandbox interrupts come from: ``frames`` (default: the
+    plugin reads the exception frame and the saved registers from guest RAM,
+    see frames.py; QEMU logs nothing of its own) or ``dint`` (QEMU's ``-d
+    int`` log: also the GS base at the interrupt; the cross-check)."""
+
+    SOURCES = ("frames", "dint")
+
+    def __init__(self, vm, path: str, kernel=None, clock=time.time_ns, force: bool = False,
+                 source: str = "frames"):
+        if source not in self.SOURCES:
+            raise SbmdbgError(f"trace source {source!r}: one of {', '.join(self.SOURCES)}")
+        self.source = source
         self.vm = vm
         self.info = vm.info
         self.path = os.path.abspath(path)
@@ -413,6 +443,7 @@ class PluginTracer(TracerBase):
         self._tailer = Watcher(self._tail_step, "sbm-fasttrace")
         self._lock = threading.Lock()
         self.busy_s = 0.0
+        self.frames_missing: list[int] = []     # vectors whose handler has no push to probe
 
     # ------------------------------------------------------------ setup
     def _kernel(self):
@@ -454,8 +485,31 @@ class PluginTracer(TracerBase):
             if not (_attr & 0x80) or not h or h in seen:
                 continue
             seen.add(h)
+            if self.source == "frames":
+                out.extend(self._frame_probe(h, v))
+                continue
             out.append((h, f"v{v}", "stamp", 0))
+        if self.source == "frames" and "sync_regs" in k.symbols:
+            out.append((k.sym("sync_regs"), "rg", "regs", 0))
         return out
+
+    def _frame_probe(self, handler: int, v: int) -> list[tuple[int, str, str, int]]:
+        """The frame probe of IDT vector ``v``: on the handler's first push
+        (its runtime code: alternatives applied); none if it has no push."""
+        from sbmdbg.trace.frames import first_push, frame_words
+
+        code = None
+        for n in (64, min(64, 4096 - (handler & 4095))):     # the next page may be unmapped
+            try:
+                code = self.k.read_virt(self.k.root, handler, n)
+                break
+            except SbmdbgError:
+                continue
+        at = first_push(code, handler) if code else None
+        if at is None:
+            self.frames_missing.append(v)
+            return []
+        return [(at, f"v{v}", "frame", frame_words(v))]
 
     def start(self) -> dict:
         from sbmdbg.trace.qplugin import PluginControl
@@ -493,6 +547,16 @@ class PluginTracer(TracerBase):
         if jpa is not None:
             ctl.cmd(f"jiffies {jpa:#x}")
         ret_ip = k.sym("x86_sbm_return")
+        def code_at(addr: int, n: int) -> bytes | None:
+            return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
+
+        frames = None
+        if self.source == "frames":
+            from sbmdbg.trace.frames import FrameDecoder
+            ctl.cmd(f"ptregs {lay.offsetof('pt_regs', 'ip')} {lay.sizeof('pt_regs') // 8}")
+            ptregs = {n: f.offset for n, f in lay.layout("pt_regs").fields.items()}
+            frames = FrameDecoder(ptregs, state_off, code_at=code_at,
+                                  percpu={c: g for g, c in gs_to_cpu.items()})
         plist = self.probes()
         for addr, tag, kind, words in plist:
             ctl.cmd(f"probe {addr:#x} {tag} {kind} {words}")
@@ -500,24 +564,23 @@ class PluginTracer(TracerBase):
         ctl.wait_applied()
         self._mark_start()
         self.sink = EventSink(self.path)
-        def code_at(addr: int, n: int) -> bytes | None:
-            return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
-
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
-                             clock=self.clock, code_at=code_at)
-        meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
-                "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
+                             clock=self.clock, code_at=code_at, frames=frames)
+        via = ("sbmtrace plugin: exception frames from guest RAM (the guest never stops)"
+               if frames is not None else "QEMU -d int log + sbmtrace plugin (the guest never stops)")
+        meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin", "via": via,
                 "slide": hx(k.slide), "ncpus": ncpus, "vmlinux": self.info.get("vmlinux"),
                 "build_id": k.symbols.build_id, "x86_sbm_return": hx(ret_ip),
                 "probes": [{"name": t, "site": hx(a), "kind": kd} for a, t, kd, _ in plist
                            if not t.startswith("v")],
                 "stamps": sum(1 for p in plist if p[1].startswith("v")),
+                "source": self.source,
                 "clocks": "host_ns: host CLOCK_REALTIME at the event (in QEMU's vCPU thread); "
                           "tsc: host TSC (under TCG the guest TSC is the host TSC plus an offset "
                           "that changes only when the VM is stopped); jiffies: the guest's"}
         self.asm._emit(meta)
-        self.vm.hmp("log int,plugin,tid")
+        self.vm.hmp("log plugin,tid" if frames is not None else "log int,plugin,tid")
         self._tailer.start()
         return meta
 

@@ -13,6 +13,14 @@
  *       mem    like ctx, plus the first memory access of the instruction:
  *              its virtual and physical address and N words read there
  *              (iretq: the IRET frame)
+ *       frame  on the first push of an IDT handler (its store lands just
+ *              below the hardware exception frame): if the frame's CS is at
+ *              CPL 3 and the vCPU's task is in a sandbox (sbm_state set),
+ *              write "@sbm F <tag> ..." with the task and mw=the pushed word,
+ *              [error code,] RIP, CS, RFLAGS, RSP, SS (NWORDS 7 or 6); the
+ *              registers the entry code then saves next to it (pt_regs) are
+ *              written as "@sbm R ..." rw=... at the next "regs" probe
+ *              (sync_regs) or the next probe of that vCPU.  No -d int needed.
  *   - guest memory is read from QEMU's memory-backend-file (share=on), mapped
  *     read-only; every read is bounds-checked (guest memory is untrusted).
  *
@@ -26,7 +34,8 @@
  *   ctx PAGE_OFFSET OFF_PID OFF_COMM OFF_SBM_STATE STATE_WORDS OFF_SBM OFF_ERROR
  *   cpu VCPU PHYS_OF_CURRENT_TASK
  *   jiffies PHYS                 (adds " j=JIFFIES" to every line)
- *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem)
+ *   ptregs OFF_IP NWORDS         (struct pt_regs: offset of ip, size in words)
+ *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem | frame | regs)
  *   arm | disarm                  apply (flushes QEMU's translation cache)
  *   status
  *
@@ -95,7 +104,7 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 #define MAX_WORDS 24
 #define FOUR_GIB (4ULL << 30)
 
-enum kind { K_STAMP, K_CTX, K_MEM };
+enum kind { K_STAMP, K_CTX, K_MEM, K_FRAME, K_REGS };
 
 struct probe {
     uint64_t vaddr;
@@ -240,12 +249,15 @@ static void emit(char *b, int at)
     __atomic_fetch_add(&lines_out, 1, __ATOMIC_RELAXED);
 }
 
+static void frame_flush_regs(unsigned int vcpu);
+
 static void on_insn(unsigned int vcpu, void *udata)
 {
     const struct probe *p = udata;
     char *b = line_buf[vcpu % MAX_VCPUS];
     int at;
     __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
+    frame_flush_regs(vcpu);
     if (p->kind == K_STAMP) {
         at = put(b, 0, "@sbm H %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
                  (unsigned long long)__rdtsc(), line_seq[vcpu % MAX_VCPUS]++);
@@ -294,6 +306,99 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
     emit(b, at);
 }
 
+/* ---- frame probes: the exception frame from guest RAM (no -d int) ---- */
+static struct {
+    uint64_t off_ip;             /* offsetof(struct pt_regs, ip) */
+    int nwords;                  /* sizeof(struct pt_regs) / 8 */
+} ptregs;
+static uint64_t regs_pa[MAX_VCPUS];   /* per vCPU: pt_regs of the last frame, 0: none */
+static uint64_t frames, frames_kernel, frames_user, frames_lost, regs_out;
+
+/* the vCPU's current task's thread_info.sbm_state (0: not in a sandbox) */
+static int frame_sbm_state(unsigned vcpu, uint64_t *st)
+{
+    uint64_t task, tpa;
+    if (vcpu >= MAX_VCPUS || !cur_task_phys[vcpu] || rd64(cur_task_phys[vcpu], &task) || dm(task, &tpa))
+        return -1;
+    return rd64(tpa + ctx.off_sbm_state, st);
+}
+
+/* "@sbm R rg <vcpu> <ns> <tsc> q=N rw=W0,W1..": pt_regs of the frame just written */
+static void frame_flush_regs(unsigned int vcpu)
+{
+    char *b;
+    int at;
+    uint64_t pa, v;
+    if (vcpu >= MAX_VCPUS || !regs_pa[vcpu])
+        return;
+    pa = regs_pa[vcpu];
+    regs_pa[vcpu] = 0;
+    b = line_buf[vcpu];
+    at = put(b, 0, "@sbm R rg %u %" PRIu64 " %llu q=%" PRIu64 " rw=", vcpu, now_ns(),
+             (unsigned long long)__rdtsc(), line_seq[vcpu]++);
+    for (int i = 0; i < ptregs.nwords && i < MAX_WORDS; i++) {
+        if (rd64(pa + 8 * (uint64_t)i, &v))
+            break;
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, v);
+    }
+    __atomic_fetch_add(&regs_out, 1, __ATOMIC_RELAXED);
+    emit(b, at);
+}
+
+/* The store of the handler's first push: the frame is the words above it. */
+static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    const struct probe *p = udata;
+    struct qemu_plugin_hwaddr *hw;
+    uint64_t pa, w[MAX_WORDS], st;
+    char *b;
+    int at, nw = p->nwords;
+    __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
+    if (vcpu >= MAX_VCPUS || nw < 6 || nw > 7)
+        return;
+    frame_flush_regs(vcpu);
+    hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    pa = qemu_plugin_hwaddr_phys_addr(hw);
+    /* a frame from CPL 3 sits at a stack top: never across a page */
+    if ((pa & 0xfff) + 8 * (uint64_t)nw > 0x1000) {
+        __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int i = 0; i < nw; i++)
+        if (rd64(pa + 8 * (uint64_t)i, &w[i]))
+            return;
+    if ((w[nw - 4] & 3) != 3) {          /* CS: an interrupt of kernel code */
+        __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    if (frame_sbm_state(vcpu, &st) || !st) {   /* user mode of a task not in a sandbox */
+        __atomic_fetch_add(&frames_user, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    b = line_buf[vcpu];
+    at = put(b, 0, "@sbm F %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
+             (unsigned long long)__rdtsc(), line_seq[vcpu]++);
+    at = put_jiffies(b, at);
+    at = put_task(b, at, vcpu);
+    at = put(b, at, " mva=%" PRIx64 " mpa=%" PRIx64 " mw=", vaddr, pa);
+    for (int i = 0; i < nw; i++)
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, w[i]);
+    emit(b, at);
+    /* pt_regs ends with the hardware frame: its ip is the frame's RIP */
+    if (ptregs.nwords && pa + 8 * (uint64_t)(nw - 5) >= ptregs.off_ip)
+        regs_pa[vcpu] = pa + 8 * (uint64_t)(nw - 5) - ptregs.off_ip;
+}
+
+static void on_regs(unsigned int vcpu, void *udata)
+{
+    __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
+    frame_flush_regs(vcpu);
+}
+
 static int find(const struct table *t, uint64_t va)
 {
     int lo = 0, hi = t->n - 1;
@@ -330,6 +435,16 @@ static void on_tb(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         int k = find(t, qemu_plugin_insn_vaddr(insn));
         if (k < 0)
             continue;
+        if (t->p[k].kind == K_FRAME) {
+            qemu_plugin_register_vcpu_mem_cb(insn, on_frame, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_W, (void *)&t->p[k]);
+            continue;
+        }
+        if (t->p[k].kind == K_REGS) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_regs, QEMU_PLUGIN_CB_NO_REGS,
+                                                   (void *)&t->p[k]);
+            continue;
+        }
         qemu_plugin_register_vcpu_insn_exec_cb(insn, on_insn, QEMU_PLUGIN_CB_NO_REGS,
                                                (void *)&t->p[k]);
         if (t->p[k].kind == K_MEM)
@@ -359,6 +474,8 @@ static void after_reset(qemu_plugin_id_t id)
     pending = NULL;
     for (int i = 0; i < MAX_VCPUS; i++)
         want_mem[i] = NULL;
+    for (int i = 0; i < MAX_VCPUS; i++)
+        regs_pa[i] = 0;
     reset_done_gen = reset_want_gen;
     pthread_mutex_unlock(&lock);
     free(old);          /* nothing translated refers to it any more */
@@ -432,6 +549,15 @@ static void command(int fd, char *line)
         cur_task_phys[c] = strtoull(w[2], NULL, 0);
         return reply(fd, "ok cpu %lu", c);
     }
+    if (!strcmp(w[0], "ptregs") && n == 3) {
+        uint64_t off = strtoull(w[1], NULL, 0);
+        long nw = strtol(w[2], NULL, 0);
+        if (nw < 6 || nw > MAX_WORDS || off + 40 > 8 * (uint64_t)nw)
+            return reply(fd, "error ptregs layout");
+        ptregs.off_ip = off;
+        ptregs.nwords = (int)nw;
+        return reply(fd, "ok ptregs");
+    }
     if (!strcmp(w[0], "jiffies") && n == 2) {
         jiffies_phys = strtoull(w[1], NULL, 0);
         return reply(fd, "ok jiffies");
@@ -446,6 +572,10 @@ static void command(int fd, char *line)
             p.kind = K_CTX;
         else if (!strcmp(w[3], "mem"))
             p.kind = K_MEM;
+        else if (!strcmp(w[3], "frame"))
+            p.kind = K_FRAME;
+        else if (!strcmp(w[3], "regs"))
+            p.kind = K_REGS;
         else
             return reply(fd, "error kind %s", w[3]);
         p.nwords = n == 5 ? (int)strtol(w[4], NULL, 0) : 0;
@@ -483,9 +613,12 @@ static void command(int fd, char *line)
     if (!strcmp(w[0], "status")) {
         pthread_mutex_lock(&lock);
         reply(fd, "ok status armed=%d applied=%d probes=%d hits=%" PRIu64 " snapshots=%" PRIu64
-              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64 " lines=%" PRIu64,
+              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64 " lines=%" PRIu64
+              " frames=%" PRIu64 " frames_kernel=%" PRIu64 " frames_user=%" PRIu64 " frames_lost=%" PRIu64
+              " regs=%" PRIu64,
               reset_want_gen, reset_done_gen, active ? active->n : 0, hits, snapshots, bad_reads,
-              ram != NULL, mem_armed, mem_lost, lines_out);
+              ram != NULL, mem_armed, mem_lost, lines_out, frames, frames_kernel, frames_user,
+              frames_lost, regs_out);
         pthread_mutex_unlock(&lock);
         return;
     }
