@@ -178,6 +178,8 @@ class Assembler:
         self.ctx = ctx
         self.frames = frames            # a frames.FrameDecoder: interrupts from @sbm F/R, not -d int
         self.source = "QEMU -d int" if frames is None else "exception frame"
+        self.dint_seen: list | None = None     # frames + -d int at once: both sides of the cross-check
+        self.frame_seen: list | None = None
         self.code_at = code_at          # (runtime address, n) -> vmlinux bytes or None
         self.sink = sink
         self.x86_sbm_return = x86_sbm_return
@@ -211,7 +213,9 @@ class Assembler:
 
     def record(self, rec: dict) -> None:
         t = rec["type"]
-        if t == "int":
+        if t == "int" and self.frames is not None:
+            self._dint_crosscheck(rec)
+        elif t == "int":
             if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
                 rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
                 self._pending_int.append(rec)
@@ -240,7 +244,18 @@ class Assembler:
     def _frame_int(self, rec: dict) -> None:
         """An int record from the plugin's frame probe: it is its own stamp."""
         if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
+            if self.frame_seen is not None:
+                self.frame_seen.append(rec)
             self._sandbox_int(rec, rec)
+
+    def _dint_crosscheck(self, rec: dict) -> None:
+        """Frames mode: QEMU's own record of the interrupt is only kept for the
+        cross-check (frames.crosscheck), never turned into events."""
+        if self.dint_seen is None:
+            return
+        if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
+            rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
+            self.dint_seen.append(rec)
 
     def _common(self, kind: str, stamp: dict, vcpu: int) -> dict:
         ev = {"kind": kind, "host_ns": stamp.get("ns"), "tsc": stamp.get("tsc"),
@@ -416,10 +431,11 @@ class PluginTracer(TracerBase):
     SOURCES = ("frames", "dint")
 
     def __init__(self, vm, path: str, kernel=None, clock=time.time_ns, force: bool = False,
-                 source: str = "frames"):
+                 source: str = "frames", crosscheck: bool = False):
         if source not in self.SOURCES:
             raise SbmdbgError(f"trace source {source!r}: one of {', '.join(self.SOURCES)}")
         self.source = source
+        self.crosscheck = crosscheck and source == "frames"   # QEMU logs -d int too: compare
         self.vm = vm
         self.info = vm.info
         self.path = os.path.abspath(path)
@@ -567,6 +583,8 @@ class PluginTracer(TracerBase):
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
                              clock=self.clock, code_at=code_at, frames=frames)
+        if self.crosscheck:
+            self.asm.dint_seen, self.asm.frame_seen = [], []
         via = ("sbmtrace plugin: exception frames from guest RAM (the guest never stops)"
                if frames is not None else "QEMU -d int log + sbmtrace plugin (the guest never stops)")
         meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin", "via": via,
@@ -580,7 +598,7 @@ class PluginTracer(TracerBase):
                           "tsc: host TSC (under TCG the guest TSC is the host TSC plus an offset "
                           "that changes only when the VM is stopped); jiffies: the guest's"}
         self.asm._emit(meta)
-        self.vm.hmp("log plugin,tid" if frames is not None else "log int,plugin,tid")
+        self.vm.hmp("log plugin,tid" if frames is not None and not self.crosscheck else "log int,plugin,tid")
         self._tailer.start()
         return meta
 
@@ -667,7 +685,10 @@ class PluginTracer(TracerBase):
               "log_plugin_gaps": sum(p.gaps for _, p in self._files.values()),
               "log_plugin_gap_at": [g for _, p in self._files.values() for g in p.gap_at],
               "log_bytes": self.log_bytes, "log_files": len(self._files),
-              "plugin": self.ctl.status()}
+              "plugin": self.ctl.status(), "source": self.source}
+        if self.crosscheck:
+            from sbmdbg.trace.frames import crosscheck
+            st["crosscheck"] = crosscheck(self.asm.dint_seen, self.asm.frame_seen)
         self._seal("stopped")
         self.ctl.close()
         st["summary"] = summarize(read_events(self.path))

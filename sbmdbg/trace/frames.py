@@ -200,3 +200,40 @@ class FrameDecoder:
         return {"type": "int", "vector": v, "error": err, "is_int": 0, "cpl": cs & 3, "cs": cs,
                 "ip": rip, "sp": rsp, "cr2": cr2, "regs": regs, "gs_base": None, "vcpu": f["vcpu"],
                 "ns": f.get("ns"), "tsc": f.get("tsc"), "jiffies": f.get("jiffies")}
+
+
+#: what the cross-check compares (``regs`` keys: the sandbox's registers at the interrupt)
+CHECKED = ("vector", "ip", "error", "cpl", "cs", "sp")
+CHECKED_REGS = ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10", "R11", "R12",
+                "R13", "R14", "R15", "CR3")
+
+
+def crosscheck(dint: list[dict], frames: list[dict], limit: int = 20) -> dict:
+    """Compare, per vCPU and in order, the sandbox interrupts QEMU's ``-d int``
+    logged with those decoded from the exception frames of the same run:
+    vector, RIP, error code, CPL, CS, RSP, CR2 (#PF), the saved registers and
+    CR3.  Returns counts and the first ``limit`` differences."""
+    out = {"dint": len(dint), "frames": len(frames), "compared": 0, "fields": 0,
+           "unknown_vcpu": 0, "mismatches": []}
+    bad = out["mismatches"]
+    vcpus = sorted({r.get("vcpu") for r in dint + frames if r.get("vcpu") is not None})
+    out["unknown_vcpu"] = sum(1 for r in dint if r.get("vcpu") is None)
+    for c in vcpus:
+        a = [r for r in dint if r.get("vcpu") == c]
+        b = [r for r in frames if r.get("vcpu") == c]
+        if len(a) != len(b):
+            bad.append({"vcpu": c, "what": "count", "dint": len(a), "frames": len(b)})
+        for i, (x, y) in enumerate(zip(a, b)):
+            out["compared"] += 1
+            pairs = [(f, x.get(f), y.get(f)) for f in CHECKED]
+            if x.get("vector") == 14:
+                pairs.append(("cr2", x.get("cr2"), y.get("cr2")))
+            if y.get("regs", {}).get("RAX") is not None:     # the registers came (not a paranoid entry)
+                pairs += [(r, x["regs"].get(r), y["regs"].get(r)) for r in CHECKED_REGS]
+            for f, u, v in pairs:
+                out["fields"] += 1
+                if u != v and len(bad) < limit:
+                    bad.append({"vcpu": c, "index": i, "vector": x.get("vector"), "field": f,
+                                "dint": u, "frames": v})
+    out["clean"] = not bad and out["unknown_vcpu"] == 0
+    return out
