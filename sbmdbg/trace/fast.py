@@ -460,6 +460,8 @@ class PluginTracer(TracerBase):
         self._lock = threading.Lock()
         self.busy_s = 0.0
         self.frames_missing: list[int] = []     # vectors whose handler has no push to probe
+        self._paths: list[str] = []
+        self._glob_at = 0.0
 
     # ------------------------------------------------------------ setup
     def _kernel(self):
@@ -634,7 +636,11 @@ class PluginTracer(TracerBase):
         """Read and process what QEMU's per-thread logs gained; the bytes read."""
         n = 0
         with self._lock:
-            for path in sorted(glob.glob(self._log_glob())):
+            now = time.monotonic()
+            if now >= self._glob_at:        # a new vCPU thread's file: looked for once a second
+                self._glob_at = now + 1.0
+                self._paths = sorted(glob.glob(self._log_glob()))
+            for path in self._paths:
                 if path not in self._files:
                     self._files[path] = (open(path, "rb"), LogParser())
                 fh, parser = self._files[path]
@@ -675,6 +681,7 @@ class PluginTracer(TracerBase):
                 self.poll()
             raise
         self._tailer.stop(timeout=10)
+        self._glob_at = 0.0                 # every file, for the last reads
         while self.drain():
             pass
         self.asm.flush()

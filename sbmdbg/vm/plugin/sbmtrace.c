@@ -503,8 +503,8 @@ static void reply(int fd, const char *fmt, ...)
     if (n > (int)sizeof(b) - 2)
         n = sizeof(b) - 2;
     b[n++] = '\n';
-    if (write(fd, b, n) < 0)
-        return;
+    while (write(fd, b, n) < 0 && errno == EINTR)
+        ;
 }
 
 static void command(int fd, char *line)
@@ -640,6 +640,8 @@ static void *control(void *arg)
         for (;;) {
             ssize_t r = read(fd, buf + have, sizeof(buf) - 1 - have);
             char *nl;
+            if (r < 0 && errno == EINTR)
+                continue;    /* a signal of QEMU's landed on this thread */
             if (r <= 0)
                 break;
             have += (size_t)r;
