@@ -314,13 +314,19 @@ static struct {
 static uint64_t regs_pa[MAX_VCPUS];   /* per vCPU: pt_regs of the last frame, 0: none */
 static uint64_t frames, frames_kernel, frames_user, frames_lost, regs_out;
 
-/* the vCPU's current task's thread_info.sbm_state (0: not in a sandbox) */
+/* the vCPU's current task's thread_info.sbm_state (0: not in a sandbox); a
+ * filter, so an unreadable task is "not in a sandbox", not a bad read */
 static int frame_sbm_state(unsigned vcpu, uint64_t *st)
 {
     uint64_t task, tpa;
-    if (vcpu >= MAX_VCPUS || !cur_task_phys[vcpu] || rd64(cur_task_phys[vcpu], &task) || dm(task, &tpa))
+    const uint8_t *p;
+    if (vcpu >= MAX_VCPUS || !cur_task_phys[vcpu] || !(p = phys(cur_task_phys[vcpu], 8)))
         return -1;
-    return rd64(tpa + ctx.off_sbm_state, st);
+    memcpy(&task, p, 8);
+    if (dm(task, &tpa) || !(p = phys(tpa + ctx.off_sbm_state, 8)))
+        return -1;
+    memcpy(st, p, 8);
+    return 0;
 }
 
 /* "@sbm R rg <vcpu> <ns> <tsc> q=N rw=W0,W1..": pt_regs of the frame just written */
@@ -351,6 +357,7 @@ static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     const struct probe *p = udata;
     struct qemu_plugin_hwaddr *hw;
     uint64_t pa, w[MAX_WORDS], st;
+    const uint8_t *f;
     char *b;
     int at, nw = p->nwords;
     __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
@@ -368,9 +375,12 @@ static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
         __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
         return;
     }
-    for (int i = 0; i < nw; i++)
-        if (rd64(pa + 8 * (uint64_t)i, &w[i]))
-            return;
+    f = phys(pa, 8 * (uint64_t)nw);
+    if (!f) {                            /* not in guest RAM: not a stack */
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    memcpy(w, f, 8 * (size_t)nw);
     if ((w[nw - 4] & 3) != 3) {          /* CS: an interrupt of kernel code */
         __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
         return;
