@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import heapq
 import os
 import re
 import struct
@@ -461,6 +462,7 @@ class PluginTracer(TracerBase):
         self.busy_s = 0.0
         self.frames_missing: list[int] = []     # vectors whose handler has no push to probe
         self._paths: list[str] = []
+        self._last_ns: dict[str, int] = {}
         self._glob_at = 0.0
 
     # ------------------------------------------------------------ setup
@@ -640,6 +642,8 @@ class PluginTracer(TracerBase):
             if now >= self._glob_at:        # a new vCPU thread's file: looked for once a second
                 self._glob_at = now + 1.0
                 self._paths = sorted(glob.glob(self._log_glob()))
+            t0 = time.perf_counter()
+            per_file = []
             for path in self._paths:
                 if path not in self._files:
                     self._files[path] = (open(path, "rb"), LogParser())
@@ -648,12 +652,25 @@ class PluginTracer(TracerBase):
                 if not data:
                     continue
                 n += len(data)
-                t0 = time.perf_counter()
-                for rec in parser.feed(data):
-                    self.asm.record(rec)
-                self.busy_s += time.perf_counter() - t0
+                per_file.append(self._stamped(path, parser.feed(data)))
+            # the vCPU threads' files merged by host time (each file's own order kept), so
+            # that events of different vCPUs read in one batch are written in time order
+            for _, rec in heapq.merge(*per_file, key=lambda x: x[0]):
+                self.asm.record(rec)
+            self.busy_s += time.perf_counter() - t0
         self.log_bytes += n
         return n
+
+    def _stamped(self, path: str, recs: list[dict]) -> list[tuple[int, dict]]:
+        """(host ns, record): a record without a time (QEMU's own lines) takes
+        the time of the line before it in its file."""
+        last = self._last_ns.get(path, 0)
+        out = []
+        for r in recs:
+            last = r.get("ns") or last
+            out.append((last, r))
+        self._last_ns[path] = last
+        return out
 
     # ------------------------------------------------------------ control
     def poll(self) -> None:
