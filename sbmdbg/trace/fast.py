@@ -640,7 +640,7 @@ class PluginTracer(TracerBase):
         with self._lock:
             now = time.monotonic()
             if now >= self._glob_at:        # a new vCPU thread's file: looked for once a second
-                self._glob_at = now + 1.0
+                self._glob_at = now + 1.0   # while data flows, at every idle read otherwise
                 self._paths = sorted(glob.glob(self._log_glob()))
             t0 = time.perf_counter()
             per_file = []
@@ -659,6 +659,8 @@ class PluginTracer(TracerBase):
                 self.asm.record(rec)
             self.busy_s += time.perf_counter() - t0
         self.log_bytes += n
+        if not n:
+            self._glob_at = 0.0
         return n
 
     def _stamped(self, path: str, recs: list[dict]) -> list[tuple[int, dict]]:
