@@ -13,7 +13,10 @@ once), as the untraced runs do.  A plugin level runs ``RUNS`` rounds of
 traced/untraced ratios (``ratio``: its inverse, the traced transition rate
 against the untraced one): the machine is shared, and its load changes
 between the start of a benchmark and its end, much less between two
-neighbouring runs.  A gdb level runs once, against the best untraced run."""
+neighbouring runs.  ``cpu_slowdown``/``cpu_ratio``: the same from the CPU
+time the runs took (QEMU's threads + this process: the tracer), which other
+jobs on the machine do not inflate.  A gdb level runs once, against the best
+untraced run."""
 from __future__ import annotations
 
 import os
@@ -43,6 +46,38 @@ def _repeat(vm, n: int) -> float:
     return dt
 
 
+def _cpu_ns(pid: int) -> int:
+    """On-CPU nanoseconds of every live thread of process ``pid`` (schedstat)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for t in tids:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def _timed(vm, n: int) -> tuple[float, float]:
+    """``repeat n``: (wall s, CPU s of QEMU and of this process, the tracer
+    included, until it caught up).  CPU time is what a loaded machine does
+    not inflate: on a machine shared with other jobs the wall time of a run
+    moves by 2-5x, the CPU it needs hardly."""
+    q0, p0 = _cpu_ns(vm.pid), time.process_time()
+    wall = _repeat(vm, n)
+    time.sleep(0.3)                     # the tracer reads what is left (every 20 ms)
+    return wall, (_cpu_ns(vm.pid) - q0) / 1e9 + time.process_time() - p0
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
 def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "lean"), emulate_too: bool = True,
                 opts=None, floor: bool = True) -> dict:
     from sbmdbg.trace.live import TraceRecorder
@@ -65,13 +100,16 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "l
             plugin = level in PLUGIN_LEVELS
             sums = {k: 0 for k in ("calls", "returns", "aborts", "transitions", "events")}
             runs, paired, busy, log_bytes, hits = [], [], 0.0, 0, 0
+            cpu_runs, cpu_paired = [], []
             for rnd in range(RUNS if plugin else 1):
                 if plugin:
                     # paired: an untraced run right before each traced one (the load of a
                     # shared machine changes by the second); the tracer's stop flushed QEMU's
                     # translation cache, so each untraced run has its own warm-up too
                     _repeat(vm, 5)
-                    paired.append(_repeat(vm, repeat))
+                    wall, cpu = _timed(vm, repeat)
+                    paired.append(wall)
+                    cpu_paired.append(cpu)
                 path = os.path.join(td, f"{level}-{int(emu)}-{rnd}.jsonl")
                 if plugin:
                     from sbmdbg.trace.fast import PluginTracer
@@ -82,7 +120,12 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "l
                 rec.start()
                 try:
                     _repeat(vm, 5)              # warm-up under the tracer (as untraced)
-                    runs.append(_repeat(vm, repeat))
+                    if plugin:
+                        wall, cpu = _timed(vm, repeat)
+                        cpu_runs.append(cpu)
+                    else:
+                        wall = _repeat(vm, repeat)
+                    runs.append(wall)
                     st = rec.stop()
                 finally:
                     rec.close()
@@ -94,9 +137,13 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "l
                 hits += sum(st.get("hits", {}).values()) if not plugin else 0
             s = sums
             dt = min(runs)
+            cpu = {}
             if plugin:   # the median of the paired ratios: each traced run against its neighbour
-                ratios = sorted(t / u for t, u in zip(runs, paired))
-                slowdown = ratios[len(ratios) // 2]
+                slowdown = _median([t / u for t, u in zip(runs, paired)])
+                cpu_slow = _median([t / u for t, u in zip(cpu_runs, cpu_paired)])
+                cpu = {"cpu_untraced_s": [round(x, 3) for x in cpu_paired],
+                       "cpu_traced_s": [round(x, 3) for x in cpu_runs],
+                       "cpu_slowdown": round(cpu_slow, 3), "cpu_ratio": round(1 / cpu_slow, 3)}
             else:
                 slowdown = dt / res["untraced_s"]
             n_runs = len(runs) * (repeat + 5)      # calls traced, warm-ups included
@@ -118,6 +165,7 @@ def bench_trace(repeat: int = 100, pti: str = "on", levels=("plugin", "full", "l
                 "calls": s["calls"], "returns": s["returns"], "aborts": s["aborts"],
                 "demo_calls": demo[0], "demo_returns": demo[1], "demo_aborts": demo[2],
                 "counts_match": [s["calls"], s["returns"], s["aborts"]] == demo,
+                **cpu,
             })
         if floor:
             # What QEMU's own stop/resume costs, with no gdb and no single step.
@@ -137,6 +185,10 @@ def render(r: dict) -> str:
              f"{'level':6} {'step-over':16} {'traced s':>8} {'slowdown':>8} {'trans/s':>8} {'events/s':>8} "
              f"{'stops/s':>8} {'ms/stop':>8} {'ours ms':>8}  counts vs stats"]
     for x in r["runs"]:
+        if x["level"] in PLUGIN_LEVELS and "cpu_ratio" in x:
+            lines.append(f"  {x['level']} ({x['source']}): median of {len(x['traced_runs_s'])} paired runs: "
+                         f"transition rate {x['ratio']}x the untraced guest's (wall), "
+                         f"{x['cpu_ratio']}x by CPU time (QEMU + tracer)")
         if x["level"] in PLUGIN_LEVELS:
             lines.append(f"{x['level']:6} {'(no stops)':16} {x['traced_s']:8} {x['slowdown']:8} "
                          f"{x['transitions_per_s']:8} {x['events_per_s']:8} {0:8} {'-':>8} {'-':>8}  "

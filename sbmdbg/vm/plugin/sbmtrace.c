@@ -38,6 +38,7 @@
  *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem | frame | regs)
  *   arm | disarm                  apply (flushes QEMU's translation cache)
  *   status
+ *   frames                        frame probes with > 100 stores: "tag=count ..."
  *
  * Written for sbmdbg from QEMU's documented plugin API (version 1, QEMU 7.2);
  * the few declarations it needs are below, since Debian ships no header.
@@ -111,6 +112,7 @@ struct probe {
     char tag[32];
     enum kind kind;
     int nwords;
+    uint64_t count;              /* frame probes: stores seen ("frames" command) */
 };
 
 struct table {                  /* immutable once published */
@@ -361,6 +363,7 @@ static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     char *b;
     int at, nw = p->nwords;
     __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&((struct probe *)p)->count, 1, __ATOMIC_RELAXED);
     if (vcpu >= MAX_VCPUS || nw < 6 || nw > 7)
         return;
     frame_flush_regs(vcpu);
@@ -619,6 +622,17 @@ static void command(int fd, char *line)
         pthread_mutex_unlock(&lock);
         __atomic_store_n(&reset_wanted, 1, __ATOMIC_RELEASE);
         return reply(fd, "ok %s %d gen %d", w[0], t->n, reset_want_gen);
+    }
+    if (!strcmp(w[0], "frames")) {      /* the busiest frame probes: "tag=count ..." */
+        char b[400];
+        int at = 0;
+        pthread_mutex_lock(&lock);
+        for (int i = 0; active && i < active->n && at < 340; i++)
+            if (active->p[i].kind == K_FRAME && active->p[i].count > 100)
+                at += snprintf(b + at, sizeof(b) - at, " %s=%" PRIu64, active->p[i].tag, active->p[i].count);
+        pthread_mutex_unlock(&lock);
+        b[at] = 0;
+        return reply(fd, "ok frames%s", b);
     }
     if (!strcmp(w[0], "status")) {
         pthread_mutex_lock(&lock);
