@@ -45,6 +45,7 @@ import time
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import cstring
 from sbmdbg.sbm.attack import Attack, classify
+from sbmdbg.sbm.stacks import classify_in
 from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, TracerBase, Watcher, pid_alive
 from sbmdbg.trace.events import (
@@ -271,9 +272,22 @@ class Assembler:
         st = c.get("st")
         ctx, task = self.ctx, c.get("task_va") or 0
         ev.update({"cpl": cpl, "rip": hx(rip), "sym": ctx.sym(rip), "rsp": hx(rsp),
-                   "stack": ctx.stack_class(rsp, task, st, vcpu), "cr3": hx(cr3),
+                   "stack": self._stack_class(rsp, task, st, vcpu, c), "cr3": hx(cr3),
                    "cr3_role": ctx.cr3_role(cr3, st, task, c.get("pid")) if cr3 is not None else None})
         ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"])
+
+    def _stack_class(self, rsp: int, task: int, st: dict | None, vcpu: int, c: dict) -> str:
+        """ctx.stack_class, the stack ranges of a sandbox call read once (at its
+        enter, kept in its vCPU context ``c``) for all its events."""
+        ranges_of = getattr(self.ctx, "stack_ranges", None)
+        if ranges_of is None:
+            return self.ctx.stack_class(rsp, task, st, vcpu)
+        r = c.get("_ranges")
+        if r is None or c.get("_ranges_key") != (task, vcpu):
+            r = sorted(ranges_of(task, st, vcpu), key=lambda x: x.get("cpu") != vcpu)
+            c["_ranges"], c["_ranges_key"] = r, (task, vcpu)
+        hit = classify_in(r, rsp)
+        return hit["kind"] if hit else "unknown"
 
     def _mode(self, ev: dict, vcpu: int) -> None:
         """The SBM model's mode for an event whose CR3 the log does not show."""
