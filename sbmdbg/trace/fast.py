@@ -160,7 +160,7 @@ class LogParser:
                     rec["comm"] = cstring(bytes.fromhex(v))   # guest bytes: sanitized
                 elif k in ("sw", "mw", "rw"):
                     rec[k] = [int(x, 16) for x in v.split(",") if x]
-                elif k in ("t", "st", "mva", "mpa"):
+                elif k in ("t", "st", "mva", "mpa", "ra"):
                     rec[{"t": "task", "st": "state"}.get(k, k)] = int(v, 16)
         except (IndexError, ValueError):
             self.bad += 1
@@ -232,7 +232,7 @@ class Assembler:
         elif t == "P":
             self._frames_flush(rec["vcpu"])
             getattr(self, "_on_" + rec["tag"], lambda r: None)(rec)
-        elif t in ("F", "R") and self.frames is not None:
+        elif t in ("F", "R", "E") and self.frames is not None:
             for r in self.frames.feed(rec):
                 self._frame_int(r)
 
@@ -475,6 +475,8 @@ class PluginTracer(TracerBase):
         self._lock = threading.Lock()
         self.busy_s = 0.0
         self.frames_missing: list[int] = []     # vectors whose handler has no push to probe
+        self._handler_vec: dict[int, int] = {}  # handler entering through error_entry -> vector
+        self._error_entry = None
         self._paths: list[str] = []
         self._last_ns: dict[str, int] = {}
         self._glob_at = 0.0
@@ -513,32 +515,86 @@ class PluginTracer(TracerBase):
         # every IDT handler: a time stamp right after QEMU logged the delivery
         idt = k.read_virt(k.root, k.sym("idt_table"), 256 * 16)
         seen = set()
+        ent = self._sbm_entry_probe() if self.source == "frames" else None
+        out += ent or []
         for v in range(256):
             lo, sel, _ist, _attr, mid, hi, _r = struct.unpack_from("<HHBBHII", idt, 16 * v)
             h = lo | mid << 16 | hi << 32
             if not (_attr & 0x80) or not h or h in seen:
                 continue
             seen.add(h)
+            if self.source == "frames" and ent and self._enters_via_error_entry(h, v):
+                continue            # the sbment probe sees it, only when it comes from a sandbox
             if self.source == "frames":
                 out.extend(self._frame_probe(h, v))
                 continue
             out.append((h, f"v{v}", "stamp", 0))
-        if self.source == "frames" and "sync_regs" in k.symbols:
+        if self.source == "frames" and not ent and "sync_regs" in k.symbols:
             out.append((k.sym("sync_regs"), "rg", "regs", 0))
         return out
+
+    def _code(self, addr: int) -> bytes | None:
+        """Up to 64 bytes of runtime code (alternatives applied) at ``addr``."""
+        for n in (64, min(64, 4096 - (addr & 4095))):     # the next page may be unmapped
+            try:
+                return self.k.read_virt(self.k.root, addr, n)
+            except SbmdbgError:
+                continue
+        return None
+
+    def _sbm_entry_probe(self) -> list[tuple[int, str, str, int]]:
+        """The sbment probe: the first store of .Lerror_entry_from_sbm, which
+        must be into pt_regs->cs (``CS+8(%rsp)``), else none (every vector
+        then has its frame probe)."""
+        from sbmdbg.trace.frames import first_store
+        from sbmdbg.trace.points import find_sbm_check, function_code
+
+        k = self.k
+        try:
+            base, code = function_code(k.symbols, "error_entry")
+            kcr3 = k.symbols.addr("x86_sbm_state") + k.layouts.offsetof("x86_sbm_state", "kernel_cr3")
+            label = find_sbm_check(base, code, kcr3) + k.slide
+        except (SbmdbgError, TypeError):
+            return []
+        code = self._code(label)
+        st = first_store(code, label) if code else None
+        if st is None or st[1] != "rsp" or st[2] != 8 + k.layouts.offsetof("pt_regs", "cs"):
+            return []
+        self._error_entry = k.sym("error_entry")
+        return [(st[0], "en", "sbment", 0)]
+
+    def _enters_via_error_entry(self, h: int, v: int) -> bool:
+        """Does IDT vector ``v``'s handler ``h`` reach error_entry (so that the
+        sbment probe sees it)?  Its first call is error_entry, or it is an
+        external vector's stub (which jumps to asm_common_interrupt or
+        asm_spurious_interrupt: the vector is then pt_regs->orig_ax)."""
+        from sbmdbg.trace.frames import first_call
+
+        name = (self.k.lookup(h) or ("", 0))[0]
+        if name in ("irq_entries_start", "spurious_entries_start"):
+            return True
+        code = self._code(h)
+        if code and first_call(code, h) == self._error_entry:
+            self._handler_vec[h] = v
+            return True
+        return False
+
+    def vector_of(self, ra: int, orig_ax: int) -> int | None:
+        """The vector of an entry through error_entry, from the return
+        address of the handler's ``call error_entry``."""
+        r = self.k.lookup(ra)
+        if r is None:
+            return None
+        if r[0] in ("asm_common_interrupt", "asm_spurious_interrupt"):
+            return orig_ax & 0xFF
+        return self._handler_vec.get(ra - r[1])
 
     def _frame_probe(self, handler: int, v: int) -> list[tuple[int, str, str, int]]:
         """The frame probe of IDT vector ``v``: on the handler's first push
         (its runtime code: alternatives applied); none if it has no push."""
         from sbmdbg.trace.frames import first_push, frame_words
 
-        code = None
-        for n in (64, min(64, 4096 - (handler & 4095))):     # the next page may be unmapped
-            try:
-                code = self.k.read_virt(self.k.root, handler, n)
-                break
-            except SbmdbgError:
-                continue
+        code = self._code(handler)
         at = first_push(code, handler) if code else None
         if at is None:
             self.frames_missing.append(v)
@@ -589,7 +645,7 @@ class PluginTracer(TracerBase):
             from sbmdbg.trace.frames import FrameDecoder
             ctl.cmd(f"ptregs {lay.offsetof('pt_regs', 'ip')} {lay.sizeof('pt_regs') // 8}")
             ptregs = {n: f.offset for n, f in lay.layout("pt_regs").fields.items()}
-            frames = FrameDecoder(ptregs, state_off, code_at=code_at,
+            frames = FrameDecoder(ptregs, state_off, code_at=code_at, vector_of=self.vector_of,
                                   percpu={c: g for g, c in gs_to_cpu.items()})
         plist = self.probes()
         for addr, tag, kind, words in plist:

@@ -1,6 +1,21 @@
 """Sandbox interrupts from the hardware exception frame (no QEMU ``-d int``).
 
-The sbmtrace plugin (``frame`` probes, sbmdbg/vm/plugin/sbmtrace.c) sits on
+Two kinds of plugin probe (sbmdbg/vm/plugin/sbmtrace.c):
+
+* ``sbment`` (the default for every vector that enters through
+  error_entry: exceptions, external interrupts, system vectors): on the first
+  store of ``.Lerror_entry_from_sbm`` (``andb $~3, CS+8(%rsp)``), a label
+  only an entry from a sandbox reaches.  pt_regs is complete there (the
+  sandbox's registers and the hardware frame, error code in orig_ax) and the
+  handler's return address is right below it: one ``@sbm E`` line; the
+  vector is the handler's whose ``call error_entry`` returns there
+  (``PluginTracer.vector_of``), or pt_regs->orig_ax for the external vectors'
+  common entry.  The andb has cleared the frame's RPL: the CPU pushed 3.
+* ``frame`` (NMI, #DF and any vector that does not enter through
+  error_entry; every vector on a kernel without the label): on the first
+  push of the IDT handler, described below.
+
+The ``frame`` probe sits on
 the first push of every IDT handler: that store lands just below the frame
 the CPU pushed (``[error code,] RIP, CS, RFLAGS, RSP, SS``), so the plugin
 reads the frame from guest RAM at the store's physical address and writes
@@ -8,7 +23,7 @@ one ``@sbm F`` line, only for a frame from CPL 3 of a task that is in a
 sandbox (``thread_info.sbm_state`` set).  The entry code then saves the
 sandbox's registers right below the frame (``struct pt_regs``, which ends
 with it); the plugin writes them as ``@sbm R`` at ``sync_regs`` (or at the
-vCPU's next probe).  This module turns those two lines into the ``int``
+vCPU's next probe).  This module turns those lines into the ``int``
 records the ``-d int`` log parser (fast.LogParser) produces, so the same
 state machine (fast.Assembler) builds the events:
 
@@ -59,6 +74,36 @@ def first_push(code: bytes, addr: int) -> int | None:
         if ins.mnemonic.startswith(("push", "call")):
             return ins.address
         if ins.mnemonic.startswith(("j", "ret", "iret", "sysret")):
+            return None
+    return None
+
+
+def first_call(code: bytes, addr: int) -> int | None:
+    """The target of an IDT handler's first direct call (``call error_entry``
+    for the vectors that enter through it), or None (a jump or return first)."""
+    from capstone import x86 as cx
+
+    for ins in _cs().disasm(code, addr, _FIRST):
+        if ins.mnemonic == "call":
+            op = ins.operands[0] if ins.operands else None
+            return op.imm & U64 if op is not None and op.type == cx.X86_OP_IMM else None
+        if ins.mnemonic.startswith(("j", "ret", "iret", "sysret")):
+            return None
+    return None
+
+
+def first_store(code: bytes, addr: int) -> tuple[int, str | None, int] | None:
+    """(address, base register, displacement) of the first instruction in
+    ``code`` that writes a memory operand (``andb $~3, CS+8(%rsp)`` at
+    .Lerror_entry_from_sbm), or None."""
+    import capstone
+    from capstone import x86 as cx
+
+    for ins in _cs().disasm(code, addr, _FIRST):
+        for op in ins.operands:
+            if op.type == cx.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
+                return ins.address, ins.reg_name(op.mem.base) if op.mem.base else None, op.mem.disp
+        if ins.mnemonic.startswith(("j", "ret", "call")):
             return None
     return None
 
@@ -147,18 +192,24 @@ class FrameDecoder:
     unattacked sandbox)."""
 
     def __init__(self, ptregs: dict[str, int], state_off: dict[str, int], code_at=None,
-                 percpu: dict[int, int] | None = None):
+                 percpu: dict[int, int] | None = None, vector_of=None):
         self.ptregs = {f: o for f, o in ptregs.items() if f in GPRS}
+        self.frame_off = {f: ptregs[f] for f in ("orig_ax", "ip", "cs", "sp") if f in ptregs}
+        self.vector_of = vector_of      # (entry stub's return address, orig_ax) -> vector or None
         self.state_off = state_off
         self.code_at = code_at
         self.percpu = percpu or {}
         self._pending: dict[int, dict] = {}
         self.frames = 0
         self.with_regs = 0
+        self.unknown = 0
 
     def feed(self, rec: dict) -> list[dict]:
         """An F or R record in; the int records now complete out."""
         c = rec["vcpu"]
+        if rec["type"] == "E":
+            r = self.decode_entry(rec)
+            return self.flush(c) + ([r] if r is not None else [])
         if rec["type"] == "F":
             out = self.flush(c)
             self._pending[c] = rec
@@ -174,6 +225,22 @@ class FrameDecoder:
             return out
         f = self._pending.pop(vcpu, None)
         return [] if f is None else [self.decode(f, None)]
+
+    def decode_entry(self, e: dict) -> dict:
+        """An ``@sbm E`` record (pt_regs at .Lerror_entry_from_sbm) -> an int
+        record.  The entry code has cleared the frame's RPL by then (andb
+        $~3): the CPU pushed it with RPL 3, the entry came from CPL 3."""
+        rw = e.get("rw") or []
+        o = {f: rw[off // 8] if off % 8 == 0 and off // 8 < len(rw) else 0
+             for f, off in self.frame_off.items()}
+        v = self.vector_of(e.get("ra") or 0, o.get("orig_ax", 0)) if self.vector_of else None
+        err = o.get("orig_ax", 0) if v in ERROR_CODE_VECTORS else 0
+        sp = o.get("sp", 0)
+        words = ([0, err] if v in ERROR_CODE_VECTORS else [0]) + [o.get("ip", 0), o.get("cs", 0) | 3, 0, sp, 0]
+        if v is None:                   # a stub the IDT does not name: counted, no event
+            self.unknown += 1
+            return None
+        return self.decode(dict(e, tag=f"v{v}", mw=words), rw)
 
     def decode(self, f: dict, rw: list[int] | None) -> dict:
         w = f.get("mw") or []

@@ -1,7 +1,9 @@
 """The plugin tracer's frame source (sbmdbg/trace/frames.py: sandbox
-interrupts from the exception frame in guest RAM, no QEMU ``-d int``),
-offline, on a log recorded with both sources at once
-(fixtures/trace/qemu-frames-dint.log, described in its .json): the
+interrupts from guest RAM, no QEMU ``-d int``), offline, on logs recorded
+with both sources at once (fixtures/trace/*-dint.log, described in their
+.json): qemu-entry-dint with the sbment probe (pt_regs at
+.Lerror_entry_from_sbm, the default), qemu-frames-dint with frame probes on
+every handler + pt_regs at sync_regs (the fallback, and NMI/#DF): the
 ``-d int`` cross-check, the events against the demo's own counters, CR2
 recomputed from the saved registers, and the decoder's edge cases."""
 from __future__ import annotations
@@ -14,16 +16,24 @@ from test_fasttrace import TinyContext as FastTinyContext
 
 from sbmdbg.trace.events import EventSink, read_events, summarize, validate
 from sbmdbg.trace.fast import Assembler, LogParser
-from sbmdbg.trace.frames import FrameDecoder, crosscheck, fault_address, first_push, frame_words
+from sbmdbg.trace.frames import (
+    FrameDecoder, crosscheck, fault_address, first_call, first_push, first_store, frame_words,
+)
 
 pytestmark = pytest.mark.unit
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "trace"
 LOG = FIX / "qemu-frames-dint.log"
 META = json.loads((FIX / "qemu-frames-dint.json").read_text())
+ENTRY_LOG = FIX / "qemu-entry-dint.log"
+ENTRY_META = json.loads((FIX / "qemu-entry-dint.json").read_text())
 RET = int(META["x86_sbm_return"], 16)
+assert int(ENTRY_META["x86_sbm_return"], 16) == RET          # the same kernel build
 GS = {int(k, 16): v for k, v in META["gs_to_cpu"].items()}
-CODE = {int(k, 16): bytes.fromhex(v) for k, v in META["code"].items()}
+CODE = {int(k, 16): bytes.fromhex(v) for m in (META, ENTRY_META) for k, v in m["code"].items()}
+ENTRY_VECTORS = {int(k, 16): v for k, v in ENTRY_META["entry_vectors"].items()}
+RECORDINGS = {"frames": (LOG, 18, [13] + [14] * 12 + [0xEC] * 5),
+              "entry": (ENTRY_LOG, 19, [13] + [14] * 12 + [0xEC] * 5 + [0xFB])}
 
 
 class TinyContext(FastTinyContext):
@@ -38,18 +48,19 @@ def code_at(addr, n):
     return c[:n] if c else None
 
 
-def assemble(tmp_path, data: bytes | None = None, *, check: bool = True):
+def assemble(tmp_path, data: bytes | None = None, *, check: bool = True, log: Path = LOG):
     path = str(tmp_path / "t.jsonl")
     sink = EventSink(path)
     frames = FrameDecoder(META["pt_regs"], META["state_off"], code_at=code_at,
-                          percpu={c: g for g, c in GS.items()})
+                          percpu={c: g for g, c in GS.items()},
+                          vector_of=lambda ra, orig_ax: ENTRY_VECTORS.get(ra))
     asm = Assembler(TinyContext(), sink, x86_sbm_return=RET, gs_to_cpu=GS, state_off=META["state_off"],
                     sites={"enter": 1, "resume": 2, "exit": RET}, clock=lambda: 0, code_at=code_at,
                     frames=frames)
     if check:
         asm.dint_seen, asm.frame_seen = [], []
     asm._emit({"kind": "trace_start"})
-    for r in LogParser().feed(LOG.read_bytes() if data is None else data):
+    for r in LogParser().feed(log.read_bytes() if data is None else data):
         asm.record(r)
     asm.flush()
     asm._emit({"kind": "trace_stop"})
@@ -57,25 +68,28 @@ def assemble(tmp_path, data: bytes | None = None, *, check: bool = True):
     return read_events(path), asm
 
 
-def test_frames_agree_with_qemu_dint_field_by_field(tmp_path):
-    _, asm = assemble(tmp_path)
+@pytest.mark.parametrize("rec", sorted(RECORDINGS))
+def test_frames_agree_with_qemu_dint_field_by_field(tmp_path, rec):
+    log, n, want = RECORDINGS[rec]
+    _, asm = assemble(tmp_path, log=log)
     cc = crosscheck(asm.dint_seen, asm.frame_seen)
     assert cc["mismatches"] == [] and cc["clean"]
-    assert cc["dint"] == cc["frames"] == cc["compared"] == 18
-    # 17 of them went through sync_regs: vector, RIP, error, CPL, CS, RSP + 16 registers
-    assert cc["fields"] > 18 * 6 + 17 * 16
-    vectors = sorted(r["vector"] for r in asm.frame_seen)
-    assert vectors == [13] + [14] * 12 + [0xEC] * 5
+    assert cc["dint"] == cc["frames"] == cc["compared"] == n
+    # all but the paranoid ones with their registers: vector, RIP, error, CPL, CS, RSP + 16 registers
+    assert cc["fields"] > n * 6 + (n - 1) * 16
+    assert sorted(r["vector"] for r in asm.frame_seen) == sorted(want)
+    assert asm.frames.unknown == 0
 
 
-def test_events_count_what_the_demo_counted(tmp_path):
-    evs, _ = assemble(tmp_path, check=False)
+@pytest.mark.parametrize("rec", sorted(RECORDINGS))
+def test_events_count_what_the_demo_counted(tmp_path, rec):
+    evs, _ = assemble(tmp_path, check=False, log=RECORDINGS[rec][0])
     assert validate(evs) == []
     s = summarize(evs)
     d = META["demo_stats_delta"]
     assert (s["calls"], s["returns"], s["aborts"]) == (d["calls"], d["returns"], d["aborts"])
     kinds = [e["kind"] for e in evs]
-    assert kinds.count("irq") == kinds.count("irq_return") == 5
+    assert kinds.count("irq") == kinds.count("irq_return") == RECORDINGS[rec][2].count(0xEC) + (rec == "entry")
     ret = next(e for e in evs if e["kind"] == "return")
     assert ret["ret"] == 2016 and ret["cr2"] == hex(RET) and ret["error_code"] == 0x15
     assert ret["point"] == "IDT vector 0xe (exception frame)"
@@ -154,3 +168,34 @@ def test_the_first_push_of_each_kind_of_idt_handler():
     assert first_push(bytes.fromhex("f30f1efaeb00"), 0x1000) is None           # jumps before any push
     assert first_push(b"", 0x1000) is None
     assert [frame_words(v) for v in (0, 8, 13, 14, 32, 0xEC)] == [6, 7, 7, 7, 6, 6]
+
+
+def test_entry_records_decode_and_an_unknown_stub_is_counted(tmp_path):
+    """@sbm E: pt_regs at .Lerror_entry_from_sbm, after its andb cleared the
+    frame's RPL (the CS is given back as the CPU pushed it, RPL 3); a wrong
+    register is caught by the cross-check; a return address that names no
+    IDT handler makes no event and is counted."""
+    data = ENTRY_LOG.read_bytes()
+    line = next(x for x in data.split(b"\n") if x.startswith(b"@sbm E"))
+    rw = line.split(b"rw=")[1].split(b",")
+    assert int(rw[17], 16) & 3 == 0                    # pt_regs->cs as the entry code left it
+    _, asm = assemble(tmp_path, log=ENTRY_LOG)
+    assert all(r["cs"] & 3 == 3 for r in asm.frame_seen)
+    bad = data.replace(line, line.split(b"rw=")[0] + b"rw=" + b",".join(rw[:10] + [b"beef"] + rw[11:]), 1)
+    _, asm = assemble(tmp_path, bad)
+    cc = crosscheck(asm.dint_seen, asm.frame_seen)
+    assert not cc["clean"] and cc["mismatches"][0]["field"] == "RAX"
+    ra = line.split(b" ra=")[1].split(b" ")[0]
+    _, asm = assemble(tmp_path, data.replace(b" ra=" + ra + b" ", b" ra=1234 ", 1))
+    assert asm.frames.unknown == 1
+    assert not crosscheck(asm.dint_seen, asm.frame_seen)["clean"]
+
+
+def test_the_first_call_and_the_first_store():
+    # asm_exc_page_fault: clac; cld; call error_entry (a negative rel32 backwards too)
+    code = bytes.fromhex("0f01cafce8570500004889c4")
+    assert first_call(code, 0xFFFFFFFF81200B30) == 0xFFFFFFFF81201090
+    assert first_call(bytes.fromhex("f30f1efa6a20eb00"), 0x1000) is None     # a stub: jumps first
+    # .Lerror_entry_from_sbm: mov %rax,%cr3; andb $~3, CS+8(%rsp)
+    assert first_store(bytes.fromhex("0f22d880a42490000000fc"), 0x2000) == (0x2003, "rsp", 0x90)
+    assert first_store(bytes.fromhex("0f22d8c3"), 0x2000) is None

@@ -21,6 +21,14 @@
  *              registers the entry code then saves next to it (pt_regs) are
  *              written as "@sbm R ..." rw=... at the next "regs" probe
  *              (sync_regs) or the next probe of that vCPU.  No -d int needed.
+ *       sbment on the first store of .Lerror_entry_from_sbm (andb $~3,
+ *              CS+8(%rsp)): reached only by an entry from a sandbox, with
+ *              pt_regs complete at the store's address - offsetof(cs) and
+ *              the entry stub's return address below it: writes "@sbm E"
+ *              with the task, ra=RETURN_ADDRESS and rw=pt_regs words.  The
+ *              vectors that enter through error_entry then need no frame
+ *              probe (a frame probe runs at every entry of its vector,
+ *              kernel-mode ones too).
  *   - guest memory is read from QEMU's memory-backend-file (share=on), mapped
  *     read-only; every read is bounds-checked (guest memory is untrusted).
  *
@@ -35,7 +43,7 @@
  *   cpu VCPU PHYS_OF_CURRENT_TASK
  *   jiffies PHYS                 (adds " j=JIFFIES" to every line)
  *   ptregs OFF_IP NWORDS         (struct pt_regs: offset of ip, size in words)
- *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem | frame | regs)
+ *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem | frame | regs | sbment)
  *   arm | disarm                  apply (flushes QEMU's translation cache)
  *   status
  *   frames                        frame probes with > 100 stores: "tag=count ..."
@@ -94,6 +102,7 @@ extern uint64_t qemu_plugin_insn_vaddr(const struct qemu_plugin_insn *);
 extern struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t, uint64_t);
 extern bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *);
 extern uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *);
+extern bool qemu_plugin_mem_is_store(qemu_plugin_meminfo_t);
 extern void qemu_plugin_reset(qemu_plugin_id_t, qemu_plugin_simple_cb_t);
 extern void qemu_plugin_outs(const char *);
 
@@ -105,7 +114,7 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 #define MAX_WORDS 24
 #define FOUR_GIB (4ULL << 30)
 
-enum kind { K_STAMP, K_CTX, K_MEM, K_FRAME, K_REGS };
+enum kind { K_STAMP, K_CTX, K_MEM, K_FRAME, K_REGS, K_SBMENT };
 
 struct probe {
     uint64_t vaddr;
@@ -353,26 +362,41 @@ static void frame_flush_regs(unsigned int vcpu)
     emit(b, at);
 }
 
+/* the guest-physical address of a probed store (its registers flushed first); -1: none */
+static int store_pa(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, uint64_t *pa)
+{
+    struct qemu_plugin_hwaddr *hw;
+    frame_flush_regs(vcpu);
+    hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    *pa = qemu_plugin_hwaddr_phys_addr(hw);
+    return 0;
+}
+
+/* "@sbm T <tag> <vcpu> <ns> <tsc> q=N j=J <the task>" */
+static int frame_head(char *b, char type, const struct probe *p, unsigned int vcpu)
+{
+    int at = put(b, 0, "@sbm %c %s %u %" PRIu64 " %llu q=%" PRIu64, type, p->tag, vcpu, now_ns(),
+                 (unsigned long long)__rdtsc(), line_seq[vcpu]++);
+    at = put_jiffies(b, at);
+    return put_task(b, at, vcpu);
+}
+
 /* The store of the handler's first push: the frame is the words above it. */
 static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
     const struct probe *p = udata;
-    struct qemu_plugin_hwaddr *hw;
     uint64_t pa, w[MAX_WORDS], st;
     const uint8_t *f;
     char *b;
     int at, nw = p->nwords;
     __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&((struct probe *)p)->count, 1, __ATOMIC_RELAXED);
-    if (vcpu >= MAX_VCPUS || nw < 6 || nw > 7)
+    if (vcpu >= MAX_VCPUS || nw < 6 || nw > 7 || store_pa(vcpu, info, vaddr, &pa))
         return;
-    frame_flush_regs(vcpu);
-    hw = qemu_plugin_get_hwaddr(info, vaddr);
-    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
-        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
-        return;
-    }
-    pa = qemu_plugin_hwaddr_phys_addr(hw);
     /* a frame from CPL 3 sits at a stack top: never across a page */
     if ((pa & 0xfff) + 8 * (uint64_t)nw > 0x1000) {
         __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
@@ -393,10 +417,7 @@ static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
         return;
     }
     b = line_buf[vcpu];
-    at = put(b, 0, "@sbm F %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
-             (unsigned long long)__rdtsc(), line_seq[vcpu]++);
-    at = put_jiffies(b, at);
-    at = put_task(b, at, vcpu);
+    at = frame_head(b, 'F', p, vcpu);
     at = put(b, at, " mva=%" PRIx64 " mpa=%" PRIx64 " mw=", vaddr, pa);
     for (int i = 0; i < nw; i++)
         at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, w[i]);
@@ -404,6 +425,36 @@ static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
     /* pt_regs ends with the hardware frame: its ip is the frame's RIP */
     if (ptregs.nwords && pa + 8 * (uint64_t)(nw - 5) >= ptregs.off_ip)
         regs_pa[vcpu] = pa + 8 * (uint64_t)(nw - 5) - ptregs.off_ip;
+}
+
+/* .Lerror_entry_from_sbm's store into pt_regs->cs: the whole entry at once */
+static void on_sbment(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    const struct probe *p = udata;
+    uint64_t pa, regs, v;
+    char *b;
+    int at;
+    if (!qemu_plugin_mem_is_store(info))     /* andb is a read and a write */
+        return;
+    __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
+    if (vcpu >= MAX_VCPUS || !ptregs.nwords || store_pa(vcpu, info, vaddr, &pa))
+        return;
+    regs = pa - (ptregs.off_ip + 8);          /* cs follows ip in pt_regs */
+    if (pa < ptregs.off_ip + 16 || !phys(regs - 8, 8 * (uint64_t)(ptregs.nwords + 1)) ||
+        ((regs - 8) >> 12) != ((regs + 8 * (uint64_t)ptregs.nwords - 1) >> 12)) {
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    b = line_buf[vcpu];
+    at = frame_head(b, 'E', p, vcpu);
+    rd64(regs - 8, &v);
+    at = put(b, at, " mpa=%" PRIx64 " ra=%" PRIx64 " rw=", pa, v);
+    for (int i = 0; i < ptregs.nwords && i < MAX_WORDS; i++) {
+        rd64(regs + 8 * (uint64_t)i, &v);
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, v);
+    }
+    __atomic_fetch_add(&regs_out, 1, __ATOMIC_RELAXED);
+    emit(b, at);
 }
 
 static void on_regs(unsigned int vcpu, void *udata)
@@ -450,6 +501,11 @@ static void on_tb(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             continue;
         if (t->p[k].kind == K_FRAME) {
             qemu_plugin_register_vcpu_mem_cb(insn, on_frame, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_W, (void *)&t->p[k]);
+            continue;
+        }
+        if (t->p[k].kind == K_SBMENT) {
+            qemu_plugin_register_vcpu_mem_cb(insn, on_sbment, QEMU_PLUGIN_CB_NO_REGS,
                                              QEMU_PLUGIN_MEM_W, (void *)&t->p[k]);
             continue;
         }
@@ -589,6 +645,8 @@ static void command(int fd, char *line)
             p.kind = K_FRAME;
         else if (!strcmp(w[3], "regs"))
             p.kind = K_REGS;
+        else if (!strcmp(w[3], "sbment"))
+            p.kind = K_SBMENT;
         else
             return reply(fd, "error kind %s", w[3]);
         p.nwords = n == 5 ? (int)strtol(w[4], NULL, 0) : 0;
