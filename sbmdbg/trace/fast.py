@@ -564,17 +564,25 @@ class PluginTracer(TracerBase):
         return [(st[0], "en", "sbment", 0)]
 
     def _enters_via_error_entry(self, h: int, v: int) -> bool:
-        """Does IDT vector ``v``'s handler ``h`` reach error_entry (so that the
-        sbment probe sees it)?  Its first call is error_entry, or it is an
-        external vector's stub (which jumps to asm_common_interrupt or
-        asm_spurious_interrupt: the vector is then pt_regs->orig_ax)."""
-        from sbmdbg.trace.frames import first_call
+        """Does IDT vector ``v``'s handler ``h`` reach error_entry from CPL 3
+        (so that the sbment probe sees it)?  It calls error_entry somewhere
+        (#DB and #MC only on their from-user path, which is the only one a
+        sandbox takes), or it is an external vector's stub (which jumps to
+        asm_common_interrupt or asm_spurious_interrupt: the vector is then
+        pt_regs->orig_ax)."""
+        from sbmdbg.trace.frames import calls_to
+        from sbmdbg.trace.points import function_code
 
-        name = (self.k.lookup(h) or ("", 0))[0]
-        if name in ("irq_entries_start", "spurious_entries_start"):
+        r = self.k.lookup(h)
+        if r is not None and r[0] in ("irq_entries_start", "spurious_entries_start"):
             return True
-        code = self._code(h)
-        if code and first_call(code, h) == self._error_entry:
+        if r is None or r[1]:
+            return False
+        try:
+            a, code = function_code(self.k.symbols, r[0], 256)
+        except SbmdbgError:
+            return False
+        if calls_to(code, a, self._error_entry - self.k.slide):
             self._handler_vec[h] = v
             return True
         return False

@@ -78,18 +78,15 @@ def first_push(code: bytes, addr: int) -> int | None:
     return None
 
 
-def first_call(code: bytes, addr: int) -> int | None:
-    """The target of an IDT handler's first direct call (``call error_entry``
-    for the vectors that enter through it), or None (a jump or return first)."""
+def calls_to(code: bytes, addr: int, target: int) -> bool:
+    """Does ``code`` (a whole entry function at ``addr``) call ``target`` directly?"""
     from capstone import x86 as cx
 
-    for ins in _cs().disasm(code, addr, _FIRST):
-        if ins.mnemonic == "call":
-            op = ins.operands[0] if ins.operands else None
-            return op.imm & U64 if op is not None and op.type == cx.X86_OP_IMM else None
-        if ins.mnemonic.startswith(("j", "ret", "iret", "sysret")):
-            return None
-    return None
+    for ins in _cs().disasm(code, addr):
+        if ins.mnemonic == "call" and ins.operands and ins.operands[0].type == cx.X86_OP_IMM \
+                and ins.operands[0].imm & U64 == target:
+            return True
+    return False
 
 
 def first_store(code: bytes, addr: int) -> tuple[int, str | None, int] | None:

@@ -17,7 +17,7 @@ from test_fasttrace import TinyContext as FastTinyContext
 from sbmdbg.trace.events import EventSink, read_events, summarize, validate
 from sbmdbg.trace.fast import Assembler, LogParser
 from sbmdbg.trace.frames import (
-    FrameDecoder, crosscheck, fault_address, first_call, first_push, first_store, frame_words,
+    FrameDecoder, calls_to, crosscheck, fault_address, first_push, first_store, frame_words,
 )
 
 pytestmark = pytest.mark.unit
@@ -191,11 +191,15 @@ def test_entry_records_decode_and_an_unknown_stub_is_counted(tmp_path):
     assert not crosscheck(asm.dint_seen, asm.frame_seen)["clean"]
 
 
-def test_the_first_call_and_the_first_store():
-    # asm_exc_page_fault: clac; cld; call error_entry (a negative rel32 backwards too)
+def test_the_call_to_error_entry_and_the_first_store():
+    # asm_exc_page_fault: clac; cld; call error_entry (a rel32 to a higher address)
     code = bytes.fromhex("0f01cafce8570500004889c4")
-    assert first_call(code, 0xFFFFFFFF81200B30) == 0xFFFFFFFF81201090
-    assert first_call(bytes.fromhex("f30f1efa6a20eb00"), 0x1000) is None     # a stub: jumps first
+    assert calls_to(code, 0xFFFFFFFF81200B30, 0xFFFFFFFF81201090)
+    assert not calls_to(code, 0xFFFFFFFF81200B30, 0xFFFFFFFF81201000)
+    # #DB: pushq $-1; testb $3, 8(%rsp); jnz 1f; call paranoid_entry; ...; 1: call error_entry
+    db = bytes.fromhex("6aff" "f644240803" "7505" "e800100000" "e800200000")
+    assert calls_to(db, 0x1000, 0x1000 + 19 + 0x2000) and calls_to(db, 0x1000, 0x1000 + 14 + 0x1000)
+    assert not calls_to(bytes.fromhex("f30f1efa6a20eb00"), 0x1000, 0x1000)     # a stub: no call
     # .Lerror_entry_from_sbm: mov %rax,%cr3; andb $~3, CS+8(%rsp)
     assert first_store(bytes.fromhex("0f22d880a42490000000fc"), 0x2000) == (0x2003, "rsp", 0x90)
     assert first_store(bytes.fromhex("0f22d8c3"), 0x2000) is None
