@@ -789,7 +789,10 @@ class PluginTracer(TracerBase):
               "log_plugin_gaps": sum(p.gaps for _, p in self._files.values()),
               "log_plugin_gap_at": [g for _, p in self._files.values() for g in p.gap_at],
               "log_bytes": self.log_bytes, "log_files": len(self._files),
-              "plugin": self.ctl.status(), "source": self.source}
+              "plugin": self.ctl.status(), "source": self.source,
+              # frames: entries whose handler the IDT does not name (no event), vectors without a probe
+              "frames_unknown": self.asm.frames.unknown if self.asm.frames is not None else 0,
+              "frames_missing": list(self.frames_missing)}
         if self.crosscheck:
             from sbmdbg.trace.frames import crosscheck
             st["crosscheck"] = crosscheck(self.asm.dint_seen, self.asm.frame_seen)

@@ -143,6 +143,7 @@ def test_frames_crosscheck_with_qemu_dint(shared_vm, tmp_path):
         k.get(x, 0) for x in ("return", "abort", "irq", "nmi", "spurious")), (cc, k)
     assert cc["compared"] >= s["calls"] and cc["fields"] > 20 * cc["compared"], cc
     assert st["plugin"]["frames_lost"] == 0 and st["plugin"]["regs"] >= s["calls"], st
+    assert st["frames_unknown"] == 0, st        # every entry's vector named from its handler
 
 
 def test_plugin_trace_agrees_with_gdb_tracer(shared_vm, tmp_path):
