@@ -83,7 +83,7 @@ def add_parser(sub, add_vm_options) -> None:
     bt = b.add_parser("trace", help="tracer throughput and slowdown during `repeat N`")
     bt.add_argument("--repeat", type=V.arg_int(1, 1_000_000), default=100, help="N of `repeat N` (default 100)")
     bt.add_argument("--pti", choices=["on", "off"], default="on")
-    bt.add_argument("--levels", default="plugin,full,lean", type=V.arg_choices(("plugin", "full", "fast", "lean")),
-                    help="comma-separated: plugin (no-stop tracer) and/or gdb levels full, fast, lean")
+    bt.add_argument("--levels", default="plugin,full,lean", type=V.arg_choices(("plugin", "plugin-dint", "full", "fast", "lean")),
+                    help="comma-separated: plugin (no-stop tracer, exception frames), plugin-dint (the same on QEMU's -d int log) and/or gdb levels full, fast, lean")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=cmd_bench_trace)

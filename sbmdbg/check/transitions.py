@@ -165,14 +165,17 @@ class PluginHook:
     and the sbmtrace plugin; ``level = "plugin"``) around one step: the only
     tracer that records the sensitive instructions a sandbox executes
     (``sandbox_insn``).  ``kernel``: an open kernel to reuse (opening one
-    per step would reload the DWARF)."""
+    per step would reload the DWARF).  Its interrupts come from QEMU's
+    ``-d int`` (``source="dint"``): an attack check needs the register
+    evidence only QEMU's dump has (the GS base at the interrupt, which the
+    entry code overwrites before the frame source can read it)."""
 
     def __init__(self, vm, kernel=None):
         from sbmdbg.trace.fast import PluginTracer
 
         fd, self.path = tempfile.mkstemp(prefix="sbmdbg-check-", suffix=".jsonl")
         os.close(fd)
-        self.tracer = PluginTracer(vm, self.path, kernel=kernel, force=True)
+        self.tracer = PluginTracer(vm, self.path, kernel=kernel, force=True, source="dint")
 
     @property
     def kernel(self):

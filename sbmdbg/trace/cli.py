@@ -1,6 +1,7 @@
 """``sbmdbg trace ...`` (the benchmark, ``sbmdbg bench trace``, is in sbmdbg.bench).
 
-    sbmdbg trace record [--id ID | --boot] [--file F] [--via auto|plugin|gdb] [--level L] [--emulate]
+    sbmdbg trace record [--id ID | --boot] [--file F] [--via auto|plugin|gdb] [--source frames|dint]
+                        [--level L] [--emulate]
                         [--run 'CMD'] [--seconds S] [--json]      (alias: start)
     sbmdbg trace show FILE [--last N] [--kind K,K] [--vcpu N] [--json]
     sbmdbg trace export FILE --perfetto OUT
@@ -38,8 +39,9 @@ def _record(args) -> int:
             via = "plugin" if vm.info.get("trace_plugin") else "gdb"
         if via == "plugin":
             from sbmdbg.trace.fast import PluginTracer
-            rec = PluginTracer(vm, args.file, force=args.force)
-            what = "QEMU log + sbmtrace plugin, the guest never stops"
+            rec = PluginTracer(vm, args.file, force=args.force, source=args.source)
+            what = ("sbmtrace plugin, exception frames" if args.source == "frames" else
+                    "QEMU -d int log + sbmtrace plugin") + ", the guest never stops"
         else:
             rec = TraceRecorder(vm.info, args.file, args.level, emulate=args.emulate)
             what = f"gdb probes, level {args.level}"
@@ -138,8 +140,11 @@ def add_parser(sub) -> None:
         r.add_argument("--qemu-log", help="with --boot: QEMU -d int -D FILE", type=V.arg_out_file("--qemu-log"))
         r.add_argument("--file", default="sbm-trace.jsonl", type=V.arg_out_file("--file"))
         r.add_argument("--via", choices=["auto", "plugin", "gdb"], default="auto",
-                       help="plugin: QEMU's exception log + the sbmtrace plugin, no stops (default "
+                       help="plugin: the sbmtrace plugin, no stops (default "
                             "when the VM has the plugin); gdb: breakpoints (stops per probe)")
+        r.add_argument("--source", choices=["frames", "dint"], default="frames",
+                       help="plugin: sandbox interrupts from the exception frames in guest RAM "
+                            "(default) or from QEMU's -d int log (also the GS base at the interrupt)")
         r.add_argument("--level", choices=["lean", "fast", "full"], default="full", help="gdb probes")
         r.add_argument("--force", action="store_true", help="plugin: take over a plugin left armed")
         r.add_argument("--emulate", action="store_true", help="emulated step-over (see README)")

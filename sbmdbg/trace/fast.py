@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import heapq
 import os
 import re
 import struct
@@ -46,6 +47,7 @@ import time
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.text import cstring
 from sbmdbg.sbm.attack import Attack, classify, sensitive_insn
+from sbmdbg.sbm.stacks import classify_in
 from sbmdbg.trace.context import GuestContext
 from sbmdbg.trace.live import TraceLost, TracerBase, Watcher, pid_alive
 from sbmdbg.trace.events import (
@@ -159,11 +161,11 @@ class LogParser:
                     rec["err"] = int(v)
                 elif k == "comm":
                     rec["comm"] = cstring(bytes.fromhex(v))   # guest bytes: sanitized
-                elif k in ("sw", "mw"):
+                elif k in ("sw", "mw", "rw"):
                     rec[k] = [int(x, 16) for x in v.split(",") if x]
                 elif k == "b":                 # instruction bytes (the insn watch)
                     rec["bytes"] = bytes.fromhex(v)[:15]
-                elif k in ("t", "st", "mva", "mpa", "va"):
+                elif k in ("t", "st", "mva", "mpa", "va", "ra"):
                     rec[{"t": "task", "st": "state"}.get(k, k)] = int(v, 16)
         except (IndexError, ValueError):
             self.bad += 1
@@ -179,9 +181,13 @@ class Assembler:
 
     def __init__(self, ctx, sink, *, x86_sbm_return: int, gs_to_cpu: dict[int, int],
                  state_off: dict[str, int], sites: dict[str, int], clock=time.time_ns,
-                 code_at=None, resume_stack: str = EXCEPTION_STACK):
+                 code_at=None, resume_stack: str = EXCEPTION_STACK, frames=None):
         self.ctx = ctx
         self.resume_stack = resume_stack    # where the kernel returns to the sandbox (sbm.variant)
+        self.frames = frames            # a frames.FrameDecoder: interrupts from @sbm F/R, not -d int
+        self.source = "QEMU -d int" if frames is None else "exception frame"
+        self.dint_seen: list | None = None     # frames + -d int at once: both sides of the cross-check
+        self.frame_seen: list | None = None
         self.code_at = code_at          # (runtime address, n) -> vmlinux bytes or None
         self.sink = sink
         self.x86_sbm_return = x86_sbm_return
@@ -221,7 +227,9 @@ class Assembler:
 
     def record(self, rec: dict) -> None:
         t = rec["type"]
-        if t == "int":
+        if t == "int" and self.frames is not None:
+            self._dint_crosscheck(rec)
+        elif t == "int":
             if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
                 rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
                 self._pending_int.append(rec)
@@ -234,9 +242,36 @@ class Assembler:
                     self._sandbox_int(p, rec)
                     break
         elif t == "P":
+            self._frames_flush(rec["vcpu"])
             getattr(self, "_on_" + rec["tag"], lambda r: None)(rec)
         elif t == "S":
             self._sandbox_insn(rec)
+        elif t in ("F", "R", "E") and self.frames is not None:
+            for r in self.frames.feed(rec):
+                self._frame_int(r)
+
+    # ------------------------------------------------------------ frames (no -d int)
+    def _frames_flush(self, vcpu: int | None) -> None:
+        """A frame whose registers never came (a paranoid entry: #DF, NMI)."""
+        if self.frames is not None:
+            for r in self.frames.flush(vcpu):
+                self._frame_int(r)
+
+    def _frame_int(self, rec: dict) -> None:
+        """An int record from the plugin's frame probe: it is its own stamp."""
+        if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
+            if self.frame_seen is not None:
+                self.frame_seen.append(rec)
+            self._sandbox_int(rec, rec)
+
+    def _dint_crosscheck(self, rec: dict) -> None:
+        """Frames mode: QEMU's own record of the interrupt is only kept for the
+        cross-check (frames.crosscheck), never turned into events."""
+        if self.dint_seen is None:
+            return
+        if rec["cpl"] == 3 and (rec["ip"] >= 1 << 47 or self._sandbox_cr3(rec["regs"].get("CR3"))):
+            rec["vcpu"] = self.gs_to_cpu.get(rec["gs_base"])
+            self.dint_seen.append(rec)
 
     def _common(self, kind: str, stamp: dict, vcpu: int) -> dict:
         ev = {"kind": kind, "host_ns": stamp.get("ns"), "tsc": stamp.get("tsc"),
@@ -251,9 +286,22 @@ class Assembler:
         st = c.get("st")
         ctx, task = self.ctx, c.get("task_va") or 0
         ev.update({"cpl": cpl, "rip": hx(rip), "sym": ctx.sym(rip), "rsp": hx(rsp),
-                   "stack": ctx.stack_class(rsp, task, st, vcpu), "cr3": hx(cr3),
+                   "stack": self._stack_class(rsp, task, st, vcpu, c), "cr3": hx(cr3),
                    "cr3_role": ctx.cr3_role(cr3, st, task, c.get("pid")) if cr3 is not None else None})
         ev["mode"] = GuestContext.mode(cpl, ev["cr3_role"], st, ev["sym"], ev["stack"], self._handler_stack())
+
+    def _stack_class(self, rsp: int, task: int, st: dict | None, vcpu: int, c: dict) -> str:
+        """ctx.stack_class, the stack ranges of a sandbox call read once (at its
+        enter, kept in its vCPU context ``c``) for all its events."""
+        ranges_of = getattr(self.ctx, "stack_ranges", None)
+        if ranges_of is None:
+            return self.ctx.stack_class(rsp, task, st, vcpu)
+        r = c.get("_ranges")
+        if r is None or c.get("_ranges_key") != (task, vcpu):
+            r = sorted(ranges_of(task, st, vcpu), key=lambda x: x.get("cpu") != vcpu)
+            c["_ranges"], c["_ranges_key"] = r, (task, vcpu)
+        hit = classify_in(r, rsp)
+        return hit["kind"] if hit else "unknown"
 
     def _mode(self, ev: dict, vcpu: int) -> None:
         """The SBM model's mode for an event whose CR3 the log does not show."""
@@ -265,7 +313,7 @@ class Assembler:
         v, regs = rec["vector"], rec["regs"]
         ev = self._common("irq", stamp, vcpu)
         self._where(ev, rec["ip"], rec["sp"], regs.get("CR3"), 3, vcpu)
-        ev["point"] = f"IDT vector {v:#x} (QEMU -d int)"
+        ev["point"] = f"IDT vector {v:#x} ({self.source})"
         if v == 14 and rec["cr2"] == self.x86_sbm_return and rec["error"] == PF_EXIT_ERROR:
             ev.update(kind="return", ret=regs.get("RAX"), vector=14, error_code=rec["error"],
                       cr2=hx(rec["cr2"]), fault_rip=hx(rec["ip"]))
@@ -383,7 +431,7 @@ class Assembler:
         exc = self._pending_exc.pop(vcpu, None)
         if exc is not None:
             exc["kind"] = "abort"
-            exc["via"] = "QEMU -d int (the exception) + x86_sbm_return (the exit)"
+            exc["via"] = f"{self.source} (the exception) + x86_sbm_return (the exit)"
             exc["sbm_error"] = rec.get("err")
             self._emit(exc)
         ev = self._common("exit", rec, vcpu)
@@ -400,12 +448,13 @@ class Assembler:
 
     def flush(self) -> None:
         """The trace stops: decide what is still pending."""
+        self._frames_flush(None)
         for p in self._pending_int:          # delivered but never reached a handler stamp
             self._sandbox_int(p, {"vcpu": p["vcpu"] if p["vcpu"] is not None else -1})
         self._pending_int.clear()
         for exc in list(self._pending_exc.values()):
             exc["kind"] = "abort"
-            exc["via"] = "QEMU -d int (trace stopped before the exit)"
+            exc["via"] = f"{self.source} (trace stopped before the exit)"
             self._emit(exc)
         self._pending_exc.clear()
 
@@ -414,9 +463,21 @@ class Assembler:
 class PluginTracer(TracerBase):
     """Trace a VM started by the harness with the sbmtrace plugin loaded
     (``VMOptions(trace_plugin=True)``, the default).  ``vm`` is a
-    :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``)."""
+    :class:`sbmdbg.vm.VM` (its ``hmp``/``qmp`` and ``info``).
 
-    def __init__(self, vm, path: str, kernel=None, clock=time.time_ns, force: bool = False):
+    ``source``: where sandbox interrupts come from: ``frames`` (default: the
+    plugin reads the exception frame and the saved registers from guest RAM,
+    see frames.py; QEMU logs nothing of its own) or ``dint`` (QEMU's ``-d
+    int`` log: also the GS base at the interrupt; the cross-check)."""
+
+    SOURCES = ("frames", "dint")
+
+    def __init__(self, vm, path: str, kernel=None, clock=time.time_ns, force: bool = False,
+                 source: str = "frames", crosscheck: bool = False):
+        if source not in self.SOURCES:
+            raise SbmdbgError(f"trace source {source!r}: one of {', '.join(self.SOURCES)}")
+        self.source = source
+        self.crosscheck = crosscheck and source == "frames"   # QEMU logs -d int too: compare
         self.vm = vm
         self.info = vm.info
         self.path = os.path.abspath(path)
@@ -441,6 +502,12 @@ class PluginTracer(TracerBase):
         self._lock = threading.Lock()
         self.busy_s = 0.0
         self.notes: list[str] = []
+        self.frames_missing: list[int] = []     # vectors whose handler has no push to probe
+        self._handler_vec: dict[int, int] = {}  # handler entering through error_entry -> vector
+        self._error_entry = None
+        self._paths: list[str] = []
+        self._last_ns: dict[str, int] = {}
+        self._glob_at = 0.0
 
     # ------------------------------------------------------------ setup
     def _kernel(self):
@@ -480,14 +547,100 @@ class PluginTracer(TracerBase):
         # every IDT handler: a time stamp right after QEMU logged the delivery
         idt = k.read_virt(k.root, k.sym("idt_table"), 256 * 16)
         seen = set()
+        ent = self._sbm_entry_probe() if self.source == "frames" else None
+        out += ent or []
         for v in range(256):
             lo, sel, _ist, _attr, mid, hi, _r = struct.unpack_from("<HHBBHII", idt, 16 * v)
             h = lo | mid << 16 | hi << 32
             if not (_attr & 0x80) or not h or h in seen:
                 continue
             seen.add(h)
+            if self.source == "frames" and ent and self._enters_via_error_entry(h, v):
+                continue            # the sbment probe sees it, only when it comes from a sandbox
+            if self.source == "frames":
+                out.extend(self._frame_probe(h, v))
+                continue
             out.append((h, f"v{v}", "stamp", 0))
+        if self.source == "frames" and not ent and "sync_regs" in k.symbols:
+            out.append((k.sym("sync_regs"), "rg", "regs", 0))
         return out
+
+    def _code(self, addr: int) -> bytes | None:
+        """Up to 64 bytes of runtime code (alternatives applied) at ``addr``."""
+        for n in (64, min(64, 4096 - (addr & 4095))):     # the next page may be unmapped
+            try:
+                return self.k.read_virt(self.k.root, addr, n)
+            except SbmdbgError:
+                continue
+        return None
+
+    def _sbm_entry_probe(self) -> list[tuple[int, str, str, int]]:
+        """The sbment probe: the first store of .Lerror_entry_from_sbm, which
+        must be into pt_regs->cs (``CS+8(%rsp)``), else none (every vector
+        then has its frame probe)."""
+        from sbmdbg.trace.frames import first_store
+        from sbmdbg.sbm.variant import find_cr3_check
+        from sbmdbg.trace.points import function_code
+
+        k = self.k
+        try:
+            base, code = function_code(k.symbols, "error_entry")
+            kcr3 = k.symbols.addr("x86_sbm_state") + k.layouts.offsetof("x86_sbm_state", "kernel_cr3")
+            label = find_cr3_check(base, code, kcr3).sandbox + k.slide
+        except (SbmdbgError, TypeError):
+            return []
+        code = self._code(label)
+        st = first_store(code, label) if code else None
+        if st is None or st[1] != "rsp" or st[2] != 8 + k.layouts.offsetof("pt_regs", "cs"):
+            return []
+        self._error_entry = k.sym("error_entry")
+        return [(st[0], "en", "sbment", 0)]
+
+    def _enters_via_error_entry(self, h: int, v: int) -> bool:
+        """Does IDT vector ``v``'s handler ``h`` reach error_entry from CPL 3
+        (so that the sbment probe sees it)?  It calls error_entry somewhere
+        (#DB and #MC only on their from-user path, which is the only one a
+        sandbox takes), or it is an external vector's stub (which jumps to
+        asm_common_interrupt or asm_spurious_interrupt: the vector is then
+        pt_regs->orig_ax)."""
+        from sbmdbg.trace.frames import calls_to
+        from sbmdbg.trace.points import function_code
+
+        r = self.k.lookup(h)
+        if r is not None and r[0] in ("irq_entries_start", "spurious_entries_start"):
+            return True
+        if r is None or r[1]:
+            return False
+        try:
+            a, code = function_code(self.k.symbols, r[0], 256)
+        except SbmdbgError:
+            return False
+        if calls_to(code, a, self._error_entry - self.k.slide):
+            self._handler_vec[h] = v
+            return True
+        return False
+
+    def vector_of(self, ra: int, orig_ax: int) -> int | None:
+        """The vector of an entry through error_entry, from the return
+        address of the handler's ``call error_entry``."""
+        r = self.k.lookup(ra)
+        if r is None:
+            return None
+        if r[0] in ("asm_common_interrupt", "asm_spurious_interrupt"):
+            return orig_ax & 0xFF
+        return self._handler_vec.get(ra - r[1])
+
+    def _frame_probe(self, handler: int, v: int) -> list[tuple[int, str, str, int]]:
+        """The frame probe of IDT vector ``v``: on the handler's first push
+        (its runtime code: alternatives applied); none if it has no push."""
+        from sbmdbg.trace.frames import first_push, frame_words
+
+        code = self._code(handler)
+        at = first_push(code, handler) if code else None
+        if at is None:
+            self.frames_missing.append(v)
+            return []
+        return [(at, f"v{v}", "frame", frame_words(v))]
 
     def start(self) -> dict:
         from sbmdbg.trace.qplugin import PluginControl
@@ -525,6 +678,19 @@ class PluginTracer(TracerBase):
         if jpa is not None:
             ctl.cmd(f"jiffies {jpa:#x}")
         ret_ip = k.sym("x86_sbm_return")
+        def code_at(addr: int, n: int) -> bytes | None:
+            return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
+
+        frames = None
+        if self.source == "frames":
+            from sbmdbg.trace.frames import FrameDecoder
+            ctl.cmd(f"ptregs {lay.offsetof('pt_regs', 'ip')} {lay.sizeof('pt_regs') // 8}")
+            ptregs = {n: f.offset for n, f in lay.layout("pt_regs").fields.items()}
+            frames = FrameDecoder(ptregs, state_off, code_at=code_at, vector_of=self.vector_of,
+                                  percpu={c: g for g, c in gs_to_cpu.items()})
+        if "__entry_text_start" in k.symbols and "__entry_text_end" in k.symbols:
+            # the instruction watch skips the kernel entering (no handler stamps with frames)
+            ctl.cmd(f"insnskip {k.sym('__entry_text_start'):#x} {k.sym('__entry_text_end'):#x}")
         plist = self.probes()
         for addr, tag, kind, words in plist:
             ctl.cmd(f"probe {addr:#x} {tag} {kind} {words}")
@@ -532,28 +698,29 @@ class PluginTracer(TracerBase):
         ctl.wait_applied()
         self._mark_start()
         self.sink = EventSink(self.path)
-        def code_at(addr: int, n: int) -> bytes | None:
-            return k.symbols.read_file_bytes((addr - k.slide) & U64, n)
-
         from sbmdbg.sbm.variant import detect
         var = detect(k)
         self.asm = Assembler(GuestContext(k), self.sink, x86_sbm_return=ret_ip, gs_to_cpu=gs_to_cpu,
                              state_off=state_off, sites={t: a for a, t, _, _ in plist},
-                             clock=self.clock, code_at=code_at,
+                             clock=self.clock, code_at=code_at, frames=frames,
                              resume_stack=var.handler_stack or EXCEPTION_STACK)
-        meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin",
-                "via": "QEMU -d int log + sbmtrace plugin (the guest never stops)",
+        if self.crosscheck:
+            self.asm.dint_seen, self.asm.frame_seen = [], []
+        via = ("sbmtrace plugin: exception frames from guest RAM (the guest never stops)"
+               if frames is not None else "QEMU -d int log + sbmtrace plugin (the guest never stops)")
+        meta = {"kind": "trace_start", "schema": SCHEMA, "level": "plugin", "via": via,
                 "slide": hx(k.slide), "ncpus": ncpus, "vmlinux": self.info.get("vmlinux"),
                 "build_id": k.symbols.build_id, "x86_sbm_return": hx(ret_ip),
                 "probes": [{"name": t, "site": hx(a), "kind": kd} for a, t, kd, _ in plist
                            if not t.startswith("v")],
                 "stamps": sum(1 for p in plist if p[1].startswith("v")),
                 "sbm_variant": var.name, "notes": list(self.notes),
+                "source": self.source,
                 "clocks": "host_ns: host CLOCK_REALTIME at the event (in QEMU's vCPU thread); "
                           "tsc: host TSC (under TCG the guest TSC is the host TSC plus an offset "
                           "that changes only when the VM is stopped); jiffies: the guest's"}
         self.asm._emit(meta)
-        self.vm.hmp("log int,plugin,tid")
+        self.vm.hmp("log plugin,tid" if frames is not None and not self.crosscheck else "log int,plugin,tid")
         self._tailer.start()
         return meta
 
@@ -589,7 +756,13 @@ class PluginTracer(TracerBase):
         """Read and process what QEMU's per-thread logs gained; the bytes read."""
         n = 0
         with self._lock:
-            for path in sorted(glob.glob(self._log_glob())):
+            now = time.monotonic()
+            if now >= self._glob_at:        # a new vCPU thread's file: looked for once a second
+                self._glob_at = now + 1.0   # while data flows, at every idle read otherwise
+                self._paths = sorted(glob.glob(self._log_glob()))
+            t0 = time.perf_counter()
+            per_file = []
+            for path in self._paths:
                 if path not in self._files:
                     self._files[path] = (open(path, "rb"), LogParser())
                 fh, parser = self._files[path]
@@ -597,12 +770,27 @@ class PluginTracer(TracerBase):
                 if not data:
                     continue
                 n += len(data)
-                t0 = time.perf_counter()
-                for rec in parser.feed(data):
-                    self.asm.record(rec)
-                self.busy_s += time.perf_counter() - t0
+                per_file.append(self._stamped(path, parser.feed(data)))
+            # the vCPU threads' files merged by host time (each file's own order kept), so
+            # that events of different vCPUs read in one batch are written in time order
+            for _, rec in heapq.merge(*per_file, key=lambda x: x[0]):
+                self.asm.record(rec)
+            self.busy_s += time.perf_counter() - t0
         self.log_bytes += n
+        if not n:
+            self._glob_at = 0.0
         return n
+
+    def _stamped(self, path: str, recs: list[dict]) -> list[tuple[int, dict]]:
+        """(host ns, record): a record without a time (QEMU's own lines) takes
+        the time of the line before it in its file."""
+        last = self._last_ns.get(path, 0)
+        out = []
+        for r in recs:
+            last = r.get("ns") or last
+            out.append((last, r))
+        self._last_ns[path] = last
+        return out
 
     # ------------------------------------------------------------ control
     def poll(self) -> None:
@@ -630,6 +818,7 @@ class PluginTracer(TracerBase):
                 self.poll()
             raise
         self._tailer.stop(timeout=10)
+        self._glob_at = 0.0                 # every file, for the last reads
         while self.drain():
             pass
         self.asm.flush()
@@ -640,7 +829,13 @@ class PluginTracer(TracerBase):
               "log_plugin_gaps": sum(p.gaps for _, p in self._files.values()),
               "log_plugin_gap_at": [g for _, p in self._files.values() for g in p.gap_at],
               "log_bytes": self.log_bytes, "log_files": len(self._files),
-              "plugin": self.ctl.status(), "insn_watch": self._insn_watch()}
+              "plugin": self.ctl.status(), "source": self.source, "insn_watch": self._insn_watch(),
+              # frames: entries whose handler the IDT does not name (no event), vectors without a probe
+              "frames_unknown": self.asm.frames.unknown if self.asm.frames is not None else 0,
+              "frames_missing": list(self.frames_missing)}
+        if self.crosscheck:
+            from sbmdbg.trace.frames import crosscheck
+            st["crosscheck"] = crosscheck(self.asm.dint_seen, self.asm.frame_seen)
         self._seal("stopped")
         self.ctl.close()
         st["summary"] = summarize(read_events(self.path))

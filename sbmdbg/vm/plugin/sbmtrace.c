@@ -16,6 +16,22 @@
  *   - every sensitive instruction a vCPU executes inside a sandbox
  *       insn   write "@sbm S insn <vcpu> <ns> <tsc> va=VADDR b=BYTES"
  *              (see "sandbox instruction watch" below)
+ *       frame  on the first push of an IDT handler (its store lands just
+ *              below the hardware exception frame): if the frame's CS is at
+ *              CPL 3 and the vCPU's task is in a sandbox (sbm_state set),
+ *              write "@sbm F <tag> ..." with the task and mw=the pushed word,
+ *              [error code,] RIP, CS, RFLAGS, RSP, SS (NWORDS 7 or 6); the
+ *              registers the entry code then saves next to it (pt_regs) are
+ *              written as "@sbm R ..." rw=... at the next "regs" probe
+ *              (sync_regs) or the next probe of that vCPU.  No -d int needed.
+ *       sbment on the first store of .Lerror_entry_from_sbm (andb $~3,
+ *              CS+8(%rsp)): reached only by an entry from a sandbox, with
+ *              pt_regs complete at the store's address - offsetof(cs) and
+ *              the entry stub's return address below it: writes "@sbm E"
+ *              with the task, ra=RETURN_ADDRESS and rw=pt_regs words.  The
+ *              vectors that enter through error_entry then need no frame
+ *              probe (a frame probe runs at every entry of its vector,
+ *              kernel-mode ones too).
  *   - guest memory is read from QEMU's memory-backend-file (share=on), mapped
  *     read-only; every read is bounds-checked (guest memory is untrusted).
  *
@@ -29,10 +45,13 @@
  *   ctx PAGE_OFFSET OFF_PID OFF_COMM OFF_SBM_STATE STATE_WORDS OFF_SBM OFF_ERROR
  *   cpu VCPU PHYS_OF_CURRENT_TASK
  *   jiffies PHYS                 (adds " j=JIFFIES" to every line)
- *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem)
+ *   ptregs OFF_IP NWORDS         (struct pt_regs: offset of ip, size in words)
+ *   probe VADDR TAG KIND [NWORDS]  (KIND: stamp | ctx | mem | frame | regs | sbment)
  *   arm | disarm                  apply (flushes QEMU's translation cache)
  *   status
  *   insns                         sandbox instruction watch counters (issue 15)
+ *   insnskip LO HI                not watched: the kernel's entry text [LO, HI)
+ *   frames                        frame probes with > 100 stores: "tag=count ..."
  *
  * Written for sbmdbg from QEMU's documented plugin API (version 1, QEMU 7.2);
  * the few declarations it needs are below, since Debian ships no header.
@@ -90,6 +109,7 @@ extern size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *);
 extern struct qemu_plugin_hwaddr *qemu_plugin_get_hwaddr(qemu_plugin_meminfo_t, uint64_t);
 extern bool qemu_plugin_hwaddr_is_io(const struct qemu_plugin_hwaddr *);
 extern uint64_t qemu_plugin_hwaddr_phys_addr(const struct qemu_plugin_hwaddr *);
+extern bool qemu_plugin_mem_is_store(qemu_plugin_meminfo_t);
 extern void qemu_plugin_reset(qemu_plugin_id_t, qemu_plugin_simple_cb_t);
 extern void qemu_plugin_outs(const char *);
 
@@ -101,13 +121,14 @@ __attribute__((visibility("default"))) int qemu_plugin_version = 1;
 #define MAX_WORDS 24
 #define FOUR_GIB (4ULL << 30)
 
-enum kind { K_STAMP, K_CTX, K_MEM };
+enum kind { K_STAMP, K_CTX, K_MEM, K_FRAME, K_REGS, K_SBMENT };
 
 struct probe {
     uint64_t vaddr;
     char tag[32];
     enum kind kind;
     int nwords;
+    uint64_t count;              /* frame probes: stores seen ("frames" command) */
 };
 
 struct table {                  /* immutable once published */
@@ -269,6 +290,10 @@ static uint8_t sbx_in[MAX_VCPUS];          /* between enter and exit */
 static uint8_t sbx_kern[MAX_VCPUS];        /* ... and in a kernel handler */
 static char sbx_buf[MAX_VCPUS][256];
 static uint64_t sbx_lines, sbx_sites, sbx_full;
+/* kernel entry text ("insnskip LO HI"): what runs there on a sandbox's vCPU is
+ * the kernel entering (supervisor-only pages: CPL 3 cannot execute them), before
+ * any probe says so when there are no handler stamps (the frame source) */
+static uint64_t sbx_skip_lo, sbx_skip_hi;
 
 /* 0: not sensitive, 1: sensitive, 2: sensitive and enters the kernel without the IDT */
 static int sbx_classify(const uint8_t *c, size_t n)
@@ -422,7 +447,7 @@ static void sbx_watch(struct qemu_plugin_insn *insn)
     int k;
     /* a sandbox's user half is empty: its code is kernel text and module
      * code at their kernel addresses; user processes are not watched */
-    if (!b || !n || n > 15 || va < (1ULL << 47))
+    if (!b || !n || n > 15 || va < (1ULL << 47) || (va >= sbx_skip_lo && va < sbx_skip_hi))
         return;
     k = sbx_classify(b, n);
     if (!k || !(s = sbx_intern(va, b, n, k == 2)))
@@ -445,6 +470,13 @@ static void sbx_probe(unsigned int vcpu, const struct probe *p)
         sbx_kern[vcpu] = 0;
 }
 
+/* the frame source's entry probes: the kernel runs on this vCPU from here */
+static void sbx_kernel_entered(unsigned int vcpu)
+{
+    if (vcpu < MAX_VCPUS)
+        sbx_kern[vcpu] = 1;
+}
+
 static void sbx_reset(void)
 {
     memset(sbx_in, 0, sizeof(sbx_in));
@@ -452,6 +484,7 @@ static void sbx_reset(void)
 }
 
 static void sbx_status(int fd);
+static void frame_flush_regs(unsigned int vcpu);
 
 static void on_insn(unsigned int vcpu, void *udata)
 {
@@ -460,6 +493,7 @@ static void on_insn(unsigned int vcpu, void *udata)
     int at;
     __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
     sbx_probe(vcpu, p);
+    frame_flush_regs(vcpu);
     if (p->kind == K_STAMP) {
         at = put(b, 0, "@sbm H %s %u %" PRIu64 " %llu q=%" PRIu64, p->tag, vcpu, now_ns(),
                  (unsigned long long)__rdtsc(), line_seq[vcpu % MAX_VCPUS]++);
@@ -508,6 +542,154 @@ static void on_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr
     emit(b, at);
 }
 
+/* ---- frame probes: the exception frame from guest RAM (no -d int) ---- */
+static struct {
+    uint64_t off_ip;             /* offsetof(struct pt_regs, ip) */
+    int nwords;                  /* sizeof(struct pt_regs) / 8 */
+} ptregs;
+static uint64_t regs_pa[MAX_VCPUS];   /* per vCPU: pt_regs of the last frame, 0: none */
+static uint64_t frames, frames_kernel, frames_user, frames_lost, regs_out;
+
+/* the vCPU's current task's thread_info.sbm_state (0: not in a sandbox); a
+ * filter, so an unreadable task is "not in a sandbox", not a bad read */
+static int frame_sbm_state(unsigned vcpu, uint64_t *st)
+{
+    uint64_t task, tpa;
+    const uint8_t *p;
+    if (vcpu >= MAX_VCPUS || !cur_task_phys[vcpu] || !(p = phys(cur_task_phys[vcpu], 8)))
+        return -1;
+    memcpy(&task, p, 8);
+    if (dm(task, &tpa) || !(p = phys(tpa + ctx.off_sbm_state, 8)))
+        return -1;
+    memcpy(st, p, 8);
+    return 0;
+}
+
+/* "@sbm R rg <vcpu> <ns> <tsc> q=N rw=W0,W1..": pt_regs of the frame just written */
+static void frame_flush_regs(unsigned int vcpu)
+{
+    char *b;
+    int at;
+    uint64_t pa, v;
+    if (vcpu >= MAX_VCPUS || !regs_pa[vcpu])
+        return;
+    pa = regs_pa[vcpu];
+    regs_pa[vcpu] = 0;
+    b = line_buf[vcpu];
+    at = put(b, 0, "@sbm R rg %u %" PRIu64 " %llu q=%" PRIu64 " rw=", vcpu, now_ns(),
+             (unsigned long long)__rdtsc(), line_seq[vcpu]++);
+    for (int i = 0; i < ptregs.nwords && i < MAX_WORDS; i++) {
+        if (rd64(pa + 8 * (uint64_t)i, &v))
+            break;
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, v);
+    }
+    __atomic_fetch_add(&regs_out, 1, __ATOMIC_RELAXED);
+    emit(b, at);
+}
+
+/* the guest-physical address of a probed store (its registers flushed first); -1: none */
+static int store_pa(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, uint64_t *pa)
+{
+    struct qemu_plugin_hwaddr *hw;
+    frame_flush_regs(vcpu);
+    hw = qemu_plugin_get_hwaddr(info, vaddr);
+    if (!hw || qemu_plugin_hwaddr_is_io(hw)) {
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return -1;
+    }
+    *pa = qemu_plugin_hwaddr_phys_addr(hw);
+    return 0;
+}
+
+/* "@sbm T <tag> <vcpu> <ns> <tsc> q=N j=J <the task>" */
+static int frame_head(char *b, char type, const struct probe *p, unsigned int vcpu)
+{
+    int at = put(b, 0, "@sbm %c %s %u %" PRIu64 " %llu q=%" PRIu64, type, p->tag, vcpu, now_ns(),
+                 (unsigned long long)__rdtsc(), line_seq[vcpu]++);
+    at = put_jiffies(b, at);
+    return put_task(b, at, vcpu);
+}
+
+/* The store of the handler's first push: the frame is the words above it. */
+static void on_frame(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    const struct probe *p = udata;
+    uint64_t pa, w[MAX_WORDS], st;
+    const uint8_t *f;
+    char *b;
+    int at, nw = p->nwords;
+    __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&((struct probe *)p)->count, 1, __ATOMIC_RELAXED);
+    if (vcpu >= MAX_VCPUS || nw < 6 || nw > 7 || store_pa(vcpu, info, vaddr, &pa))
+        return;
+    /* a frame from CPL 3 sits at a stack top: never across a page */
+    if ((pa & 0xfff) + 8 * (uint64_t)nw > 0x1000) {
+        __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    f = phys(pa, 8 * (uint64_t)nw);
+    if (!f) {                            /* not in guest RAM: not a stack */
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    memcpy(w, f, 8 * (size_t)nw);
+    if ((w[nw - 4] & 3) != 3) {          /* CS: an interrupt of kernel code */
+        __atomic_fetch_add(&frames_kernel, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    if (frame_sbm_state(vcpu, &st) || !st) {   /* user mode of a task not in a sandbox */
+        __atomic_fetch_add(&frames_user, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    sbx_kernel_entered(vcpu);
+    b = line_buf[vcpu];
+    at = frame_head(b, 'F', p, vcpu);
+    at = put(b, at, " mva=%" PRIx64 " mpa=%" PRIx64 " mw=", vaddr, pa);
+    for (int i = 0; i < nw; i++)
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, w[i]);
+    emit(b, at);
+    /* pt_regs ends with the hardware frame: its ip is the frame's RIP */
+    if (ptregs.nwords && pa + 8 * (uint64_t)(nw - 5) >= ptregs.off_ip)
+        regs_pa[vcpu] = pa + 8 * (uint64_t)(nw - 5) - ptregs.off_ip;
+}
+
+/* .Lerror_entry_from_sbm's store into pt_regs->cs: the whole entry at once */
+static void on_sbment(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    const struct probe *p = udata;
+    uint64_t pa, regs, v;
+    char *b;
+    int at;
+    if (!qemu_plugin_mem_is_store(info))     /* andb is a read and a write */
+        return;
+    __atomic_fetch_add(&frames, 1, __ATOMIC_RELAXED);
+    if (vcpu >= MAX_VCPUS || !ptregs.nwords || store_pa(vcpu, info, vaddr, &pa))
+        return;
+    sbx_kernel_entered(vcpu);
+    regs = pa - (ptregs.off_ip + 8);          /* cs follows ip in pt_regs */
+    if (pa < ptregs.off_ip + 16 || !phys(regs - 8, 8 * (uint64_t)(ptregs.nwords + 1)) ||
+        ((regs - 8) >> 12) != ((regs + 8 * (uint64_t)ptregs.nwords - 1) >> 12)) {
+        __atomic_fetch_add(&frames_lost, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    b = line_buf[vcpu];
+    at = frame_head(b, 'E', p, vcpu);
+    rd64(regs - 8, &v);
+    at = put(b, at, " mpa=%" PRIx64 " ra=%" PRIx64 " rw=", pa, v);
+    for (int i = 0; i < ptregs.nwords && i < MAX_WORDS; i++) {
+        rd64(regs + 8 * (uint64_t)i, &v);
+        at = put(b, at, i ? ",%" PRIx64 : "%" PRIx64, v);
+    }
+    __atomic_fetch_add(&regs_out, 1, __ATOMIC_RELAXED);
+    emit(b, at);
+}
+
+static void on_regs(unsigned int vcpu, void *udata)
+{
+    __atomic_fetch_add(&hits, 1, __ATOMIC_RELAXED);
+    frame_flush_regs(vcpu);
+}
+
 static int find(const struct table *t, uint64_t va)
 {
     int lo = 0, hi = t->n - 1;
@@ -546,6 +728,21 @@ static void on_tb(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             sbx_watch(insn);
             continue;
         }
+        if (t->p[k].kind == K_FRAME) {
+            qemu_plugin_register_vcpu_mem_cb(insn, on_frame, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_W, (void *)&t->p[k]);
+            continue;
+        }
+        if (t->p[k].kind == K_SBMENT) {
+            qemu_plugin_register_vcpu_mem_cb(insn, on_sbment, QEMU_PLUGIN_CB_NO_REGS,
+                                             QEMU_PLUGIN_MEM_W, (void *)&t->p[k]);
+            continue;
+        }
+        if (t->p[k].kind == K_REGS) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_regs, QEMU_PLUGIN_CB_NO_REGS,
+                                                   (void *)&t->p[k]);
+            continue;
+        }
         qemu_plugin_register_vcpu_insn_exec_cb(insn, on_insn, QEMU_PLUGIN_CB_NO_REGS,
                                                (void *)&t->p[k]);
         if (t->p[k].kind == K_MEM)
@@ -575,6 +772,8 @@ static void after_reset(qemu_plugin_id_t id)
     pending = NULL;
     for (int i = 0; i < MAX_VCPUS; i++)
         want_mem[i] = NULL;
+    for (int i = 0; i < MAX_VCPUS; i++)
+        regs_pa[i] = 0;
     reset_done_gen = reset_want_gen;
     sbx_reset();
     pthread_mutex_unlock(&lock);
@@ -603,8 +802,8 @@ static void reply(int fd, const char *fmt, ...)
     if (n > (int)sizeof(b) - 2)
         n = sizeof(b) - 2;
     b[n++] = '\n';
-    if (write(fd, b, n) < 0)
-        return;
+    while (write(fd, b, n) < 0 && errno == EINTR)
+        ;
 }
 
 static void command(int fd, char *line)
@@ -649,6 +848,15 @@ static void command(int fd, char *line)
         cur_task_phys[c] = strtoull(w[2], NULL, 0);
         return reply(fd, "ok cpu %lu", c);
     }
+    if (!strcmp(w[0], "ptregs") && n == 3) {
+        uint64_t off = strtoull(w[1], NULL, 0);
+        long nw = strtol(w[2], NULL, 0);
+        if (nw < 6 || nw > MAX_WORDS || off + 40 > 8 * (uint64_t)nw)
+            return reply(fd, "error ptregs layout");
+        ptregs.off_ip = off;
+        ptregs.nwords = (int)nw;
+        return reply(fd, "ok ptregs");
+    }
     if (!strcmp(w[0], "jiffies") && n == 2) {
         jiffies_phys = strtoull(w[1], NULL, 0);
         return reply(fd, "ok jiffies");
@@ -663,6 +871,12 @@ static void command(int fd, char *line)
             p.kind = K_CTX;
         else if (!strcmp(w[3], "mem"))
             p.kind = K_MEM;
+        else if (!strcmp(w[3], "frame"))
+            p.kind = K_FRAME;
+        else if (!strcmp(w[3], "regs"))
+            p.kind = K_REGS;
+        else if (!strcmp(w[3], "sbment"))
+            p.kind = K_SBMENT;
         else
             return reply(fd, "error kind %s", w[3]);
         p.nwords = n == 5 ? (int)strtol(w[4], NULL, 0) : 0;
@@ -697,17 +911,36 @@ static void command(int fd, char *line)
         __atomic_store_n(&reset_wanted, 1, __ATOMIC_RELEASE);
         return reply(fd, "ok %s %d gen %d", w[0], t->n, reset_want_gen);
     }
+    if (!strcmp(w[0], "frames")) {      /* the busiest frame probes: "tag=count ..." */
+        char b[400];
+        int at = 0;
+        pthread_mutex_lock(&lock);
+        for (int i = 0; active && i < active->n && at < 340; i++)
+            if (active->p[i].kind == K_FRAME && active->p[i].count > 100)
+                at += snprintf(b + at, sizeof(b) - at, " %s=%" PRIu64, active->p[i].tag, active->p[i].count);
+        pthread_mutex_unlock(&lock);
+        b[at] = 0;
+        return reply(fd, "ok frames%s", b);
+    }
     if (!strcmp(w[0], "status")) {
         pthread_mutex_lock(&lock);
         reply(fd, "ok status armed=%d applied=%d probes=%d hits=%" PRIu64 " snapshots=%" PRIu64
-              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64 " lines=%" PRIu64,
+              " bad_reads=%" PRIu64 " ram=%d mem_armed=%" PRIu64 " mem_lost=%" PRIu64 " lines=%" PRIu64
+              " frames=%" PRIu64 " frames_kernel=%" PRIu64 " frames_user=%" PRIu64 " frames_lost=%" PRIu64
+              " regs=%" PRIu64,
               reset_want_gen, reset_done_gen, active ? active->n : 0, hits, snapshots, bad_reads,
-              ram != NULL, mem_armed, mem_lost, lines_out);
+              ram != NULL, mem_armed, mem_lost, lines_out, frames, frames_kernel, frames_user,
+              frames_lost, regs_out);
         pthread_mutex_unlock(&lock);
         return;
     }
     if (!strcmp(w[0], "insns"))
         return sbx_status(fd);
+    if (!strcmp(w[0], "insnskip") && n == 3) {
+        sbx_skip_lo = strtoull(w[1], NULL, 0);
+        sbx_skip_hi = strtoull(w[2], NULL, 0);
+        return reply(fd, "ok insnskip");
+    }
     reply(fd, "error unknown command: %.40s", w[0]);
 }
 
@@ -731,6 +964,8 @@ static void *control(void *arg)
         for (;;) {
             ssize_t r = read(fd, buf + have, sizeof(buf) - 1 - have);
             char *nl;
+            if (r < 0 && errno == EINTR)
+                continue;    /* a signal of QEMU's landed on this thread */
             if (r <= 0)
                 break;
             have += (size_t)r;
