@@ -74,6 +74,10 @@ def test_plugin_trace_counts_faults_and_context(shared_vm, tmp_path, pti, kaslr)
     assert st["source"] == "frames" and st["plugin"]["frames_lost"] == 0, st
     assert st["log_plugin_gaps"] == 0, st      # every line the plugin wrote was read
     _per_vcpu_well_formed(events)
+    # the instruction watch under the frame source: the kernel's entry code and handlers that
+    # run on a sandbox's vCPU (timer IRQs, the faults) are not the sandbox's instructions
+    insns = [e for e in events if e["kind"] == "sandbox_insn"]
+    assert insns == [] and st["insn_watch"]["sites"] > 0, (insns[:3], st["insn_watch"])
     enters = [e for e in events if e["kind"] == "enter"]
     assert all(e["pid"] and e["comm"] == "sh" and e["cr3_role"] == f"sandbox:{e['pid']}"
                and e["stack"] == "sbm_exception_stack" and e["mode"] == "transition"
@@ -198,3 +202,25 @@ def test_plugin_trace_qemu_killed(end_vm, tmp_path):
     assert validate(events) == []
     assert events[-1]["kind"] == "trace_stop" and "died" in events[-1]["reason"]
     assert summarize(events)["calls"] == 20
+
+
+def test_frame_source_names_a_sandboxed_wrfsbase(shared_vm, tmp_path):
+    """The positive control of the no-false-positive check above: under the
+    frame source (no handler stamps), the instruction watch still names what
+    the sandbox itself executes -- the catalogue's wrfsbase (its attack call, not its control)."""
+    vm = shared_vm(smp=2, pti="on", kaslr=True)
+    path = tmp_path / "t.jsonl"
+    t = PluginTracer(vm, str(path))
+    try:
+        t.start()
+        out = run_scenario(vm, "wrfsbase")
+        t.poll()
+        st = t.stop()
+    finally:
+        t.close()
+    assert out["scenario"] == "wrfsbase"   # run_scenario: result=PASS (the hardened kernel)
+    events = read_events(str(path), strict=True)
+    assert st["source"] == "frames"
+    insns = [e["insn"] for e in events if e["kind"] == "sandbox_insn"]
+    # the scenario's two calls: its positive control (no wrfsbase) and the attack
+    assert summarize(events)["calls"] == 2 and insns == ["wrfsbase"], insns
