@@ -129,11 +129,17 @@ def test_boot_failure_raises_with_tail(make_vm, boots):
 
 
 def test_bogus_kernel_raises(tmp_path, make_vm, boots):
+    """A file that is not a bzImage is refused before QEMU starts (no boot in
+    the harness's log), by the library and by the CLI: one line."""
     bogus = tmp_path / "bzImage"
     bogus.write_bytes(b"not a kernel" * 100)
-    with pytest.raises(SbmdbgError):
+    with pytest.raises(SbmdbgError, match=r"kernel image .*bzImage is not a bzImage \(no 'HdrS'") as ei:
         make_vm(kernel=str(bogus), boot_timeout=20)
-    _all_gone(boots.pids())
+    assert "\n" not in str(ei.value)
+    r = _cli("vm", "start", "--detach", "--kernel", str(bogus), "--vmlinux", str(bogus), timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("sbmdbg: error: kernel image "), r.stderr
+    assert r.stderr.count("\n") == 1 and "is not a bzImage" in r.stderr, r.stderr
+    assert boots.pids() == []
 
 
 def test_gdb_session_attach_interrupt_continue(shared_vm, gdb_session):
