@@ -8,12 +8,19 @@
     end_vm(**VMOptions fields)   factory: the pool's idle VM for those options, taken out of the
                                  pool (else a fresh one), for a test that ends it; stopped after it
     vm_pool                      session: the VMPool (scenario files take their VMs from it too)
-    logged_vms(pti, last=False)  session: (detached VM, its QEMU -d int log), one per PTI setting
+    logged_vms(pti, last=False)  session: (detached VM, its QEMU -d int log), one per PTI setting;
+                                 logged_vms.started[pti]: the JSON `sbmdbg vm start` printed for it
     gdb_session(vm, **kw)        factory: a GdbSession attached to vm, always closed
     boots                        the QEMU processes started by this test so far (BootLog)
 
 Every test must carry the ``unit`` or the ``live`` marker (collection fails
 otherwise), and the terminal summary counts the VMs the run booted.
+
+A test that ends a shared VM (``end_vm``, ``logged_vms(pti, last=True)``)
+carries ``@pytest.mark.ends_vm``: those tests run after all the others (in
+collection order among themselves), so each one takes its configuration's VM
+at its last use instead of booting one (under ``-n N`` they stay with their
+file: correct, one boot more).
 """
 
 from __future__ import annotations
@@ -280,9 +287,11 @@ def logged_vms(tmp_path_factory):
                                 "--pti", pti, "--qemu-log", str(log)], capture_output=True, text=True,
                                timeout=300, stdin=subprocess.DEVNULL)
             assert r.returncode == 0, r.stderr[-3000:]
-            vms[pti] = (VM.attach(json.loads(r.stdout)["id"]), log)
+            get.started[pti] = json.loads(r.stdout)
+            vms[pti] = (VM.attach(get.started[pti]["id"]), log)
         return vms.pop(pti) if last else vms[pti]
 
+    get.started = {}      # pti -> the JSON `sbmdbg vm start --detach --json` printed
     yield get
     for vm, _ in vms.values():
         vm.stop()
@@ -308,9 +317,12 @@ def gdb_session():
 
 def pytest_collection_modifyitems(config, items):
     """Every test is marked unit or live: an unmarked test fails collection
-    (`./run tests` selects -m "unit or live", so it would never run)."""
+    (`./run tests` selects -m "unit or live", so it would never run).  The
+    ``ends_vm`` tests run last (see the module's docstring)."""
     unmarked = [it.nodeid for it in items
                 if not (it.get_closest_marker("unit") or it.get_closest_marker("live"))]
     if unmarked:
         raise pytest.UsageError("tests without a unit or live marker (add pytestmark = "
                                 "pytest.mark.unit or .live): " + ", ".join(unmarked[:20]))
+    # the tests that end a shared VM last (stable: collection order otherwise)
+    items.sort(key=lambda it: it.get_closest_marker("ends_vm") is not None)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.kernel import build
 from sbmdbg.kernel.initramfs import INIT_SCRIPT, Entry, initramfs_entries, read_newc, write_newc
-from sbmdbg.vm.qemu import VMOptions, VMPaths, kernel_cmdline, parse_mem, qemu_command
+from sbmdbg.vm.qemu import VMOptions, VMPaths, check_kernel_image, kernel_cmdline, parse_mem, qemu_command
 from sbmdbg.vm.serial import parse_run_output, run_lines
 
 pytestmark = pytest.mark.unit
@@ -171,6 +171,22 @@ def test_vm_options_validation():
         with pytest.raises(SbmdbgError):
             VMOptions(**bad)
     assert parse_mem("512M") == 512 << 20 and parse_mem("2G") == 2 << 30 and parse_mem(4096) == 4096
+
+
+def test_check_kernel_image(tmp_path):
+    """A bzImage carries "HdrS" at 0x202; anything else is refused with one line."""
+    good = tmp_path / "bzImage"
+    good.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 64)
+    check_kernel_image(str(good))
+    for name, data in (("text", b"not a kernel" * 100), ("elf", b"\x7fELF" + b"\0" * 1024),
+                       ("short", b"\0" * 0x203), ("empty", b"")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(SbmdbgError, match="is not a bzImage") as ei:
+            check_kernel_image(str(bad))
+        assert "\n" not in str(ei.value)
+    with pytest.raises(SbmdbgError, match="kernel image"):
+        check_kernel_image(str(tmp_path))        # a directory: unreadable as a file
 
 
 # ------------------------------------------------------------ CLI bad input (offline)

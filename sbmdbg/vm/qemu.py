@@ -46,6 +46,26 @@ class VMOptions:
         self.extra_args = tuple(self.extra_args)
 
 
+#: The x86 boot protocol's header signature, at offset 0x202 of every bzImage
+#: (Documentation/arch/x86/boot.rst): what QEMU's -kernel loads.
+BZIMAGE_MAGIC, BZIMAGE_MAGIC_AT = b"HdrS", 0x202
+
+
+def check_kernel_image(path: str) -> None:
+    """*path* is a bzImage (the boot protocol's "HdrS" header), or SbmdbgError
+    with one line -- checked before QEMU starts (a vmlinux, a truncated or an
+    unrelated file would otherwise only fail inside QEMU)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(BZIMAGE_MAGIC_AT)
+            magic = f.read(len(BZIMAGE_MAGIC))
+    except OSError as e:
+        raise SbmdbgError(f"kernel image {path}: {e.strerror or e}") from None
+    if magic != BZIMAGE_MAGIC:
+        raise SbmdbgError(f"kernel image {path} is not a bzImage (no {BZIMAGE_MAGIC.decode()!r} boot "
+                          f"header at {BZIMAGE_MAGIC_AT:#x}); pass arch/x86/boot/bzImage, not vmlinux")
+
+
 def parse_mem(mem: str | int) -> int:
     """QEMU-style size ("512M", "1G", bytes) -> bytes."""
     if isinstance(mem, int):

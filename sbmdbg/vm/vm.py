@@ -22,7 +22,8 @@ from pathlib import Path
 
 from sbmdbg.errors import SbmdbgError
 from sbmdbg.paths import cache_root
-from sbmdbg.vm.qemu import QEMU, VMOptions, VMPaths, free_port, kernel_cmdline, parse_mem, qemu_command
+from sbmdbg.vm.qemu import (QEMU, VMOptions, VMPaths, check_kernel_image, free_port, kernel_cmdline, parse_mem,
+                            qemu_command)
 from sbmdbg.vm.serial import RunResult, SerialConsole
 
 READY_MARKER = "SBMDBG-READY"
@@ -139,6 +140,7 @@ class VM:
             kernel, vmlinux, tree = opts.kernel, opts.vmlinux, opts.tree
             if not Path(kernel).is_file():
                 raise SbmdbgError(f"kernel image {kernel} not found")
+            check_kernel_image(kernel)
         initrd = opts.initrd or str(ensure_initramfs())
         if opts.trace_plugin is True:
             from sbmdbg.vm.qplugin import plugin_path

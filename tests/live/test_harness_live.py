@@ -79,12 +79,16 @@ def test_vm_boots_and_runs(shared_vm):
         other.close()
 
 
-def test_vm_cleanup_on_exception(kernel_build):
-    from sbmdbg.vm import VM, VMOptions
-
+@pytest.mark.ends_vm
+def test_vm_cleanup_on_exception(end_vm):
+    """A VM used as a context manager is stopped, its RAM file and QMP socket
+    removed, when the block raises.  The VM is the pool's PTI + KASLR guest at
+    its last use (ends_vm: after every other test; alone: a fresh boot)."""
+    vm = end_vm(pti="on", kaslr=True)
+    pid, ram, qmp = vm.pid, Path(vm.info["ram"]), Path(vm.info["qmp"])
+    assert pid_alive(pid) and ram.exists() and qmp.exists()
     with pytest.raises(RuntimeError):
-        with VM(VMOptions(smp=1)) as vm:  # the default (reference) kernel
-            pid, ram, qmp = vm.pid, Path(vm.info["ram"]), Path(vm.info["qmp"])
+        with vm:
             raise RuntimeError("boom")
     assert not pid_alive(pid)
     assert not ram.exists() and not qmp.exists()
@@ -129,11 +133,17 @@ def test_boot_failure_raises_with_tail(make_vm, boots):
 
 
 def test_bogus_kernel_raises(tmp_path, make_vm, boots):
+    """A file that is not a bzImage is refused before QEMU starts (no boot in
+    the harness's log), by the library and by the CLI: one line."""
     bogus = tmp_path / "bzImage"
     bogus.write_bytes(b"not a kernel" * 100)
-    with pytest.raises(SbmdbgError):
+    with pytest.raises(SbmdbgError, match=r"kernel image .*bzImage is not a bzImage \(no 'HdrS'") as ei:
         make_vm(kernel=str(bogus), boot_timeout=20)
-    _all_gone(boots.pids())
+    assert "\n" not in str(ei.value)
+    r = _cli("vm", "start", "--detach", "--kernel", str(bogus), "--vmlinux", str(bogus), timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("sbmdbg: error: kernel image "), r.stderr
+    assert r.stderr.count("\n") == 1 and "is not a bzImage" in r.stderr, r.stderr
+    assert boots.pids() == []
 
 
 def test_gdb_session_attach_interrupt_continue(shared_vm, gdb_session):
@@ -192,10 +202,17 @@ def _cli(*args, timeout=180, **kw):
                           text=True, cwd=REPO, timeout=timeout, **kw)
 
 
-def test_cli_detached_start_run_stop(kernel_build, tmp_path):
-    r = _cli("vm", "start", "--detach", "--json", "--smp", "1")
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
+@pytest.mark.ends_vm
+def test_cli_detached_start_run_stop(logged_vms):
+    """`sbmdbg vm start --detach --json` (the session's detached PTI guest,
+    started by the logged_vms fixture through the CLI: its JSON here), `vm
+    run --id`, `gdb --id`, `vm list`, then `vm stop`: that VM's last user
+    (ends_vm: after every other test; alone: the fixture boots it)."""
+    vm, _ = logged_vms("on", last=True)
+    info = logged_vms.started["on"]
+    if vm.serial is not None:    # the guest's serial console takes one client: the CLI's now
+        vm.serial.close()
+        vm.serial = None
     try:
         for key in ("gdb", "qmp", "serial", "pid", "vmlinux", "tree", "ram", "ram_size",
                     "console_log", "id"):

@@ -2,8 +2,9 @@
 (-d int) and the demo module's own counters; plus failure handling (QEMU or
 gdb killed mid-trace).  One VM per PTI setting (2 vCPUs, QEMU's -d int log
 on: the session's ``logged_vms``, which the trace CLI test in
-test_claims_live.py uses too), ended by the dying-peer test of the same
-setting, its last user; every gdb and QEMU started here is closed."""
+test_claims_live.py and the CLI test in test_harness_live.py use too); the
+dying-peer tests end the PTI-off one and the pool's PTI guest, each its last
+user (``ends_vm``); every gdb and QEMU started here is closed."""
 import json
 import os
 import signal
@@ -79,9 +80,12 @@ def test_trace_matches_qemu_log_and_stats(logged_vms, tmp_path, pti):
     assert st["level"] == "full"
 
 
+@pytest.mark.ends_vm
 @pytest.mark.parametrize("victim,pti", [("qemu", "on"), ("gdb", "off")])
-def test_trace_survives_a_dying_peer(logged_vms, tmp_path, victim, pti):
-    vm, _ = logged_vms(pti, last=True)     # killed (QEMU) or left busy (gdb): stopped here
+def test_trace_survives_a_dying_peer(logged_vms, end_vm, tmp_path, victim, pti):
+    # killed (QEMU) or left busy (gdb): stopped here.  PTI on: the pool's
+    # guest (the detached PTI one ends in test_cli_detached_start_run_stop)
+    vm = end_vm(smp=2, pti="on") if pti == "on" else logged_vms(pti, last=True)[0]
     trace = tmp_path / "t.jsonl"
     rec = TraceRecorder(vm.info, str(trace), "full")
     try:

@@ -185,6 +185,7 @@ def test_plugin_trace_agrees_with_gdb_tracer(shared_vm, tmp_path):
     assert len(got["plugin"]) == 2 * len(scen)
 
 
+@pytest.mark.ends_vm
 def test_plugin_trace_qemu_killed(end_vm, tmp_path):
     vm = end_vm(smp=2, pti="off")      # the pool's PTI-off guest, if idle: killed here
     path = tmp_path / "t.jsonl"
