@@ -13,6 +13,7 @@ import operator
 import struct
 import time
 from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import compress
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -488,8 +489,8 @@ class Walker:
 
     The walk itself runs once (on the first ``leaves()``/``merged()``) and keeps
     each matching leaf as a small tuple (va, size, raw entry, perms index);
-    Mappings are built from those at the end, one per merged run for
-    ``merged()``.  Per-level reserved-bit masks, the flag filter and the flag
+    ``leaf_list()`` hands those rows out as a ``Leaves`` sequence (a Mapping
+    per row only when read), ``merged()`` builds one Mapping per merged run.  Per-level reserved-bit masks, the flag filter and the flag
     prune are precomputed tables; non-present entries cost one test; the
     deadline is checked once per table (at most 512 entries)."""
 
@@ -775,42 +776,22 @@ class Walker:
                       f"({done} of {total} ranges built)")
         return True
 
-    def leaves(self) -> Iterator[Mapping]:
+    def leaf_list(self) -> "Leaves":
+        """Every matching leaf, in VA order, as a ``Leaves`` sequence (compact
+        rows; a ``Mapping`` is built for a row only when it is asked for)."""
         if self._raw is not None and self._mode != "raw":
             self._raw = None   # walked merged: walk again keeping the pages
             self.stats = WalkStats()
             self.findings = []
             self._aliased = set()
             self._full = self._stop = False
-        with _gc_paused():    # one pause for the walk and the results: one collection after
+        with _gc_paused():
             raw = self._run("raw")
-            try:
-                return iter(self._leaf_mappings(raw))
-            finally:
-                self.stats.seconds = time.monotonic() - self._t0
+        self.stats.seconds = time.monotonic() - self._t0
+        return Leaves(raw, self._amask)
 
-    def _leaf_mappings(self, raw) -> list[Mapping]:
-        # _mapping() inlined: this loop runs once per page of the tree
-        out: list[Mapping] = []
-        append, new, perms_of, amask = out.append, _new, _PERMS, self._amask
-        n = 0
-        for va, span, e, p in raw:
-            n += 1
-            if not n & 1023 and self._late(n - 1, len(raw)):
-                break
-            m = new(Mapping)
-            d = m.__dict__
-            d["va"] = va
-            d["end"] = va + span
-            d["pa"] = e & amask & -span
-            d["page_size"] = span
-            d["perms"] = perms_of[p]
-            d["g"] = (e & G) != 0
-            d["cache_index"] = ((e >> (5 if span == 4096 else 10)) & 4) | ((e >> 3) & 3)
-            d["pkey"] = (e >> PKEY_SHIFT) & 0xF
-            d["leaf_raw"] = e
-            append(m)
-        return out
+    def leaves(self) -> Iterator[Mapping]:
+        return iter(self.leaf_list())
 
     def merged(self) -> Iterator[Mapping]:
         """Runs of leaves contiguous in VA and PA with the same page size,
@@ -821,7 +802,7 @@ class Walker:
             if self._raw is not None and self._mode == "raw":
                 # walked keeping the pages already: fold them
                 runs = [(m.va, m.end, m.page_size, m.leaf_raw, _PERMS.index(m.perms))
-                        for m in merge(self._leaf_mappings(self._kept))]
+                        for m in merge(Leaves(self._kept, amask))]
             else:
                 runs = self._run("merged")
             for n, (va, end, span, e, p) in enumerate(runs):
@@ -830,6 +811,70 @@ class Walker:
                 out.append(_mapping(va, end, span, e, p, amask))
         self.stats.seconds = time.monotonic() - self._t0
         return iter(out)
+
+
+def _leaf_mappings(rows, amask: int) -> list[Mapping]:
+    """One Mapping per raw leaf row (va, size, raw entry, perms index)."""
+    # _mapping() inlined: this loop runs once per page of the tree
+    out: list[Mapping] = []
+    append, new, perms_of = out.append, _new, _PERMS
+    for va, span, e, p in rows:
+        m = new(Mapping)
+        d = m.__dict__
+        d["va"] = va
+        d["end"] = va + span
+        d["pa"] = e & amask & -span
+        d["page_size"] = span
+        d["perms"] = perms_of[p]
+        d["g"] = (e & G) != 0
+        d["cache_index"] = ((e >> (5 if span == 4096 else 10)) & 4) | ((e >> 3) & 3)
+        d["pkey"] = (e >> PKEY_SHIFT) & 0xF
+        d["leaf_raw"] = e
+        append(m)
+    return out
+
+
+class Leaves(Sequence):
+    """The leaves of one walk (``walk(merge_runs=False)``), in VA order.
+
+    Kept as the walk's compact rows (va, page size, raw leaf entry, effective
+    perms index): the walk itself builds no object per page.  Indexing and
+    iteration build a ``Mapping`` for each row asked for (none is kept), so a
+    consumer pays only for what it reads.  Compares equal to any sequence of
+    the same Mappings (a list of them, another Leaves)."""
+
+    __slots__ = ("_rows", "_amask")
+    _CHUNK = 1024
+
+    def __init__(self, rows: list, amask: int = ADDR_MASK_52):
+        self._rows = rows
+        self._amask = amask
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return _leaf_mappings(self._rows[i], self._amask)
+        va, span, e, p = self._rows[i]
+        return _mapping(va, va + span, span, e, p, self._amask)
+
+    def __iter__(self) -> Iterator[Mapping]:
+        rows, n = self._rows, self._CHUNK
+        for i in range(0, len(rows), n):   # built a chunk at a time: bounded memory
+            yield from _leaf_mappings(rows[i:i + n], self._amask)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Leaves) and other._amask == self._amask:
+            return self._rows == other._rows
+        if isinstance(other, (list, tuple, Leaves)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Leaves({len(self)} leaves)"
 
 
 #: Ranges an interactive output (``sbm pt``, ``sbm show``'s map) keeps at most.
@@ -869,14 +914,15 @@ def merge(leaves) -> Iterator[Mapping]:
 
 def walk(read_phys: ReadPhys | TableReader, root: int | CR3, *, la57: bool = False,
          range: tuple[int, int] | None = None, flags: dict[str, bool] | str | None = None,
-         merge_runs: bool = True, **kw) -> tuple[list[Mapping], Walker]:
+         merge_runs: bool = True, **kw) -> tuple[list[Mapping] | Leaves, Walker]:
     """Walk ``root``; returns (mappings, walker) where walker.findings/.stats
-    tell what was odd and how much was read."""
+    tell what was odd and how much was read.  Merged runs come as a list of
+    Mappings; every leaf (``merge_runs=False``) as a ``Leaves`` sequence."""
     if isinstance(flags, str):
         flags = parse_flags(flags)
     start, end = range if range else (0, 1 << 64)
     w = Walker(read_phys, root, la57=la57, start=start, end=end, flags=flags, **kw)
-    maps = list(w.merged() if merge_runs else w.leaves())
+    maps = list(w.merged()) if merge_runs else w.leaf_list()
     return maps, w
 
 
@@ -889,7 +935,7 @@ def ptov(read_phys: ReadPhys | TableReader, root: int | CR3, pa: int, *, la57: b
 
 
 __all__ = [
-    "Entry", "Perms", "Finding", "Translation", "Mapping", "Walker", "WalkStats",
+    "Entry", "Perms", "Finding", "Translation", "Mapping", "Leaves", "Walker", "WalkStats",
     "TableReader", "PagingError", "translate", "walk", "merge", "ptov", "parse_flags",
     "truncation", "truncated_line", "OUTPUT_MAX_RANGES", "RENDER_MAX_ROWS", "MAX_BYTES",
     "canonical", "sign_extend", "reserved_mask", "decode_cr3", "CR3",
