@@ -14,7 +14,7 @@ import struct
 import time
 from contextlib import contextmanager
 from collections.abc import Sequence
-from itertools import compress
+from itertools import compress, islice
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -516,6 +516,8 @@ class Walker:
         self._raw: list[tuple[int, int, int, int]] | None = None
         self._mode = "raw"       # "raw": keep leaves; "merged": fold them into runs as they come
         self._kept: list = []    # raw leaves (raw mode) or runs (va, end, span, e, p) (merged mode)
+        self._nkept = 0          # leaves in _kept (raw mode: a _PageRun row holds many)
+        self._nbuf = 0           # leaves in _raw (raw mode)
         self._cur: list | None = None   # the run being extended (merged mode)
         self._full = False       # memory budget reached: count, do not keep
         self._stop = False       # entry budget or deadline reached: the walk ends
@@ -556,6 +558,7 @@ class Walker:
             self._mode = mode
             self._raw = []
             self._kept = []
+            self._nkept = self._nbuf = 0
             self._t0 = time.monotonic()
             # the descent gets 85% of the time, building the results the rest
             self._deadline = self._t0 + 0.85 * self.max_seconds
@@ -570,7 +573,7 @@ class Walker:
                     self._flush(final=True)
             finally:
                 self.stats.seconds = time.monotonic() - self._t0
-                self.stats.bytes_est = len(self._kept) * cost
+                self.stats.bytes_est = (self._nkept if mode == "raw" else len(self._kept)) * cost
         return self._kept
 
     def _keep_full(self) -> None:
@@ -586,14 +589,28 @@ class Walker:
         """Move the leaf buffer into the kept results (or only count it)."""
         buf = self._raw
         if self._mode == "raw":
-            room = self._cap - len(self._kept)
-            if len(buf) > room:
-                self._kept += buf[:max(0, room)]
-                self.stats.more_ranges += len(buf) - max(0, room)
-                self._keep_full()
-            else:
+            room = self._cap - self._nkept
+            if self._nbuf <= room:
                 self._kept += buf
+                self._nkept += self._nbuf
+            else:
+                kept, more = self._kept, 0
+                for row in buf:
+                    n = 1 if type(row) is tuple else len(row.raw)
+                    if n <= room:
+                        kept.append(row)
+                        room -= n
+                        self._nkept += n
+                    else:
+                        if room > 0:   # the head of a page table's run fits
+                            kept.append(row.head(room))
+                            self._nkept += room
+                        more += n - max(room, 0)
+                        room = 0
+                self.stats.more_ranges += more
+                self._keep_full()
             buf.clear()
+            self._nbuf = 0
             return
         amask = self._amask
         kept, cap = self._kept, self._cap
@@ -631,7 +648,7 @@ class Walker:
     def _read(self, table_pa: int, level: int, va: int) -> tuple[int, ...] | None:
         st = self.stats
         st.tables += 1
-        if len(self._raw) >= _FLUSH:
+        if len(self._raw) >= _FLUSH or self._nbuf >= _FLUSH:
             self._flush()
         if time.monotonic() > self._deadline:   # checked for every table, readable or not
             st.truncated = self._stop = True
@@ -696,6 +713,7 @@ class Walker:
             if leaf:
                 if ok is None or ok[np | ((e >> 5) & 8)]:
                     st.leaves += 1
+                    self._nbuf += 1
                     out.append((va, span, e, np))
                 continue
             if pruned[np]:
@@ -737,12 +755,25 @@ class Walker:
         cnt, maxe = st.entries, self.max_entries
         idx_range = range(lo, lo + len(t))
         if ok is None and not (rsv and any(map(rsv.__and__, t))):
-            # No filter, no reserved bit anywhere: one comprehension over the
-            # non-zero entries (most page tables are full of 4 KiB leaves).
+            # No filter, no reserved bit anywhere (most page tables are full
+            # of 4 KiB leaves).  Keeping every leaf: the table's present
+            # entries become one row, found at C speed (the cache zeroed the
+            # non-present ones); the per-page work is left to whoever reads them.
+            if self._mode == "raw":
+                idx = list(compress(idx_range, t))
+                n = len(idx)
+                if cnt + n <= maxe:
+                    if n:
+                        out.append(_PageRun(tbase, p, idx, list(filter(None, t))))
+                        self._nbuf += n
+                    st.entries = cnt + n
+                    st.leaves += n
+                    return
             new = [(tbase + (idx << 12), 4096, e, p & (((e >> 1) & 3) | (0 if e & xmask else 4)))
                    for idx, e in zip(compress(idx_range, t), filter(None, t)) if e & 1]
             if cnt + len(new) <= maxe:
                 out += new
+                self._nbuf += len(new)
                 st.entries = cnt + len(new)
                 st.leaves += len(new)
                 return
@@ -764,6 +795,7 @@ class Walker:
         finally:
             st.entries = cnt
             st.leaves += len(out) - n0
+            self._nbuf += len(out) - n0
 
     # ---------------------------------------------------------------- output
     def _late(self, done: int, total: int) -> bool:
@@ -788,7 +820,7 @@ class Walker:
         with _gc_paused():
             raw = self._run("raw")
         self.stats.seconds = time.monotonic() - self._t0
-        return Leaves(raw, self._amask)
+        return Leaves(raw, self._amask, self._xmask, self._nkept)
 
     def leaves(self) -> Iterator[Mapping]:
         return iter(self.leaf_list())
@@ -802,7 +834,7 @@ class Walker:
             if self._raw is not None and self._mode == "raw":
                 # walked keeping the pages already: fold them
                 runs = [(m.va, m.end, m.page_size, m.leaf_raw, _PERMS.index(m.perms))
-                        for m in merge(Leaves(self._kept, amask))]
+                        for m in merge(Leaves(self._kept, amask, self._xmask, self._nkept))]
             else:
                 runs = self._run("merged")
             for n, (va, end, span, e, p) in enumerate(runs):
@@ -834,39 +866,76 @@ def _leaf_mappings(rows, amask: int) -> list[Mapping]:
     return out
 
 
+class _PageRun:
+    """The present entries of one page table as one row of a walk's leaves:
+    the table's base VA, the perms index of the path above it, the entries'
+    indices and raw values (4 KiB leaves, all kept)."""
+
+    __slots__ = ("base", "p", "idx", "raw")
+
+    def __init__(self, base: int, p: int, idx: list[int], raw: list[int]):
+        self.base, self.p, self.idx, self.raw = base, p, idx, raw
+
+    def head(self, n: int) -> "_PageRun":
+        return _PageRun(self.base, self.p, self.idx[:n], self.raw[:n])
+
+    def rows(self, xmask: int) -> list[tuple[int, int, int, int]]:
+        base, p = self.base, self.p
+        return [(base + (i << 12), 4096, e, p & (((e >> 1) & 3) | (0 if e & xmask else 4)))
+                for i, e in zip(self.idx, self.raw)]
+
+
+def _rows(kept, xmask: int) -> Iterator[tuple[int, int, int, int]]:
+    for r in kept:
+        if type(r) is tuple:
+            yield r
+        else:
+            yield from r.rows(xmask)
+
+
 class Leaves(Sequence):
     """The leaves of one walk (``walk(merge_runs=False)``), in VA order.
 
-    Kept as the walk's compact rows (va, page size, raw leaf entry, effective
-    perms index): the walk itself builds no object per page.  Indexing and
-    iteration build a ``Mapping`` for each row asked for (none is kept), so a
-    consumer pays only for what it reads.  Compares equal to any sequence of
-    the same Mappings (a list of them, another Leaves)."""
+    Kept as the walk's compact rows: (va, page size, raw leaf entry, effective
+    perms index) per leaf, or one row per page table of 4 KiB leaves (its
+    present entries as they are in memory): the walk itself builds no object
+    per page.  Indexing and iteration build a ``Mapping`` for each leaf asked
+    for (none is kept), so a consumer pays only for what it reads.  Compares
+    equal to any sequence of the same Mappings (a list of them, another Leaves)."""
 
-    __slots__ = ("_rows", "_amask")
+    __slots__ = ("_kept", "_amask", "_xmask", "_n", "_flat")
     _CHUNK = 1024
 
-    def __init__(self, rows: list, amask: int = ADDR_MASK_52):
-        self._rows = rows
-        self._amask = amask
+    def __init__(self, kept: list, amask: int = ADDR_MASK_52, xmask: int = XD, n: int | None = None):
+        self._kept = kept
+        self._amask, self._xmask = amask, xmask
+        self._n = sum(1 if type(r) is tuple else len(r.raw) for r in kept) if n is None else n
+        self._flat: list | None = None
+
+    def rows(self) -> list[tuple[int, int, int, int]]:
+        """(va, page size, raw entry, perms index) of every leaf."""
+        if self._flat is None:
+            self._flat = list(_rows(self._kept, self._xmask))
+        return self._flat
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._n
 
     def __getitem__(self, i):
+        rows = self.rows()
         if isinstance(i, slice):
-            return _leaf_mappings(self._rows[i], self._amask)
-        va, span, e, p = self._rows[i]
+            return _leaf_mappings(rows[i], self._amask)
+        va, span, e, p = rows[i]
         return _mapping(va, va + span, span, e, p, self._amask)
 
     def __iter__(self) -> Iterator[Mapping]:
-        rows, n = self._rows, self._CHUNK
-        for i in range(0, len(rows), n):   # built a chunk at a time: bounded memory
-            yield from _leaf_mappings(rows[i:i + n], self._amask)
+        it, n, amask = _rows(self._kept, self._xmask), self._CHUNK, self._amask
+        while chunk := list(islice(it, n)):   # a chunk at a time: bounded memory
+            yield from _leaf_mappings(chunk, amask)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, Leaves) and other._amask == self._amask:
-            return self._rows == other._rows
+            return self.rows() == other.rows()
         if isinstance(other, (list, tuple, Leaves)):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
         return NotImplemented
