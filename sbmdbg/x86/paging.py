@@ -237,15 +237,15 @@ _U512 = struct.Struct("<512Q")
 #: one int object per non-zero entry (zero is a shared object).
 _TABLE_COST = 4136 + 100
 _INT_COST = 32
-_and1 = (1).__and__
+_ODD = bytes(i & 1 for i in range(256))
 
 
 class TableReader:
     """Reads 4 KiB page-table pages as 512 little-endian u64, with a cache.
 
-    When ``read_phys`` is a bound method of a target that has ``read_table(pa)``
-    (e.g. the shm source, which unpacks straight from the mmap with no copy),
-    that is used instead of ``read_phys(pa, 4096)`` + unpack.
+    When ``read_phys`` is a bound method of a target that has
+    ``read_table_bytes(pa)`` (e.g. the shm source: one pread, no page cache),
+    that is used instead of ``read_phys(pa, 4096)``.
 
     Guest memory is hostile (512 MiB of garbage "tables"): the cache holds
     only present entries (non-present ones read as 0; ``entry()`` rereads
@@ -254,7 +254,7 @@ class TableReader:
 
     def __init__(self, read_phys: ReadPhys, max_bytes: int = 16 << 20):
         self._read = read_phys
-        self._read_table = getattr(getattr(read_phys, "__self__", None), "read_table", None)
+        self._read_table = getattr(getattr(read_phys, "__self__", None), "read_table_bytes", None)
         self._cache: dict[int, tuple[int, ...] | None] = {}
         self._zeroed: set[int] = set()   # tables whose non-present non-zero entries read as 0
         self.max_bytes = max_bytes
@@ -269,24 +269,22 @@ class TableReader:
         except KeyError:
             pass
         try:
-            if self._read_table is not None:
-                t = self._read_table(pa)
-            else:
-                data = self._read(pa, 4096)
-                t = _U512.unpack(data) if len(data) == 4096 else None
+            data = self._read_table(pa) if self._read_table is not None else self._read(pa, 4096)
+            t = _U512.unpack(data) if len(data) == 4096 else None
         except Exception:  # noqa: BLE001 - unbacked/unreadable memory is a finding
             t = None
         self.pages_read += 1
         cost, zeroed = 100, False
         if t is not None:
-            t = tuple(t)
             nonzero = 512 - t.count(0)
             if nonzero:
-                present = sum(map(_and1, t))
-                if present < nonzero:   # keep only present entries (C speed)
-                    t = tuple(map(operator.mul, t, map(_and1, t)))
+                # P is bit 0 of each entry's first byte: one 0/1 byte per entry (C speed)
+                present = bytes(data[::8]).translate(_ODD)
+                npresent = present.count(1)
+                if npresent < nonzero:   # keep only present entries
+                    t = tuple(map(operator.mul, t, present))
                     zeroed = True
-                    nonzero = present
+                    nonzero = npresent
             cost = _TABLE_COST + _INT_COST * nonzero
         if self.bytes + cost > self.max_bytes:
             self._cache.clear()
