@@ -376,6 +376,29 @@ class Mapping:
     pkey: int
     leaf_raw: int        # raw leaf entry of the first page
 
+    def __getattr__(self, name: str):
+        # A Mapping made by a walk (_mapping, _leaf_mappings) stores va,
+        # page_size, leaf_raw and its perms index; the other fields are derived
+        # from the raw leaf when first read (most of a dump's are never read).
+        d = self.__dict__
+        if name not in _DERIVED or "_p" not in d:
+            raise AttributeError(name)
+        e, span = d["leaf_raw"], d["page_size"]
+        if name == "end":
+            v = d["va"] + span
+        elif name == "pa":
+            v = e & d["_amask"] & -span
+        elif name == "perms":
+            v = _PERMS[d["_p"]]
+        elif name == "g":
+            v = (e & G) != 0
+        elif name == "cache_index":
+            v = ((e >> (5 if span == PAGE_4K else 10)) & 4) | ((e >> 3) & 3)
+        else:
+            v = (e >> PKEY_SHIFT) & 0xF
+        d[name] = v
+        return v
+
     @property
     def size(self) -> int:
         return self.end - self.va
@@ -395,6 +418,9 @@ class Mapping:
             "global": self.g, "cache_index": self.cache_index, "pkey": self.pkey,
             "leaf": self.leaf_raw,
         }
+
+
+_DERIVED = frozenset(("end", "pa", "perms", "g", "cache_index", "pkey"))
 
 
 # Flag filter: names accepted by walk(flags=...) and the ``sbm pt --flags`` option.
@@ -446,7 +472,6 @@ _PERMS = tuple(Perms(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8))
 _ATTR = {PAGE_4K: G | PCD | PWT | PAT_4K | PKEY_MASK,
          PAGE_2M: G | PCD | PWT | PAT_LARGE | PKEY_MASK,
          PAGE_1G: G | PCD | PWT | PAT_LARGE | PKEY_MASK}
-_PAT_SHIFT = {PAGE_4K: 7, PAGE_2M: 12, PAGE_1G: 12}
 _new = object.__new__
 _IDX = range(512)
 
@@ -464,19 +489,14 @@ def _gc_paused():
             gc.enable()
 
 
+_set = object.__setattr__
+
+
 def _mapping(va: int, end: int, span: int, e: int, p: int, amask: int) -> Mapping:
-    """A Mapping from a raw leaf, without the frozen-dataclass __init__ (3x cheaper)."""
+    """A Mapping from a raw leaf, without the frozen-dataclass __init__: the
+    fields that follow from the raw leaf are derived when first read."""
     m = _new(Mapping)
-    d = m.__dict__
-    d["va"] = va
-    d["end"] = end
-    d["pa"] = e & amask & -span
-    d["page_size"] = span
-    d["perms"] = _PERMS[p]
-    d["g"] = bool(e & G)
-    d["cache_index"] = (((e >> _PAT_SHIFT[span]) & 1) << 2) | ((e >> 3) & 3)
-    d["pkey"] = (e >> PKEY_SHIFT) & 0xF
-    d["leaf_raw"] = e
+    _set(m, "__dict__", {"va": va, "end": end, "page_size": span, "leaf_raw": e, "_p": p, "_amask": amask})
     return m
 
 
@@ -845,21 +865,12 @@ class Walker:
 
 def _leaf_mappings(rows, amask: int) -> list[Mapping]:
     """One Mapping per raw leaf row (va, size, raw entry, perms index)."""
-    # _mapping() inlined: this loop runs once per page of the tree
+    # _mapping() inlined (end derived too): this loop runs once per page of the tree
     out: list[Mapping] = []
-    append, new, perms_of = out.append, _new, _PERMS
+    append, new, set_ = out.append, _new, _set
     for va, span, e, p in rows:
         m = new(Mapping)
-        d = m.__dict__
-        d["va"] = va
-        d["end"] = va + span
-        d["pa"] = e & amask & -span
-        d["page_size"] = span
-        d["perms"] = perms_of[p]
-        d["g"] = (e & G) != 0
-        d["cache_index"] = ((e >> (5 if span == 4096 else 10)) & 4) | ((e >> 3) & 3)
-        d["pkey"] = (e >> PKEY_SHIFT) & 0xF
-        d["leaf_raw"] = e
+        set_(m, "__dict__", {"va": va, "page_size": span, "leaf_raw": e, "_p": p, "_amask": amask})
         append(m)
     return out
 

@@ -5,6 +5,7 @@ moment) and on random, often hostile, tables with random ranges, flag
 filters, MAXPHYADDR, NXE and budgets.  Mappings, merged ranges, findings and
 stats must all be identical."""
 import base64
+import dataclasses
 import gzip
 import json
 import random
@@ -235,6 +236,15 @@ def test_leaves_sequence_and_memory_cap_on_recorded_tables():
     assert got[0] == want[0] and got[-1] == want[-1] and got[1234] == want[1234]
     assert got[100:700:7] == want[100:700:7]
     assert got.index(want[2000]) == 2000 and want[5] in got
+    # a walk's Mapping derives pa, perms, ... from its raw leaf when read: the
+    # same value, hash and repr as one built field by field, and as frozen
+    m, r = got[3000], want[3000]
+    assert hash(m) == hash(r) and repr(m) == repr(r) and m.to_json() == r.to_json()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.pa = 0
+    assert dataclasses.asdict(got[7]) == dataclasses.asdict(want[7])
+    with pytest.raises(AttributeError):
+        m.no_such_field
     # a memory cap in the middle of a page table's row: the first leaves are kept
     cap = 1000
     per_leaf = pg.RAW_COST + pg.MAPPING_COST
