@@ -204,7 +204,8 @@ def render(r: dict) -> str:
         L += ["base VM: 2 vCPUs, 512M",
               f"  kernel-root dump, every leaf ({pt['leaves']})  shm {ms(pt['shm_walk_s'] * 1e3)}   QEMU info tlb "
               f"{ms(pt['qmp_info_tlb_s'] * 1e3)}   = {pt['shm_walk_s'] / pt['qmp_info_tlb_s']:.2f}x "
-              f"(merged ranges {ms(pt['shm_walk_merged_s'] * 1e3)})",
+              f"(merged ranges {ms(pt['shm_walk_merged_s'] * 1e3)}; a Mapping object per leaf too "
+              f"{ms(pt['shm_walk_mappings_s'] * 1e3)})",
               f"  sbm pt --json through MI              {ms(b['pt_json_mi']['median_s'] * 1e3)}  "
               f"({b['pt_json_mi']['bytes']} bytes; in gdb, cold {ms(b['pt_json_mi_cold']['median_ms'])})"]
         vt = b["vtop"]

@@ -52,6 +52,12 @@ def measure_pt(vm, g, repeat: int = 3) -> dict:
             return len(leaves)
         res["shm_walk_s"], res["leaves"] = _t(shm_walk, repeat)
 
+        def shm_walk_mappings():   # the same, and a Mapping object made for every leaf
+            shm.invalidate()
+            leaves, _ = pg.walk(shm.read_phys, cr3, la57=k.la57, merge_runs=False)
+            return sum(1 for _ in leaves)
+        res["shm_walk_mappings_s"], _ = _t(shm_walk_mappings, repeat)
+
         def shm_walk_merged():
             shm.invalidate()
             maps, w = pg.walk(shm.read_phys, cr3, la57=k.la57)
@@ -109,6 +115,7 @@ def measure_pt(vm, g, repeat: int = 3) -> dict:
     r = res
     r["ratio_info_tlb_over_shm"] = r["qmp_info_tlb_s"] / r["shm_walk_s"]
     r["ratio_info_tlb_over_shm_merged"] = r["qmp_info_tlb_s"] / r["shm_walk_merged_s"]
+    r["ratio_shm_mappings_over_info_tlb"] = r["shm_walk_mappings_s"] / r["qmp_info_tlb_s"]
     r["ratio_gdbstub_over_shm"] = r["gdbstub_walk_s"] / r["shm_walk_s"]
     tv, tvg = r["vtop_translate_vm_s"], r["vtop_translate_vm_in_gdb_s"]
     r["ratio_translate_vm_over_vtop_shm"] = tv / r["vtop_sbm_shm_s"] if tv else None
@@ -123,9 +130,12 @@ def render(r: dict) -> str:
         f"kernel root dump (CPU 0's CR3: {r['leaves']} leaf entries, {r['ranges']} merged ranges, "
         f"{r['tables']} tables; median of {r['repeat']}):",
         f"  shm walk, every leaf (host mmap) {ms(r['shm_walk_s'])}",
+        f"  shm walk, every leaf + a Mapping object per leaf {ms(r['shm_walk_mappings_s'])}",
         f"  shm walk, merged ranges          {ms(r['shm_walk_merged_s'])}",
         f"  QEMU info tlb via QMP            {ms(r['qmp_info_tlb_s'])}  "
         f"({r['ratio_info_tlb_over_shm']:.2f}x the leaf walk, {r['ratio_info_tlb_over_shm_merged']:.2f}x merged)",
+        f"  leaf walk / info tlb             {1 / r['ratio_info_tlb_over_shm']:.2f}x  "
+        f"(with a Mapping object per leaf {r['ratio_shm_mappings_over_info_tlb']:.2f}x)",
         f"  sbm pt --raw --json via MI, gdbstub {ms(r['gdbstub_walk_s'])}  (MI carries ~1 MB of JSON: that dominates)",
         f"  sbm pt --raw --json via MI, shm     {ms(r['gdb_shm_walk_s'])}",
         f"  sbm pt (merged) in gdb, no MI:   gdbstub {ms(r['pt_gdbstub_in_gdb_s'])}, shm {ms(r['pt_shm_in_gdb_s'])}"

@@ -167,6 +167,11 @@ class GdbTarget(Target):
             return self.mem.read_table(pa)
         return super().read_table(pa)
 
+    def read_table_bytes(self, pa: int) -> bytes:
+        if self.mem is not None:
+            return self.mem.read_table_bytes(pa)
+        return super().read_table_bytes(pa)
+
     def invalidate(self) -> None:
         super().invalidate()
         if self.mem is not None:

@@ -94,7 +94,11 @@ class Target:
     def read_table(self, pa: int) -> tuple[int, ...]:
         """The 4 KiB page at ``pa`` (rounded down) as 512 little-endian u64
         (a page-table page; the paging walker's fast path)."""
-        return _U512.unpack(self.read_phys(pa & ~0xFFF, PAGE))
+        return _U512.unpack(self.read_table_bytes(pa))
+
+    def read_table_bytes(self, pa: int) -> bytes:
+        """The 4 KiB page at ``pa`` (rounded down): a page-table page's bytes."""
+        return self.read_phys(pa & ~0xFFF, PAGE)
 
     def read_u64(self, pa: int) -> int:
         return struct.unpack("<Q", self.read_phys(pa, 8))[0]

@@ -99,6 +99,9 @@ class ShmTarget(Target):
         return super().read_phys(pa, n)
 
     def read_table(self, pa: int) -> tuple[int, ...]:
+        return _U512.unpack(self.read_table_bytes(pa))
+
+    def read_table_bytes(self, pa: int) -> bytes:
         # No page cache (the file is the guest's RAM; a stopped guest does not
         # change it).  pread, not the mapping: a hostile walk touches pages all
         # over RAM, and each fault on the mapping maps 64 KiB around it into
@@ -106,7 +109,7 @@ class ShmTarget(Target):
         data = os.pread(self._fd, PAGE, self.layout.offset(pa & ~0xFFF, PAGE))
         if len(data) != PAGE:
             raise TargetError(f"guest RAM file: short read at {pa:#x}")
-        return _U512.unpack(data)
+        return data
 
     def _registers(self, cpu: int) -> dict:
         if self.regs_source is None:

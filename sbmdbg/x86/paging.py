@@ -13,7 +13,8 @@ import operator
 import struct
 import time
 from contextlib import contextmanager
-from itertools import compress
+from collections.abc import Sequence
+from itertools import compress, islice
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -236,15 +237,15 @@ _U512 = struct.Struct("<512Q")
 #: one int object per non-zero entry (zero is a shared object).
 _TABLE_COST = 4136 + 100
 _INT_COST = 32
-_and1 = (1).__and__
+_ODD = bytes(i & 1 for i in range(256))
 
 
 class TableReader:
     """Reads 4 KiB page-table pages as 512 little-endian u64, with a cache.
 
-    When ``read_phys`` is a bound method of a target that has ``read_table(pa)``
-    (e.g. the shm source, which unpacks straight from the mmap with no copy),
-    that is used instead of ``read_phys(pa, 4096)`` + unpack.
+    When ``read_phys`` is a bound method of a target that has
+    ``read_table_bytes(pa)`` (e.g. the shm source: one pread, no page cache),
+    that is used instead of ``read_phys(pa, 4096)``.
 
     Guest memory is hostile (512 MiB of garbage "tables"): the cache holds
     only present entries (non-present ones read as 0; ``entry()`` rereads
@@ -253,7 +254,7 @@ class TableReader:
 
     def __init__(self, read_phys: ReadPhys, max_bytes: int = 16 << 20):
         self._read = read_phys
-        self._read_table = getattr(getattr(read_phys, "__self__", None), "read_table", None)
+        self._read_table = getattr(getattr(read_phys, "__self__", None), "read_table_bytes", None)
         self._cache: dict[int, tuple[int, ...] | None] = {}
         self._zeroed: set[int] = set()   # tables whose non-present non-zero entries read as 0
         self.max_bytes = max_bytes
@@ -268,24 +269,22 @@ class TableReader:
         except KeyError:
             pass
         try:
-            if self._read_table is not None:
-                t = self._read_table(pa)
-            else:
-                data = self._read(pa, 4096)
-                t = _U512.unpack(data) if len(data) == 4096 else None
+            data = self._read_table(pa) if self._read_table is not None else self._read(pa, 4096)
+            t = _U512.unpack(data) if len(data) == 4096 else None
         except Exception:  # noqa: BLE001 - unbacked/unreadable memory is a finding
             t = None
         self.pages_read += 1
         cost, zeroed = 100, False
         if t is not None:
-            t = tuple(t)
             nonzero = 512 - t.count(0)
             if nonzero:
-                present = sum(map(_and1, t))
-                if present < nonzero:   # keep only present entries (C speed)
-                    t = tuple(map(operator.mul, t, map(_and1, t)))
+                # P is bit 0 of each entry's first byte: one 0/1 byte per entry (C speed)
+                present = bytes(data[::8]).translate(_ODD)
+                npresent = present.count(1)
+                if npresent < nonzero:   # keep only present entries
+                    t = tuple(map(operator.mul, t, present))
                     zeroed = True
-                    nonzero = present
+                    nonzero = npresent
             cost = _TABLE_COST + _INT_COST * nonzero
         if self.bytes + cost > self.max_bytes:
             self._cache.clear()
@@ -377,6 +376,29 @@ class Mapping:
     pkey: int
     leaf_raw: int        # raw leaf entry of the first page
 
+    def __getattr__(self, name: str):
+        # A Mapping made by a walk (_mapping, _leaf_mappings) stores va,
+        # page_size, leaf_raw and its perms index; the other fields are derived
+        # from the raw leaf when first read (most of a dump's are never read).
+        d = self.__dict__
+        if name not in _DERIVED or "_p" not in d:
+            raise AttributeError(name)
+        e, span = d["leaf_raw"], d["page_size"]
+        if name == "end":
+            v = d["va"] + span
+        elif name == "pa":
+            v = e & d["_amask"] & -span
+        elif name == "perms":
+            v = _PERMS[d["_p"]]
+        elif name == "g":
+            v = (e & G) != 0
+        elif name == "cache_index":
+            v = ((e >> (5 if span == PAGE_4K else 10)) & 4) | ((e >> 3) & 3)
+        else:
+            v = (e >> PKEY_SHIFT) & 0xF
+        d[name] = v
+        return v
+
     @property
     def size(self) -> int:
         return self.end - self.va
@@ -396,6 +418,9 @@ class Mapping:
             "global": self.g, "cache_index": self.cache_index, "pkey": self.pkey,
             "leaf": self.leaf_raw,
         }
+
+
+_DERIVED = frozenset(("end", "pa", "perms", "g", "cache_index", "pkey"))
 
 
 # Flag filter: names accepted by walk(flags=...) and the ``sbm pt --flags`` option.
@@ -447,7 +472,6 @@ _PERMS = tuple(Perms(bool(i & 1), bool(i & 2), bool(i & 4)) for i in range(8))
 _ATTR = {PAGE_4K: G | PCD | PWT | PAT_4K | PKEY_MASK,
          PAGE_2M: G | PCD | PWT | PAT_LARGE | PKEY_MASK,
          PAGE_1G: G | PCD | PWT | PAT_LARGE | PKEY_MASK}
-_PAT_SHIFT = {PAGE_4K: 7, PAGE_2M: 12, PAGE_1G: 12}
 _new = object.__new__
 _IDX = range(512)
 
@@ -465,19 +489,14 @@ def _gc_paused():
             gc.enable()
 
 
+_set = object.__setattr__
+
+
 def _mapping(va: int, end: int, span: int, e: int, p: int, amask: int) -> Mapping:
-    """A Mapping from a raw leaf, without the frozen-dataclass __init__ (3x cheaper)."""
+    """A Mapping from a raw leaf, without the frozen-dataclass __init__: the
+    fields that follow from the raw leaf are derived when first read."""
     m = _new(Mapping)
-    d = m.__dict__
-    d["va"] = va
-    d["end"] = end
-    d["pa"] = e & amask & -span
-    d["page_size"] = span
-    d["perms"] = _PERMS[p]
-    d["g"] = bool(e & G)
-    d["cache_index"] = (((e >> _PAT_SHIFT[span]) & 1) << 2) | ((e >> 3) & 3)
-    d["pkey"] = (e >> PKEY_SHIFT) & 0xF
-    d["leaf_raw"] = e
+    _set(m, "__dict__", {"va": va, "end": end, "page_size": span, "leaf_raw": e, "_p": p, "_amask": amask})
     return m
 
 
@@ -488,8 +507,8 @@ class Walker:
 
     The walk itself runs once (on the first ``leaves()``/``merged()``) and keeps
     each matching leaf as a small tuple (va, size, raw entry, perms index);
-    Mappings are built from those at the end, one per merged run for
-    ``merged()``.  Per-level reserved-bit masks, the flag filter and the flag
+    ``leaf_list()`` hands those rows out as a ``Leaves`` sequence (a Mapping
+    per row only when read), ``merged()`` builds one Mapping per merged run.  Per-level reserved-bit masks, the flag filter and the flag
     prune are precomputed tables; non-present entries cost one test; the
     deadline is checked once per table (at most 512 entries)."""
 
@@ -515,6 +534,8 @@ class Walker:
         self._raw: list[tuple[int, int, int, int]] | None = None
         self._mode = "raw"       # "raw": keep leaves; "merged": fold them into runs as they come
         self._kept: list = []    # raw leaves (raw mode) or runs (va, end, span, e, p) (merged mode)
+        self._nkept = 0          # leaves in _kept (raw mode: a _PageRun row holds many)
+        self._nbuf = 0           # leaves in _raw (raw mode)
         self._cur: list | None = None   # the run being extended (merged mode)
         self._full = False       # memory budget reached: count, do not keep
         self._stop = False       # entry budget or deadline reached: the walk ends
@@ -555,6 +576,7 @@ class Walker:
             self._mode = mode
             self._raw = []
             self._kept = []
+            self._nkept = self._nbuf = 0
             self._t0 = time.monotonic()
             # the descent gets 85% of the time, building the results the rest
             self._deadline = self._t0 + 0.85 * self.max_seconds
@@ -569,7 +591,7 @@ class Walker:
                     self._flush(final=True)
             finally:
                 self.stats.seconds = time.monotonic() - self._t0
-                self.stats.bytes_est = len(self._kept) * cost
+                self.stats.bytes_est = (self._nkept if mode == "raw" else len(self._kept)) * cost
         return self._kept
 
     def _keep_full(self) -> None:
@@ -585,14 +607,28 @@ class Walker:
         """Move the leaf buffer into the kept results (or only count it)."""
         buf = self._raw
         if self._mode == "raw":
-            room = self._cap - len(self._kept)
-            if len(buf) > room:
-                self._kept += buf[:max(0, room)]
-                self.stats.more_ranges += len(buf) - max(0, room)
-                self._keep_full()
-            else:
+            room = self._cap - self._nkept
+            if self._nbuf <= room:
                 self._kept += buf
+                self._nkept += self._nbuf
+            else:
+                kept, more = self._kept, 0
+                for row in buf:
+                    n = 1 if type(row) is tuple else len(row.raw)
+                    if n <= room:
+                        kept.append(row)
+                        room -= n
+                        self._nkept += n
+                    else:
+                        if room > 0:   # the head of a page table's run fits
+                            kept.append(row.head(room))
+                            self._nkept += room
+                        more += n - max(room, 0)
+                        room = 0
+                self.stats.more_ranges += more
+                self._keep_full()
             buf.clear()
+            self._nbuf = 0
             return
         amask = self._amask
         kept, cap = self._kept, self._cap
@@ -630,7 +666,7 @@ class Walker:
     def _read(self, table_pa: int, level: int, va: int) -> tuple[int, ...] | None:
         st = self.stats
         st.tables += 1
-        if len(self._raw) >= _FLUSH:
+        if len(self._raw) >= _FLUSH or self._nbuf >= _FLUSH:
             self._flush()
         if time.monotonic() > self._deadline:   # checked for every table, readable or not
             st.truncated = self._stop = True
@@ -695,6 +731,7 @@ class Walker:
             if leaf:
                 if ok is None or ok[np | ((e >> 5) & 8)]:
                     st.leaves += 1
+                    self._nbuf += 1
                     out.append((va, span, e, np))
                 continue
             if pruned[np]:
@@ -736,12 +773,25 @@ class Walker:
         cnt, maxe = st.entries, self.max_entries
         idx_range = range(lo, lo + len(t))
         if ok is None and not (rsv and any(map(rsv.__and__, t))):
-            # No filter, no reserved bit anywhere: one comprehension over the
-            # non-zero entries (most page tables are full of 4 KiB leaves).
+            # No filter, no reserved bit anywhere (most page tables are full
+            # of 4 KiB leaves).  Keeping every leaf: the table's present
+            # entries become one row, found at C speed (the cache zeroed the
+            # non-present ones); the per-page work is left to whoever reads them.
+            if self._mode == "raw":
+                idx = list(compress(idx_range, t))
+                n = len(idx)
+                if cnt + n <= maxe:
+                    if n:
+                        out.append(_PageRun(tbase, p, idx, list(filter(None, t))))
+                        self._nbuf += n
+                    st.entries = cnt + n
+                    st.leaves += n
+                    return
             new = [(tbase + (idx << 12), 4096, e, p & (((e >> 1) & 3) | (0 if e & xmask else 4)))
                    for idx, e in zip(compress(idx_range, t), filter(None, t)) if e & 1]
             if cnt + len(new) <= maxe:
                 out += new
+                self._nbuf += len(new)
                 st.entries = cnt + len(new)
                 st.leaves += len(new)
                 return
@@ -763,6 +813,7 @@ class Walker:
         finally:
             st.entries = cnt
             st.leaves += len(out) - n0
+            self._nbuf += len(out) - n0
 
     # ---------------------------------------------------------------- output
     def _late(self, done: int, total: int) -> bool:
@@ -775,42 +826,22 @@ class Walker:
                       f"({done} of {total} ranges built)")
         return True
 
-    def leaves(self) -> Iterator[Mapping]:
+    def leaf_list(self) -> "Leaves":
+        """Every matching leaf, in VA order, as a ``Leaves`` sequence (compact
+        rows; a ``Mapping`` is built for a row only when it is asked for)."""
         if self._raw is not None and self._mode != "raw":
             self._raw = None   # walked merged: walk again keeping the pages
             self.stats = WalkStats()
             self.findings = []
             self._aliased = set()
             self._full = self._stop = False
-        with _gc_paused():    # one pause for the walk and the results: one collection after
+        with _gc_paused():
             raw = self._run("raw")
-            try:
-                return iter(self._leaf_mappings(raw))
-            finally:
-                self.stats.seconds = time.monotonic() - self._t0
+        self.stats.seconds = time.monotonic() - self._t0
+        return Leaves(raw, self._amask, self._xmask, self._nkept)
 
-    def _leaf_mappings(self, raw) -> list[Mapping]:
-        # _mapping() inlined: this loop runs once per page of the tree
-        out: list[Mapping] = []
-        append, new, perms_of, amask = out.append, _new, _PERMS, self._amask
-        n = 0
-        for va, span, e, p in raw:
-            n += 1
-            if not n & 1023 and self._late(n - 1, len(raw)):
-                break
-            m = new(Mapping)
-            d = m.__dict__
-            d["va"] = va
-            d["end"] = va + span
-            d["pa"] = e & amask & -span
-            d["page_size"] = span
-            d["perms"] = perms_of[p]
-            d["g"] = (e & G) != 0
-            d["cache_index"] = ((e >> (5 if span == 4096 else 10)) & 4) | ((e >> 3) & 3)
-            d["pkey"] = (e >> PKEY_SHIFT) & 0xF
-            d["leaf_raw"] = e
-            append(m)
-        return out
+    def leaves(self) -> Iterator[Mapping]:
+        return iter(self.leaf_list())
 
     def merged(self) -> Iterator[Mapping]:
         """Runs of leaves contiguous in VA and PA with the same page size,
@@ -821,7 +852,7 @@ class Walker:
             if self._raw is not None and self._mode == "raw":
                 # walked keeping the pages already: fold them
                 runs = [(m.va, m.end, m.page_size, m.leaf_raw, _PERMS.index(m.perms))
-                        for m in merge(self._leaf_mappings(self._kept))]
+                        for m in merge(Leaves(self._kept, amask, self._xmask, self._nkept))]
             else:
                 runs = self._run("merged")
             for n, (va, end, span, e, p) in enumerate(runs):
@@ -830,6 +861,98 @@ class Walker:
                 out.append(_mapping(va, end, span, e, p, amask))
         self.stats.seconds = time.monotonic() - self._t0
         return iter(out)
+
+
+def _leaf_mappings(rows, amask: int) -> list[Mapping]:
+    """One Mapping per raw leaf row (va, size, raw entry, perms index)."""
+    # _mapping() inlined (end derived too): this loop runs once per page of the tree
+    out: list[Mapping] = []
+    append, new, set_ = out.append, _new, _set
+    for va, span, e, p in rows:
+        m = new(Mapping)
+        set_(m, "__dict__", {"va": va, "page_size": span, "leaf_raw": e, "_p": p, "_amask": amask})
+        append(m)
+    return out
+
+
+class _PageRun:
+    """The present entries of one page table as one row of a walk's leaves:
+    the table's base VA, the perms index of the path above it, the entries'
+    indices and raw values (4 KiB leaves, all kept)."""
+
+    __slots__ = ("base", "p", "idx", "raw")
+
+    def __init__(self, base: int, p: int, idx: list[int], raw: list[int]):
+        self.base, self.p, self.idx, self.raw = base, p, idx, raw
+
+    def head(self, n: int) -> "_PageRun":
+        return _PageRun(self.base, self.p, self.idx[:n], self.raw[:n])
+
+    def rows(self, xmask: int) -> list[tuple[int, int, int, int]]:
+        base, p = self.base, self.p
+        return [(base + (i << 12), 4096, e, p & (((e >> 1) & 3) | (0 if e & xmask else 4)))
+                for i, e in zip(self.idx, self.raw)]
+
+
+def _rows(kept, xmask: int) -> Iterator[tuple[int, int, int, int]]:
+    for r in kept:
+        if type(r) is tuple:
+            yield r
+        else:
+            yield from r.rows(xmask)
+
+
+class Leaves(Sequence):
+    """The leaves of one walk (``walk(merge_runs=False)``), in VA order.
+
+    Kept as the walk's compact rows: (va, page size, raw leaf entry, effective
+    perms index) per leaf, or one row per page table of 4 KiB leaves (its
+    present entries as they are in memory): the walk itself builds no object
+    per page.  Indexing and iteration build a ``Mapping`` for each leaf asked
+    for (none is kept), so a consumer pays only for what it reads.  Compares
+    equal to any sequence of the same Mappings (a list of them, another Leaves)."""
+
+    __slots__ = ("_kept", "_amask", "_xmask", "_n", "_flat")
+    _CHUNK = 1024
+
+    def __init__(self, kept: list, amask: int = ADDR_MASK_52, xmask: int = XD, n: int | None = None):
+        self._kept = kept
+        self._amask, self._xmask = amask, xmask
+        self._n = sum(1 if type(r) is tuple else len(r.raw) for r in kept) if n is None else n
+        self._flat: list | None = None
+
+    def rows(self) -> list[tuple[int, int, int, int]]:
+        """(va, page size, raw entry, perms index) of every leaf."""
+        if self._flat is None:
+            self._flat = list(_rows(self._kept, self._xmask))
+        return self._flat
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        rows = self.rows()
+        if isinstance(i, slice):
+            return _leaf_mappings(rows[i], self._amask)
+        va, span, e, p = rows[i]
+        return _mapping(va, va + span, span, e, p, self._amask)
+
+    def __iter__(self) -> Iterator[Mapping]:
+        it, n, amask = _rows(self._kept, self._xmask), self._CHUNK, self._amask
+        while chunk := list(islice(it, n)):   # a chunk at a time: bounded memory
+            yield from _leaf_mappings(chunk, amask)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Leaves) and other._amask == self._amask:
+            return self.rows() == other.rows()
+        if isinstance(other, (list, tuple, Leaves)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Leaves({len(self)} leaves)"
 
 
 #: Ranges an interactive output (``sbm pt``, ``sbm show``'s map) keeps at most.
@@ -869,14 +992,15 @@ def merge(leaves) -> Iterator[Mapping]:
 
 def walk(read_phys: ReadPhys | TableReader, root: int | CR3, *, la57: bool = False,
          range: tuple[int, int] | None = None, flags: dict[str, bool] | str | None = None,
-         merge_runs: bool = True, **kw) -> tuple[list[Mapping], Walker]:
+         merge_runs: bool = True, **kw) -> tuple[list[Mapping] | Leaves, Walker]:
     """Walk ``root``; returns (mappings, walker) where walker.findings/.stats
-    tell what was odd and how much was read."""
+    tell what was odd and how much was read.  Merged runs come as a list of
+    Mappings; every leaf (``merge_runs=False``) as a ``Leaves`` sequence."""
     if isinstance(flags, str):
         flags = parse_flags(flags)
     start, end = range if range else (0, 1 << 64)
     w = Walker(read_phys, root, la57=la57, start=start, end=end, flags=flags, **kw)
-    maps = list(w.merged() if merge_runs else w.leaves())
+    maps = list(w.merged()) if merge_runs else w.leaf_list()
     return maps, w
 
 
@@ -889,7 +1013,7 @@ def ptov(read_phys: ReadPhys | TableReader, root: int | CR3, pa: int, *, la57: b
 
 
 __all__ = [
-    "Entry", "Perms", "Finding", "Translation", "Mapping", "Walker", "WalkStats",
+    "Entry", "Perms", "Finding", "Translation", "Mapping", "Leaves", "Walker", "WalkStats",
     "TableReader", "PagingError", "translate", "walk", "merge", "ptov", "parse_flags",
     "truncation", "truncated_line", "OUTPUT_MAX_RANGES", "RENDER_MAX_ROWS", "MAX_BYTES",
     "canonical", "sign_extend", "reserved_mask", "decode_cr3", "CR3",

@@ -5,6 +5,7 @@ moment) and on random, often hostile, tables with random ranges, flag
 filters, MAXPHYADDR, NXE and budgets.  Mappings, merged ranges, findings and
 stats must all be identical."""
 import base64
+import dataclasses
 import gzip
 import json
 import random
@@ -220,3 +221,35 @@ def test_random_tables_match_reference(seed, dense, la57, flags, maxphyaddr, nxe
         start, length = rng_spec
         kw.update(start=start, end=min(start + length, 1 << 64))
     assert_same(read_phys, root, **kw)
+
+
+def test_leaves_sequence_and_memory_cap_on_recorded_tables():
+    """walk(merge_runs=False) hands out a Leaves sequence (page tables kept as
+    one row each): indexing, slicing, iteration and equality behave as the
+    list of Mappings they stand for; a memory cap keeps exactly a prefix."""
+    t, d = load_kroot("kroot-4level.json.gz")
+    want, _, _ = ref_walk(t.read_phys, d["cr3"])
+    got, w = pg.walk(t.read_phys, d["cr3"], merge_runs=False)
+    assert isinstance(got, pg.Leaves) and len(got) == len(want) == w.stats.leaves
+    assert any(type(r) is pg._PageRun for r in got._kept)   # the per-table rows were used
+    assert got == want and want == list(got) and got != want[:-1]
+    assert got[0] == want[0] and got[-1] == want[-1] and got[1234] == want[1234]
+    assert got[100:700:7] == want[100:700:7]
+    assert got.index(want[2000]) == 2000 and want[5] in got
+    # a walk's Mapping derives pa, perms, ... from its raw leaf when read: the
+    # same value, hash and repr as one built field by field, and as frozen
+    m, r = got[3000], want[3000]
+    assert hash(m) == hash(r) and repr(m) == repr(r) and m.to_json() == r.to_json()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.pa = 0
+    assert dataclasses.asdict(got[7]) == dataclasses.asdict(want[7])
+    with pytest.raises(AttributeError):
+        m.no_such_field
+    # a memory cap in the middle of a page table's row: the first leaves are kept
+    cap = 1000
+    per_leaf = pg.RAW_COST + pg.MAPPING_COST
+    some, w2 = pg.walk(t.read_phys, d["cr3"], merge_runs=False, max_bytes=cap * per_leaf + 5)
+    assert len(some) == cap and some == want[:cap]
+    assert w2.stats.truncated and w2.stats.more_ranges == len(want) - cap
+    assert w2.stats.bytes_est <= cap * per_leaf + 5
+    assert any(f.kind == "budget" for f in w2.findings)
