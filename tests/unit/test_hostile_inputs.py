@@ -226,7 +226,7 @@ GOOD_VALUES = {"name": st.sampled_from(HOSTILE_TEXT), "description": st.sampled_
                "timeout": TIMEOUTS, "console_clean": st.booleans(), "fresh_vm": st.booleans(),
                "vm": st.just({"smp": 2}), "expect": st.sampled_from(({"status": 0}, {"output": "(" * 40},
                                                                       {"output": "x" * 2500})),
-               "break": st.just("sbm_exec"), "trace_level": st.just("fast")}
+               "break": st.just("sbm_exec"), "trace_level": st.just("fast"), "qmp_nmi": st.booleans()}
 
 
 @st.composite
