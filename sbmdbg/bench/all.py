@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import time
 
+from sbmdbg.errors import SbmdbgError
+
 from sbmdbg.bench.mi import mi_console_time
 
 SCALE_TASKS = 3000
@@ -126,10 +128,21 @@ def measure_scale(vm, repeat: int, ntasks: int, nbusy: int) -> dict:
         res["list_all_cold_in_gdb"] = _sbm_time(g, "sbm list --all", max(3, repeat), "--cold", "--flush-gdb")
         res["list_mi"] = mi_console_time(g, "sbm list", max(5, repeat))
         res["status"] = _status(g, n)
+        cpus = g.sbm_json("sbm")["cpus"]
+        res["ncpus"] = len(cpus)
         if _have(g, "lx-ps"):
-            res["lx_ps_in_gdb"] = _sbm_time(g, "lx-ps", 1, "--cold", "--flush-gdb")
-            res["ratio_lx_ps_over_list"] = res["lx_ps_in_gdb"]["median_ms"] / res["list_cold_in_gdb"]["median_ms"]
-        res["ncpus"] = len(g.sbm_json("sbm")["cpus"])
+            # scripts/gdb reads through the selected vCPU's CR3: a vCPU in a sandbox (or
+            # on a PTI user table) does not map the task list, so select one in the kernel
+            # (ours names its root)
+            free = [c["cpu"] for c in cpus if c.get("mode") == "kernel"]
+            if free:
+                g.console(f"thread {free[0] + 1}")
+            try:
+                res["lx_ps_in_gdb"] = _sbm_time(g, "lx-ps", 1, "--cold", "--flush-gdb")
+                res["ratio_lx_ps_over_list"] = (res["lx_ps_in_gdb"]["median_ms"]
+                                                / res["list_cold_in_gdb"]["median_ms"])
+            except SbmdbgError as e:     # the peer failed: say so, keep our figures
+                res["lx_ps_error"] = str(e)
         g.cont()
     vm.run("kill " + " ".join(map(str, busy)) + " 2>/dev/null; true", timeout=60)
     return res
@@ -237,6 +250,8 @@ def render(r: dict) -> str:
         if "lx_ps_in_gdb" in s:
             L.append(f"  lx-ps                  in gdb {ms(s['lx_ps_in_gdb']['median_ms'])}   "
                      f"({s['ratio_lx_ps_over_list']:.0f}x sbm list)")
+        elif "lx_ps_error" in s:
+            L.append(f"  lx-ps                  failed: {s['lx_ps_error']}")
         L.append(f"  sandboxes at the stop: {s['sandboxes']}; fast == --all: {s['agree']}; all busy shells: "
                  f"{s['sandboxes_are_busy_shells']}")
         L.append(_status_line(f"{s['ncpus']} vCPUs", s["status"]))
