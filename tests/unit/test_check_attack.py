@@ -110,6 +110,12 @@ def test_nmi_storm_sends_until_the_block_ends():
     with NmiStorm(VM(fail_after=0), pause_s=0) as s:
         s._t.join(30)
     assert s.sent == 0 and s.error == "QMP: connection closed"
+    # bounded: a slowed guest's command always ends (no storm-without-end feedback)
+    capped = VM()
+    with NmiStorm(capped, pause_s=0, max_sent=5) as s:
+        s._t.join(30)
+        assert not s._t.is_alive()
+    assert s.sent == capped.n == 5 and s.error is None
 
 
 def test_attack_and_insn_counts():
