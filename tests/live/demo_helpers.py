@@ -111,3 +111,18 @@ def stopped_in_sandbox(vm, g, timeout: float = 300):
     finally:
         out = s.finish()
     assert "scenario=ok" in out and "result=PASS" in out, out
+
+
+@contextlib.contextmanager
+def shm_gdb(vm):
+    """One gdb on ``vm`` with sbmdbg reading guest RAM from its shared-memory
+    file (``sbm target shm``), the guest running; closed afterwards."""
+    from sbmdbg.vm.gdbmi import GdbSession
+    g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
+    try:
+        g.interrupt()
+        g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
+        g.cont()
+        yield g
+    finally:
+        g.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from demo_helpers import sbm_json
+from demo_helpers import sbm_json, shm_gdb
 
 pytestmark = pytest.mark.live
 
@@ -34,16 +34,9 @@ def _after(vmlinux: str, insn: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def guest(vm_pool):
-    from sbmdbg.vm.gdbmi import GdbSession
     vm = vm_pool.get(smp=2, pti="off")
-    g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
-    try:
-        g.interrupt()
-        g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-        g.cont()
+    with shm_gdb(vm) as g:
         yield vm, g
-    finally:
-        g.close()
 
 
 def _stop_in(vm, g, where: str, scenario: str):

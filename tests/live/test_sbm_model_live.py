@@ -21,7 +21,7 @@ import sys
 import types
 
 import pytest
-from demo_helpers import Stop, gdb_int, sbm_json
+from demo_helpers import Stop, gdb_int, sbm_json, shm_gdb
 
 pytestmark = pytest.mark.live
 
@@ -29,16 +29,9 @@ pytestmark = pytest.mark.live
 @pytest.fixture(scope="module")
 def guest(vm_pool):
     """The session's shared PTI-on VM, one gdb for the module."""
-    from sbmdbg.vm.gdbmi import GdbSession
     vm = vm_pool.get(smp=2, pti="on")
-    g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
-    try:
-        g.interrupt()
-        g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-        g.cont()
+    with shm_gdb(vm) as g:
         yield vm, g
-    finally:
-        g.close()
 
 
 def _info_mem(vm, cpu: int) -> list[tuple[int, int, str]]:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from demo_helpers import Stop, demo_stats, gdb_int, run_scenario, sbm_json
+from demo_helpers import Stop, demo_stats, gdb_int, run_scenario, sbm_json, shm_gdb
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[2]
@@ -29,20 +29,13 @@ SBM_CS, USER_CS = 0x30, 0x33
 def v1vm():
     from sbmdbg.kernel.build import ensure_kernel
     from sbmdbg.vm import VM, VMOptions
-    from sbmdbg.vm.gdbmi import GdbSession
 
     kb = ensure_kernel([VARIANT])
     vm = VM(VMOptions(smp=2, pti="off", kernel=str(kb.bzImage), vmlinux=str(kb.vmlinux), tree=str(kb.tree)))
     try:
         assert "# sandbox_mode: pass:" in vm.run("dmesg | grep '# sandbox_mode'").output
-        g = GdbSession(vm.info["vmlinux"], vm.info.get("tree"), vm.info["gdb"])
-        try:
-            g.interrupt()
-            g.console(f"sbm target shm {vm.info['ram']} {vm.info['ram_size']}")
-            g.cont()
+        with shm_gdb(vm) as g:
             yield vm, g
-        finally:
-            g.close()
     finally:
         vm.close()
 
