@@ -241,7 +241,36 @@ class VM:
                 raise SbmdbgError(f"VM {self.id} is not running",
                                   detail=_tail(self.console_text(), 10))
             self.serial = SerialConsole(self.info["serial"])
-        return self.serial.run(cmd, timeout=timeout)
+        try:
+            return self.serial.run(cmd, timeout=timeout)
+        except SbmdbgError as exc:
+            if "did not finish" not in str(exc.args[0]):
+                raise
+            # a shell that does not answer: say what QEMU sees (run state, each vCPU, its APIC)
+            raise SbmdbgError(exc.args[0], detail=exc.detail + "\n" + self.stuck_report()) from None
+
+    def stuck_report(self) -> str:
+        """QEMU's view of a guest whose shell does not answer: the run state and,
+        per vCPU, RIP/CPL/RFLAGS/HLT/CR3 and the local APIC's in-service and pending vectors."""
+        import re
+
+        lines = []
+        try:
+            lines.append(f"qemu status: {self.qmp('query-status', timeout=10)['status']}")
+            for cpu in range(len(self.qmp("query-cpus-fast", timeout=10))):
+                regs = self.hmp("info registers", cpu_index=cpu)
+                apic = self.hmp("info lapic", cpu_index=cpu)
+                want = ("RIP", "RFL", "CPL", "HLT", "CR3")
+                got = {k: m.group(1) for k in want
+                       for m in [re.search(rf"\b{k}=(\S+)", regs)] if m}
+                isr = re.search(r"^ISR\s+(.*)$", apic, re.M)
+                irr = re.search(r"^IRR\s+(.*)$", apic, re.M)
+                lines.append(f"cpu {cpu}: " + " ".join(f"{k}={v}" for k, v in got.items())
+                             + f" ISR={isr.group(1).strip() if isr else '?'}"
+                             + f" IRR={irr.group(1).strip() if irr else '?'}")
+        except Exception as exc:  # noqa: BLE001 - a report, never a second failure
+            lines.append(f"(QEMU state unavailable: {exc})")
+        return "\n".join(lines)
 
     def qmp(self, cmd: str, timeout: float | None = None, **args):
         """One QMP command (``cpu_index=`` becomes ``cpu-index``); its ``return`` value.
