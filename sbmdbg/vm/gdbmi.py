@@ -70,6 +70,7 @@ class GdbSession:
             raise SbmdbgError("gdb not found (apt-get install gdb)")
         self._tokens = itertools.count(100)
         self.running = False
+        self.connected = False             # attached to a gdb stub (detached on close)
         self.events: list[dict] = []      # async records seen (notify/exec)
         self.last_stop: dict | None = None
         self.resumes = 0                   # *running records seen
@@ -97,6 +98,7 @@ class GdbSession:
                 check_listening(gdb_addr)
                 self.mi(f"-target-select remote {gdb_addr}", timeout=timeout)
                 self.running = False
+                self.connected = True
         except BaseException:
             self.close()
             raise
@@ -254,11 +256,29 @@ class GdbSession:
         return stop
 
     # ------------------------------------------------------------ lifetime
+    def detach(self, timeout: float = 10.0) -> None:
+        """Leave the guest running and the stub free: stop it if it runs, then
+        ``-target-detach`` (QEMU's stub resumes every vCPU on gdb's ``D``).
+        gdb's own exit does not do this: quitting while the target runs it
+        cannot detach, and a SIGTERM that lands after its interrupt reached the
+        stub left QEMU paused (a guest whose shell never answered again)."""
+        if not getattr(self, "connected", False) or getattr(self, "_gdb", None) is None:
+            return
+        self.poll(0)
+        if self.running:
+            self.interrupt(timeout=timeout)
+        self.mi("-target-detach", timeout=timeout)
+        self.connected = False
+
     def close(self) -> None:
-        """Kill gdb (the stub then accepts the next client)."""
+        """Detach (the guest runs on), then end gdb (the stub then accepts the next client)."""
         gdb = getattr(self, "_gdb", None)
         if gdb is None:
             return
+        try:
+            self.detach()
+        except Exception:  # noqa: BLE001 - gdb or QEMU already gone: nothing to detach
+            pass
         self._gdb = None
         proc = getattr(gdb, "gdb_process", None)
         try:
