@@ -2,7 +2,8 @@
 looks only at each vCPU's current task (the kernel keeps a sandbox's task on
 its CPU: arch_sbm_exec runs it under kernel_fpu_begin); the walk of every
 task (``sbm list --all``) finds the same sandboxes, and the guest itself says
-whose they are (the writer's pid, the busy shells' pids)."""
+whose they are (the writer's pid, the busy shells' pids); two shells loop at once,
+so stops catch sandboxes on both vCPUs, each named once."""
 from __future__ import annotations
 
 import time
@@ -44,15 +45,14 @@ def test_list_while_shells_loop_in_sandboxes(shared_vm, gdb_session):
     # the pool's guest is shared with the files after this one
     loop = (f"(end=$(($(date +%s) + 120)); while [ $(date +%s) -lt $end ]; do "
             f"echo irq_in_sandbox > {DEMO}/run; done) >/dev/null 2>&1 & echo $!")
-    # one busy shell, so the other vCPU stays free for the serial shell: with both vCPUs
-    # looping in sandboxes the guest's shell sometimes did not answer for minutes
-    out = vm.run(loop, timeout=60).output
+    # two busy shells: sandboxes on both vCPUs at once (the serial shell still answers)
+    out = vm.run(f"{loop}; {loop}", timeout=60).output
     busy = [int(x) for x in out.split()]
-    assert len(busy) == 1
+    assert len(busy) == 2
     g = gdb_session(vm)
     seen = []
     try:
-        for _ in range(10):
+        for _ in range(30):
             time.sleep(0.5)
             g.interrupt()
             fast, full = g.sbm_json("sbm list"), g.sbm_json("sbm list --all")
@@ -61,11 +61,15 @@ def test_list_while_shells_loop_in_sandboxes(shared_vm, gdb_session):
             for s in fast["sandboxes"]:
                 assert s["pid"] in busy, (s, busy)       # the guest's own view: a busy shell
                 assert len(s["cpus"]) == 1
+            # one sandbox per vCPU, one per task
+            cpus = [s["cpus"][0] for s in fast["sandboxes"]]
+            assert len(set(cpus)) == len(cpus), fast["sandboxes"]
+            assert len({s["pid"] for s in fast["sandboxes"]}) == len(cpus)
             seen += [s["pid"] for s in fast["sandboxes"]]
             g.cont()
-            if len(seen) >= 2:
+            if set(seen) == set(busy):
                 break
-        assert seen, "no stop landed while a shell ran a sandbox"
+        assert set(seen) == set(busy), f"stops saw sandboxes of {sorted(set(seen))}, not of both {busy}"
     finally:
         if not g.running:
             g.cont()
