@@ -318,6 +318,9 @@ class Assembler:
             ev.update(kind="return", ret=regs.get("RAX"), vector=14, error_code=rec["error"],
                       cr2=hx(rec["cr2"]), fault_rip=hx(rec["ip"]))
             self._last_ret[vcpu] = regs.get("RAX")
+            # the exit is a kernel entry too: a GS base the sandbox changed is there at it
+            # (every run of a GS attack names it here, with or without a timer interrupt inside)
+            self._attack(rec, ev, only=("gs_base",))
             self._emit(ev)
             return
         if v == 2 or v >= 32:
@@ -357,16 +360,17 @@ class Assembler:
             return False
         return (cr3 & ~0xFFF) in self._inside.values()   # not a freed sandbox PGD reused since
 
-    def _attack(self, rec: dict, ev: dict) -> None:
+    def _attack(self, rec: dict, ev: dict, only: tuple[str, ...] | None = None) -> None:
         """Name what the sandbox tried (sbm.attack): the instruction at the
-        fault RIP read from vmlinux, the frame's CS, the GS base."""
+        fault RIP read from vmlinux, the frame's CS, the GS base (``only``:
+        these attack classes, nothing else)."""
         ip, code, before = rec["ip"], None, b""
         if self.code_at is not None:
             code = self.code_at(ip, 16)
             before = self.code_at(ip - 4, 4) or b""
         a = classify(rec["vector"], code, before=before, cs=rec.get("cs"), gs_base=rec.get("gs_base"),
                      percpu_bases=tuple(self.gs_to_cpu), error_code=rec.get("error"))
-        if a is not None:
+        if a is not None and (only is None or a.name in only):
             ev.update(a.to_json())
 
     def _region(self, addr: int, c: dict, error: int | None = None) -> str | None:

@@ -222,3 +222,34 @@ def test_sandbox_insn_fields_are_checked(tmp_path, bad):
     f.write_text('{"seq": 0, "kind": "sandbox_insn", "vcpu": 0, ' + bad + '}\n')
     with pytest.raises(SbmdbgError, match=r"t.jsonl:1: (bytes|insn):"):
         read_events(str(f))
+
+
+def _returns(tmp_path, exit_gs):
+    """The return events of the recorded trace, every exit #PF's GS base set by ``exit_gs``."""
+    recs = records()
+    for r in recs:
+        if r["type"] == "int" and r["vector"] == 14 and r["cr2"] == X86_SBM_RETURN:
+            r["gs_base"] = exit_gs(r["gs_base"])
+    path = str(tmp_path / "r.jsonl")
+    sink = EventSink(path)
+    asm = Assembler(TinyContext(), sink, x86_sbm_return=X86_SBM_RETURN, gs_to_cpu=GS, state_off=STATE_OFF,
+                    sites={"enter": 1, "resume": 2, "exit": X86_SBM_RETURN}, clock=lambda: 0,
+                    code_at=lambda a, n: None)
+    for r in recs:
+        asm.record(r)
+    asm.flush()
+    sink.close()
+    return [e for e in read_events(path) if e.get("kind") == "return"]
+
+
+def test_exit_with_a_foreign_gs_base_names_gs_base(tmp_path):
+    """A sandbox that changed its GS base meets the kernel at its exit (the #PF
+    at x86_sbm_return) even when no interrupt came while it ran: the return
+    event names gs_base there; a return with the CPU's own base names nothing."""
+    clean = _returns(tmp_path, lambda gs: gs)
+    assert len(clean) == 3 and not any("attack" in e for e in clean)
+    bad = _returns(tmp_path, lambda gs: 0)
+    assert len(bad) == 3
+    for e in bad:
+        assert e["attack"] == "gs_base"
+        assert e["attack_evidence"] == ["GS base 0x0 at the interrupt: not the CPU's per-CPU base"]
