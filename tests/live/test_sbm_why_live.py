@@ -242,7 +242,7 @@ def test_every_fault_site_verdict_equals_qemu(guest):
     t = threading.Thread(target=lambda: result.update(out=cg.run_fast(
         [(c.codec, c.data, c.out_len) for c in bad], timeout=600)), daemon=True)
     t.start()
-    stops, seen = 0, {}
+    stops, seen, dups, last = 0, {}, 0, None
     try:
         while t.is_alive() or not g.running:
             try:
@@ -256,6 +256,16 @@ def test_every_fault_site_verdict_equals_qemu(guest):
                 # x86_sbm_return): another sandbox user of the shared guest, not an abort
                 g.cont()
                 continue
+            # the same handle_sbm_fault entry reported twice (same vCPU, fault and stack): about
+            # one run in eight, gdb's continue re-reports the stop it just left (seen at a first
+            # stop, after check_site); count each entry once
+            key = (stop.get("thread-id"), rip, gdb_int(g, "address"), gdb_int(g, "error_code"),
+                   gdb_int(g, "regs->sp"))
+            if key == last:
+                dups += 1
+                g.cont()
+                continue
+            last = key
             stops += 1
             if rip not in seen:
                 seen[rip] = check_site(vm, g, k, int(stop["thread-id"]) - 1, rip)
@@ -279,9 +289,9 @@ def test_every_fault_site_verdict_equals_qemu(guest):
         assert "sandbox ran for more than" in vm.run("dmesg | tail -n 200", timeout=60).output, odd
     assert all(o[2] in (0, -110) for o in odd), odd
     assert len(aborted) >= len(bad) - max(2, len(bad) // 10), odd
-    # every abort stopped here (about one run in four shows one stop more, at a fault RIP of
-    # the batch: not explained yet -- see the session note; each stop's site is verified)
-    assert stops >= len(aborted), (stops, len(aborted))
+    # every abort stopped here once, and so did every watchdog end (it calls handle_sbm_fault)
+    assert stops == len(aborted) + sum(o[2] == -110 for o in odd), (stops, len(aborted), odd, dups)
+    assert dups <= 2, dups
     assert len(seen) >= 3, seen             # several distinct sites compared
 
 
