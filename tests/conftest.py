@@ -155,7 +155,7 @@ class VMPool:
     def _healthy(vm) -> bool:
         try:
             if vm.alive() and vm.qmp("query-status")["status"] in ("paused", "debug"):
-                vm.qmp("cont")    # a gdb killed while the guest ran leaves it paused
+                vm.qmp("cont")    # a gdb that ended without detaching (killed) can leave it paused
             return (vm.alive() and vm.qmp("query-status")["status"] == "running"
                     and vm.run("echo pool-ok", timeout=60).output == "pool-ok\n")
         except Exception:  # noqa: BLE001 - any trouble: boot a fresh one
