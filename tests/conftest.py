@@ -102,6 +102,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_sep("-", f"VM boots: {len(entries)}")
     for f, n in sorted(per_file.items(), key=lambda kv: (-kv[1], kv[0])):
         tr.write_line(f"{n:4d}  {f}")
+    pool = config.stash.get(_POOL, None)     # this process's pool (under -n N: per worker, not shown)
+    if pool is not None and pool.found_paused:
+        tr.write_sep("-", f"pool guests found paused and resumed: {len(pool.found_paused)}")
+        for line in pool.found_paused:
+            tr.write_line(f"  {line}")
 
 
 @pytest.fixture(scope="session")
@@ -150,12 +155,17 @@ class VMPool:
         self.kernel_build = kernel_build
         self.keep = keep
         self.vms: dict[tuple, object] = {}
+        self.users: dict[int, str] = {}       # id(vm) -> the last test handed it
+        self.found_paused: list[str] = []     # "<status> after <test>": shown in the summary
 
-    @staticmethod
-    def _healthy(vm) -> bool:
+    def _healthy(self, vm) -> bool:
         try:
-            if vm.alive() and vm.qmp("query-status")["status"] in ("paused", "debug"):
-                vm.qmp("cont")    # a gdb that ended without detaching (killed) can leave it paused
+            status = vm.qmp("query-status")["status"] if vm.alive() else None
+            if status in ("paused", "debug"):
+                # a gdb that ended without detaching (killed) can leave it paused: resumed here,
+                # and named in the terminal summary (it once hid a bug of GdbSession.close)
+                self.found_paused.append(f"{status} after {self.users.get(id(vm), '?')}")
+                vm.qmp("cont")
             return (vm.alive() and vm.qmp("query-status")["status"] == "running"
                     and vm.run("echo pool-ok", timeout=60).output == "pool-ok\n")
         except Exception:  # noqa: BLE001 - any trouble: boot a fresh one
@@ -183,6 +193,7 @@ class VMPool:
                 self.vms.pop(oldest).close()
             vm = VM(_reference_opts(self.kernel_build, opts))
         self.vms[key] = vm          # most recently used last
+        self.users[id(vm)] = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
         return vm
 
     def take(self, **opts):
