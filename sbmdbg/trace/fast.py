@@ -319,8 +319,11 @@ class Assembler:
                       cr2=hx(rec["cr2"]), fault_rip=hx(rec["ip"]))
             self._last_ret[vcpu] = regs.get("RAX")
             # the exit is a kernel entry too: a GS base the sandbox changed is there at it
-            # (every run of a GS attack names it here, with or without a timer interrupt inside)
-            self._attack(rec, ev, only=("gs_base",))
+            # (every run of a GS attack names it here, with or without a timer interrupt inside);
+            # the CPU's own base, the common case, costs no vmlinux read on this hot path
+            gs = rec.get("gs_base")
+            if gs is not None and gs not in self.gs_to_cpu:
+                self._attack(rec, ev, only=("gs_base",))
             self._emit(ev)
             return
         if v == 2 or v >= 32:
